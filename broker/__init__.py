@@ -1,0 +1,1 @@
+"""The objdl broker: a ZeroMQ ROUTER that routes messages between cells by name."""
