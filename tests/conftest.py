@@ -1,0 +1,33 @@
+"""Shared fixtures: a real broker on loopback with a port chosen at run time."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> object:
+    """Poll `cond` until it returns something truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s: {cond}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def broker() -> Iterator[object]:
+    """A started broker bound to 127.0.0.1 on a free port; `broker.url` is its address."""
+    from broker import Broker
+
+    b = Broker("tcp://127.0.0.1:*")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
