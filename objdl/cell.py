@@ -1,0 +1,754 @@
+"""A cell: one named endpoint that sends and serves requests through the broker.
+
+How it works: one I/O thread owns the cell's DEALER socket (ZeroMQ sockets are not
+thread-safe). Threads that send encode their message themselves, append the frames
+to an outbound queue and wake the I/O thread through a pipe; they then wait on a
+per-request waiter registered *before* sending and removed in ``finally``. The I/O
+thread routes replies and NACKs to waiters and hands requests to a small pool of
+handler threads, so a slow handler never stalls routing. Registration and liveness
+are the sans-I/O :class:`objdl._session.Session`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import zmq
+
+from objdl import fqcn as _fqcn
+from objdl import wire
+from objdl._logutil import RateLimitedLog
+from objdl._session import Action, Session, SessionState
+from objdl.errors import BrokerUnavailableError, CellError, NameTakenError, WireError
+from objdl.message import (
+    Message,
+    MessageHeaderKey,
+    MessageType,
+    ReturnCode,
+    Signal,
+    make_reply,
+)
+
+__all__ = ["Cell", "RequestCallback"]
+
+log = logging.getLogger(__name__)
+
+RequestCallback = Callable[..., "Message | None"]
+
+_H = MessageHeaderKey
+_NACK_RC = {
+    wire.NACK_UNREACHABLE: ReturnCode.TARGET_UNREACHABLE,
+    wire.NACK_BUSY: ReturnCode.COMM_ERROR,
+    wire.NACK_TOO_BIG: ReturnCode.MSG_TOO_BIG,
+    wire.NACK_UNREGISTERED: ReturnCode.COMM_ERROR,
+}
+_ABORT_POLL = 0.02  # how often a waiting call looks at its abort signal
+_SECURE_MSG = (
+    "secure=True needs end-to-end encryption, which this version of objdl does not have; "
+    "refusing rather than sending plaintext (use secure=False on a trusted network)"
+)
+
+
+class _Waiter:
+    __slots__ = ("event", "reply", "target")
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.event = threading.Event()
+        self.reply: Message | None = None
+
+    def resolve(self, reply: Message) -> None:
+        if self.reply is None:
+            self.reply = reply
+            self.event.set()
+
+
+class Cell:
+    """One named endpoint connected to an objdl broker.
+
+    Args:
+        fqcn: this cell's name, e.g. ``"site-1"`` or ``"site-1.w0"``.
+        broker_url: the broker's address, e.g. ``"tcp://127.0.0.1:8002"``.
+        max_workers: threads that run request handlers.
+        max_pending: requests allowed to wait for a handler thread; beyond that a
+            request is answered ``service_unavailable`` at once.
+        heartbeat_interval: seconds between heartbeats to the broker.
+        broker_timeout: seconds of silence after which the broker is taken for dead
+            and the cell reconnects.
+        start_timeout: default bound for :meth:`start`.
+        context: a ZeroMQ context to use (default: the process-wide one).
+    """
+
+    def __init__(
+        self,
+        fqcn: str,
+        broker_url: str,
+        *,
+        max_workers: int = 8,
+        max_pending: int = 1024,
+        heartbeat_interval: float = 0.5,
+        broker_timeout: float = 2.0,
+        start_timeout: float = 5.0,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self._fqcn = _fqcn.validate(fqcn)
+        self._fqcn_b = self._fqcn.encode()
+        if not isinstance(broker_url, str) or "://" not in broker_url:
+            raise ValueError(f"broker_url must look like tcp://HOST:PORT, got {broker_url!r}")
+        if max_workers < 1 or max_pending < 1:
+            raise ValueError("max_workers and max_pending must be at least 1")
+        self.broker_url = broker_url
+        self._max_workers = max_workers
+        self._max_pending = max_pending
+        self._hb = heartbeat_interval
+        self._broker_timeout = broker_timeout
+        self._start_timeout = start_timeout
+        self._ctx = context or zmq.Context.instance()
+
+        self._handlers: dict[tuple[str, str], tuple[RequestCallback, tuple, dict]] = {}
+        self._handlers_lock = threading.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._lists: dict[bytes, _Waiter] = {}
+        self._waiters_lock = threading.Lock()
+        self._req_ids = itertools.count(1)
+
+        self._out: deque[list[Any]] = deque()
+        self._wake_r, self._wake_w = -1, -1
+        self._wake_pending = False
+        self._jobs: queue.Queue[tuple[Message, str] | None] = queue.Queue()
+        self._pending_jobs = 0
+        self._pending_lock = threading.Lock()
+        self._workers: list[threading.Thread] = []
+        self._io: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._state_lock = threading.Lock()
+        self._started = False
+        self._stopped = False
+        self._registered = False
+        self._refused = ""
+        self._rlog = RateLimitedLog(log)
+        self.stats: dict[str, int] = {
+            "sent": 0,
+            "received": 0,
+            "dropped_malformed": 0,
+            "dropped_late_reply": 0,
+            "reconnects": 0,
+        }
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def fqcn(self) -> str:
+        return self._fqcn
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the broker has accepted this cell's registration."""
+        return self._registered
+
+    def get_fqcn(self) -> str:
+        return self._fqcn
+
+    def start(self, timeout: float | None = None) -> None:
+        """Connect and register; return once the broker has accepted this cell.
+
+        Raises:
+            BrokerUnavailableError: no broker answered within `timeout` seconds.
+            NameTakenError: a live cell already has this name.
+        """
+        timeout = self._start_timeout if timeout is None else timeout
+        with self._state_lock:
+            if self._started:
+                raise CellError(f"cell {self._fqcn!r} was already started; make a new Cell")
+            self._started = True
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        for i in range(self._max_workers):
+            t = threading.Thread(
+                target=self._worker_loop, name=f"objdl-{self._fqcn}-handler-{i}", daemon=True
+            )
+            t.start()
+            self._workers.append(t)
+        self._io = threading.Thread(
+            target=self._io_loop, name=f"objdl-{self._fqcn}-io", daemon=True
+        )
+        self._io.start()
+        ok = self._ready.wait(timeout)
+        if ok and self._registered:
+            return
+        refused = self._refused
+        self.stop()
+        if refused:
+            if "taken" in refused:
+                raise NameTakenError(self._fqcn, refused)
+            raise CellError(f"the broker refused cell {self._fqcn!r}: {refused}")
+        raise BrokerUnavailableError(self.broker_url, timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Unregister, end every thread and close the socket. Idempotent."""
+        with self._state_lock:
+            if self._stopped or not self._started:
+                self._stopped = True
+                return
+            self._stopped = True
+        self._stopping.set()
+        self._wake()
+        deadline = time.monotonic() + timeout
+        if self._io is not None:
+            self._io.join(max(0.0, deadline - time.monotonic()))
+        for _ in self._workers:
+            self._jobs.put(None)
+        for t in self._workers:
+            t.join(max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                log.warning("cell %s: handler thread %s still busy after stop", self._fqcn, t.name)
+        self._fail_all_waiters(ReturnCode.COMM_ERROR, f"cell {self._fqcn} stopped")
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __enter__(self) -> Cell:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- handlers
+
+    def register_request_cb(
+        self, channel: str, topic: str, cb: RequestCallback, *args: Any, **kwargs: Any
+    ) -> None:
+        """Serve requests on (channel, topic) with ``cb(request, *args, **kwargs)``.
+
+        The callback returns the reply :class:`Message`, or None for an empty OK
+        reply. It runs on a handler thread; if it raises, the requester gets
+        ``process_exception`` with the error text.
+        """
+        if not callable(cb):
+            raise TypeError(f"cb must be callable, got {type(cb).__name__}")
+        if not isinstance(channel, str) or not isinstance(topic, str):
+            raise TypeError("channel and topic must be str")
+        with self._handlers_lock:
+            self._handlers[(channel, topic)] = (cb, args, kwargs)
+
+    # ---------------------------------------------------------------- sending
+
+    def send_request(
+        self,
+        channel: str,
+        target: str,
+        topic: str,
+        request: Message,
+        timeout: float,
+        secure: bool = False,
+        optional: bool = False,
+        abort_signal: Signal | None = None,
+    ) -> Message:
+        """Send `request` to `target` and return its reply, within `timeout` seconds.
+
+        Remote trouble never raises: the reply's ``RETURN_CODE`` header says
+        ``timeout``, ``target_unreachable``, ``comm_error``, ``process_exception``,
+        ``invalid_request``, ``msg_too_big`` or ``abort_run``.
+
+        Raises:
+            NotImplementedError: `secure` is True (no end-to-end encryption yet).
+            ValueError / TypeError: a bad argument.
+        """
+        return self.broadcast_request(
+            channel, topic, [target], request, timeout, secure, optional, abort_signal
+        )[target]
+
+    def broadcast_request(
+        self,
+        channel: str,
+        topic: str,
+        targets: Iterable[str] | str,
+        request: Message,
+        timeout: float,
+        secure: bool = False,
+        optional: bool = False,
+        abort_signal: Signal | None = None,
+    ) -> dict[str, Message]:
+        """Send `request` to every target at once; wait for all replies up to `timeout`."""
+        tlist = self._check_send(channel, topic, targets, request, secure)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not self._registered:
+            err = f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
+            self._log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
+            return {t: make_reply(ReturnCode.COMM_ERROR, err) for t in tlist}
+        waiters: dict[int, _Waiter] = {}
+        try:
+            batch = []
+            for target in tlist:
+                req_id = next(self._req_ids)
+                frames = self._encode(request, channel, topic, target, MessageType.REQUEST, req_id)
+                waiters[req_id] = _Waiter(target)
+                batch.append(frames)
+            with self._waiters_lock:
+                self._waiters.update(waiters)
+            self._enqueue(batch)
+            self._wait(waiters.values(), time.monotonic() + timeout, abort_signal)
+        finally:
+            with self._waiters_lock:
+                for req_id in waiters:
+                    self._waiters.pop(req_id, None)
+        result: dict[str, Message] = {}
+        for w in waiters.values():
+            reply = w.reply
+            if reply is None:
+                if abort_signal is not None and abort_signal.triggered:
+                    reply = make_reply(ReturnCode.ABORT_RUN, "aborted by the caller's signal")
+                else:
+                    reply = make_reply(
+                        ReturnCode.TIMEOUT, f"no reply from {w.target} within {timeout:g}s"
+                    )
+            rc = reply.get_header(_H.RETURN_CODE)
+            if rc != ReturnCode.OK:
+                self._log_failure(
+                    optional,
+                    "request %s/%s to %s: %s %s",
+                    channel,
+                    topic,
+                    w.target,
+                    rc,
+                    reply.get_header(_H.ERROR, ""),
+                )
+            result[w.target] = reply
+        return result
+
+    def fire_and_forget(
+        self,
+        channel: str,
+        topic: str,
+        targets: Iterable[str] | str,
+        message: Message,
+        secure: bool = False,
+        optional: bool = False,
+    ) -> dict[str, str]:
+        """Send `message` to every target without waiting; return a return code per target.
+
+        ``ok`` means the message was handed to the broker connection, not that it
+        arrived; ``comm_error`` means there is no broker connection now.
+        """
+        tlist = self._check_send(channel, topic, targets, message, secure)
+        if not self._registered:
+            self._log_failure(optional, "fire_and_forget on %s/%s: not connected", channel, topic)
+            return dict.fromkeys(tlist, ReturnCode.COMM_ERROR)
+        batch = [self._encode(message, channel, topic, t, MessageType.FIRE, 0) for t in tlist]
+        self._enqueue(batch)
+        return dict.fromkeys(tlist, ReturnCode.OK)
+
+    def list_cells(self, prefix: str = "", timeout: float = 5.0) -> list[str]:
+        """Names of the live cells known to the broker, optionally under `prefix`.
+
+        Raises:
+            CellError: not connected, or no answer within `timeout`.
+        """
+        if prefix:
+            _fqcn.validate(prefix)
+        if not self._registered:
+            raise CellError(
+                f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
+            )
+        token = str(next(self._req_ids)).encode()
+        w = _Waiter("broker")
+        with self._waiters_lock:
+            self._lists[token] = w
+        try:
+            self._enqueue([[wire.KIND_LIST, token, prefix.encode()]])
+            if not w.event.wait(timeout) or w.reply is None:
+                raise CellError(f"the broker did not list its cells within {timeout:g}s")
+            names = w.reply.payload
+            assert isinstance(names, list)
+            return names
+        finally:
+            with self._waiters_lock:
+                self._lists.pop(token, None)
+
+    # ---------------------------------------------------------------- internals: callers' side
+
+    def _check_send(
+        self, channel: str, topic: str, targets: Iterable[str] | str, msg: Message, secure: bool
+    ) -> list[str]:
+        if secure:
+            raise NotImplementedError(_SECURE_MSG)
+        if not self._started or self._stopped:
+            raise CellError(f"cell {self._fqcn!r} is not running: call start() first")
+        if not isinstance(msg, Message):
+            raise TypeError(f"expected a Message, got {type(msg).__name__}")
+        if not isinstance(channel, str) or not isinstance(topic, str):
+            raise TypeError("channel and topic must be str")
+        tlist = [targets] if isinstance(targets, str) else list(targets)
+        if not tlist:
+            raise ValueError("no targets given")
+        for t in tlist:
+            _fqcn.validate(t)
+        if len(set(tlist)) != len(tlist):
+            raise ValueError(f"duplicate targets in {tlist}")
+        return tlist
+
+    def _encode(
+        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
+    ) -> list[Any]:
+        headers = dict(msg.headers)
+        headers[_H.CHANNEL] = channel
+        headers[_H.TOPIC] = topic
+        headers[_H.MSG_TYPE] = mtype
+        headers[_H.ORIGIN] = self._fqcn
+        headers[_H.DESTINATION] = target
+        if req_id:
+            headers[_H.REQ_ID] = req_id
+        return [wire.KIND_MSG, target.encode(), *wire.encode(Message(headers, msg.payload))]
+
+    def _enqueue(self, batch: list[list[Any]]) -> None:
+        self._out.extend(batch)
+        self._wake()
+
+    def _wake(self) -> None:
+        if not self._wake_pending:
+            self._wake_pending = True
+            with contextlib.suppress(BlockingIOError, OSError):
+                os.write(self._wake_w, b"x")
+
+    def _wait(self, waiters: Iterable[_Waiter], deadline: float, abort: Signal | None) -> None:
+        for w in waiters:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                if abort is None:
+                    if w.event.wait(left):
+                        break
+                    return
+                if abort.triggered:
+                    return
+                if w.event.wait(min(left, _ABORT_POLL)):
+                    break
+
+    def _log_failure(self, optional: bool, msg: str, *args: Any) -> None:
+        log.log(
+            logging.DEBUG if optional else logging.WARNING, "cell %s: " + msg, self._fqcn, *args
+        )
+
+    def _fail_all_waiters(self, rc: str, error: str) -> None:
+        with self._waiters_lock:
+            waiters = list(self._waiters.values()) + list(self._lists.values())
+        for w in waiters:
+            w.resolve(make_reply(rc, error))
+
+    # ---------------------------------------------------------------- internals: handler threads
+
+    def _worker_loop(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._run_handler(*job)
+            except Exception:  # never lose a worker thread
+                log.exception("cell %s: unexpected error running a handler", self._fqcn)
+            finally:
+                with self._pending_lock:
+                    self._pending_jobs -= 1
+
+    def _run_handler(self, request: Message, origin: str) -> None:
+        channel = request.get_header(_H.CHANNEL)
+        topic = request.get_header(_H.TOPIC)
+        mtype = request.get_header(_H.MSG_TYPE)
+        with self._handlers_lock:
+            entry = self._handlers.get((channel, topic))
+        if entry is None:
+            reply = make_reply(
+                ReturnCode.INVALID_REQUEST,
+                f"cell {self._fqcn} has no handler for channel {channel!r} topic {topic!r}",
+            )
+            self._rlog.log(
+                logging.WARNING,
+                "nohandler",
+                "cell %s: no handler for %s/%s from %s",
+                self._fqcn,
+                channel,
+                topic,
+                origin,
+            )
+        else:
+            cb, args, kwargs = entry
+            try:
+                result = cb(request, *args, **kwargs)
+                if result is None:
+                    reply = make_reply(ReturnCode.OK)
+                elif isinstance(result, Message):
+                    reply = result
+                    if reply.get_header(_H.RETURN_CODE) is None:
+                        reply.set_header(_H.RETURN_CODE, ReturnCode.OK)
+                else:
+                    raise TypeError(
+                        f"handler for {channel}/{topic} returned {type(result).__name__}, "
+                        "expected a Message or None"
+                    )
+            except Exception as exc:
+                log.exception("cell %s: handler for %s/%s raised", self._fqcn, channel, topic)
+                reply = make_reply(ReturnCode.PROCESS_EXCEPTION, f"{type(exc).__name__}: {exc}")
+        if mtype == MessageType.REQUEST:
+            self._send_reply(reply, request, origin)
+
+    def _send_reply(self, reply: Message, request: Message, origin: str) -> None:
+        channel = request.get_header(_H.CHANNEL) or ""
+        topic = request.get_header(_H.TOPIC) or ""
+        req_id = request.get_header(_H.REQ_ID)
+        try:
+            frames = self._encode(reply, channel, topic, origin, MessageType.REPLY, req_id)
+        except (TypeError, ValueError) as exc:
+            err = f"reply could not be encoded: {exc}"
+            log.error("cell %s: handler for %s/%s: %s", self._fqcn, channel, topic, err)
+            frames = self._encode(
+                make_reply(ReturnCode.PROCESS_EXCEPTION, err),
+                channel,
+                topic,
+                origin,
+                MessageType.REPLY,
+                req_id,
+            )
+        self._enqueue([frames])
+
+    # ---------------------------------------------------------------- internals: I/O thread
+
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a broker that is not there
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        sock.connect(self.broker_url)
+        return sock
+
+    def _io_loop(self) -> None:
+        sock: zmq.Socket | None = None
+        try:
+            sock = self._new_socket()
+            session = Session(self._fqcn, time.monotonic(), self._hb, self._broker_timeout)
+            self._io_run(sock, session)
+        except Exception:
+            log.exception("cell %s: I/O thread failed", self._fqcn)
+        finally:
+            self._registered = False
+            self._ready.set()
+            if sock is not None:
+                sock.close(linger=0)
+
+    def _io_run(self, sock: zmq.Socket, session: Session) -> None:
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        stalled: list[Any] | None = None
+        while not self._stopping.is_set():
+            now = time.monotonic()
+            act = session.tick(now)
+            if act.reconnect:
+                poller.unregister(sock)
+                sock.close(linger=0)
+                sock = self._new_socket()
+                poller.register(sock, zmq.POLLIN)
+                session.socket_replaced(now)
+                stalled = None
+                self._out.clear()
+                self.stats["reconnects"] += 1
+            self._apply(act, sock)
+            if self._refused:
+                return
+            wait = max(0.0, session.next_deadline() - time.monotonic())
+            events = dict(poller.poll(int(min(wait, 0.1) * 1000)))
+            if self._wake_r in events:
+                self._wake_pending = False
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            if sock in events:
+                self._drain_socket(sock, session)
+            if session.state is SessionState.REGISTERED:
+                stalled = self._flush(sock, stalled)
+                if stalled is not None:
+                    poller.register(sock, zmq.POLLIN | zmq.POLLOUT)
+                else:
+                    poller.register(sock, zmq.POLLIN)
+            elif self._out:
+                self._out.clear()  # requests made while unregistered already failed
+        bye = session.close()
+        if bye is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.send_multipart(bye, zmq.NOBLOCK)
+
+    def _flush(self, sock: zmq.Socket, stalled: list[Any] | None) -> list[Any] | None:
+        """Send queued messages without blocking; return the one that did not fit."""
+        out = self._out
+        while True:
+            frames = stalled if stalled is not None else (out.popleft() if out else None)
+            if frames is None:
+                return None
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return frames
+            stalled = None
+            self.stats["sent"] += 1
+
+    def _apply(self, act: Action, sock: zmq.Socket) -> None:
+        for frames in act.send:
+            with contextlib.suppress(zmq.Again):
+                sock.send_multipart(frames, zmq.NOBLOCK)
+        if act.registered:
+            self._registered = True
+            if not self._ready.is_set():
+                log.info("cell %s registered with broker %s", self._fqcn, self.broker_url)
+            else:
+                log.info("cell %s registered again with broker %s", self._fqcn, self.broker_url)
+            self._ready.set()
+        if act.lost:
+            self._registered = False
+            log.warning("cell %s lost the broker: %s; reconnecting", self._fqcn, act.lost)
+            self._fail_all_waiters(
+                ReturnCode.COMM_ERROR, f"connection to the broker lost: {act.lost}"
+            )
+        if act.refused:
+            self._refused = act.refused
+            self._ready.set()
+
+    def _drain_socket(self, sock: zmq.Socket, session: Session) -> None:
+        for _ in range(256):  # bounded, so timers and the outbound queue get their turn
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            session.heard(now)
+            kind = frames[0].bytes
+            if kind == wire.KIND_MSG:
+                self._on_msg(frames)
+            elif kind == wire.KIND_NACK:
+                self._on_nack(frames, session, sock, now)
+            elif kind == wire.KIND_LIST_R:
+                self._on_list(frames)
+            elif len(frames) <= 3 and all(len(f) <= 512 for f in frames):
+                act = session.on_frame(kind, [f.bytes for f in frames], now)
+                self._apply(act, sock)
+            else:
+                self._drop("control", "oversized control frame %r", kind[:16])
+
+    def _drop(self, key: str, msg: str, *args: Any) -> None:
+        self.stats["dropped_malformed"] += 1
+        self._rlog.log(logging.WARNING, key, "cell %s dropped a message: " + msg, self._fqcn, *args)
+
+    def _on_msg(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 4:
+            self._drop("short", "MSG with %d frames", len(frames))
+            return
+        try:
+            origin = _fqcn.validate(frames[1].bytes.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            self._drop("origin", "bad origin: %s", exc)
+            return
+        try:
+            msg = wire.decode(frames[2:])
+        except WireError as exc:
+            self._drop("decode", "undecodable message from %s: %s", origin, exc)
+            self._answer_undecodable(frames, origin, exc)
+            return
+        self.stats["received"] += 1
+        msg.headers[_H.ORIGIN] = origin
+        mtype = msg.headers.get(_H.MSG_TYPE)
+        if mtype == MessageType.REPLY:
+            req_id = msg.headers.get(_H.REQ_ID)
+            with self._waiters_lock:
+                w = self._waiters.get(req_id) if isinstance(req_id, int) else None
+            if w is None or w.target != origin:
+                self.stats["dropped_late_reply"] += 1
+                log.debug(
+                    "cell %s: dropped a reply from %s for no waiting request", self._fqcn, origin
+                )
+                return
+            w.resolve(msg)
+        elif mtype in (MessageType.REQUEST, MessageType.FIRE):
+            with self._pending_lock:
+                busy = self._pending_jobs >= self._max_pending
+                if not busy:
+                    self._pending_jobs += 1
+            if busy:
+                if mtype == MessageType.REQUEST:
+                    self._send_reply(
+                        make_reply(
+                            ReturnCode.SERVICE_UNAVAILABLE, f"cell {self._fqcn} is overloaded"
+                        ),
+                        msg,
+                        origin,
+                    )
+                return
+            self._jobs.put((msg, origin))
+        else:
+            self._drop("mtype", "unknown msg_type %r from %s", mtype, origin)
+
+    def _answer_undecodable(self, frames: list[zmq.Frame], origin: str, exc: Exception) -> None:
+        try:
+            headers = wire.decode_headers(frames[2])
+        except WireError:
+            return
+        if headers.get(_H.MSG_TYPE) == MessageType.REQUEST and isinstance(
+            headers.get(_H.REQ_ID), int
+        ):
+            req = Message(headers)
+            self._send_reply(
+                make_reply(ReturnCode.INVALID_REQUEST, f"request did not decode: {exc}"),
+                req,
+                origin,
+            )
+
+    def _on_nack(
+        self, frames: list[zmq.Frame], session: Session, sock: zmq.Socket, now: float
+    ) -> None:
+        if len(frames) != 4:
+            self._drop("nack", "NACK with %d frames", len(frames))
+            return
+        reason = frames[2].bytes
+        dest = frames[1].bytes.decode("utf-8", "replace")
+        if reason == wire.NACK_UNREGISTERED:
+            act = Action()
+            session.forget(now, act, "the broker does not know this cell (restarted?)")
+            self._apply(act, sock)
+        try:
+            headers = wire.decode_headers(frames[3])
+        except WireError:
+            return
+        req_id = headers.get(_H.REQ_ID)
+        if headers.get(_H.MSG_TYPE) != MessageType.REQUEST or not isinstance(req_id, int):
+            return
+        with self._waiters_lock:
+            w = self._waiters.get(req_id)
+        if w is not None:
+            rc = _NACK_RC.get(reason, ReturnCode.COMM_ERROR)
+            w.resolve(
+                make_reply(
+                    rc, f"broker could not deliver to {dest}: {reason.decode('ascii', 'replace')}"
+                )
+            )
+
+    def _on_list(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) != 3:
+            self._drop("list", "LIST_R with %d frames", len(frames))
+            return
+        with self._waiters_lock:
+            w = self._lists.get(frames[1].bytes)
+        if w is not None:
+            raw = frames[2].bytes.decode("utf-8", "replace")
+            w.resolve(Message(payload=[n for n in raw.split("\n") if n]))

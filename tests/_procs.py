@@ -1,0 +1,76 @@
+"""Code that runs in child processes started by the tests (spawned, never forked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+
+def start_broker_process(extra: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
+    """Run ``python -m broker`` on a free loopback port; return the process and its url."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*", *(extra or [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        proc.wait(5)
+        raise AssertionError(
+            f"broker did not start: {line!r} {proc.stderr.read() if proc.stderr else ''}"
+        )
+    return proc, line.rsplit(" ", 1)[-1].strip()
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """Terminate a process we started, by its pid, and reap it; kill if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+    for stream in (proc.stdout, proc.stderr, proc.stdin):
+        if stream is not None:
+            stream.close()
+
+
+def echo_cell_main(
+    name: str, url: str, peers: list[str], results: Any, stop: Any, seconds: float
+) -> None:
+    """Serve an echo handler as `name`, ask every peer once, report, serve until `stop`."""
+    from objdl.cell import Cell
+    from objdl.message import Message, ReturnCode
+
+    with Cell(name, url) as cell:
+        cell.register_request_cb("test", "echo", lambda req: Message(payload=req.payload))
+        results.put((name, "ready", os.getpid()))
+        got: dict[str, Any] = {}
+        deadline = time.monotonic() + seconds
+        while len(got) < len(peers) and time.monotonic() < deadline:
+            for p in peers:
+                if p in got:
+                    continue
+                reply = cell.send_request("test", p, "echo", Message(payload={"from": name}), 2.0)
+                if reply.get_header("return_code") == ReturnCode.OK:
+                    got[p] = reply.payload
+            time.sleep(0.05)
+        results.put((name, "done", got))
+        stop.wait(max(0.0, deadline - time.monotonic()))
+
+
+def hold_name_main(name: str, url: str, ready: Any) -> None:
+    """Register `name` and then hang until killed (simulates a process that crashes)."""
+    from objdl.cell import Cell
+
+    cell = Cell(name, url)
+    cell.start()
+    ready.put(os.getpid())
+    time.sleep(60)
