@@ -38,7 +38,7 @@ from objdl.message import (
     make_reply,
 )
 
-__all__ = ["Cell", "RequestCallback"]
+__all__ = ["Cell", "PendingRequest", "RequestCallback"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,29 @@ _SECURE_MSG = (
 )
 
 
-class _Waiter:
-    __slots__ = ("event", "reply", "target")
+class PendingRequest:
+    """A request in flight, from :meth:`Cell.request_async`.
 
-    def __init__(self, target: str) -> None:
+    The reply arrives on the cell's I/O thread, which stores it, sets the event and,
+    when a ``done_queue`` was given, puts this object on it, so one thread can keep
+    many requests in flight and handle replies in the order they come.
+    """
+
+    __slots__ = ("_cell", "deadline", "done_queue", "event", "reply", "req_id", "target")
+
+    def __init__(
+        self,
+        cell: Cell | None,
+        req_id: int,
+        target: str,
+        deadline: float,
+        done_queue: queue.SimpleQueue[PendingRequest] | None = None,
+    ) -> None:
+        self._cell = cell
+        self.req_id = req_id
         self.target = target
+        self.deadline = deadline
+        self.done_queue = done_queue
         self.event = threading.Event()
         self.reply: Message | None = None
 
@@ -70,6 +88,30 @@ class _Waiter:
         if self.reply is None:
             self.reply = reply
             self.event.set()
+            if self.done_queue is not None:
+                self.done_queue.put(self)
+
+    def done(self) -> bool:
+        return self.reply is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` seconds (default: until the deadline) for the reply."""
+        if timeout is None:
+            timeout = max(0.0, self.deadline - time.monotonic())
+        return self.event.wait(timeout)
+
+    def cancel(self) -> None:
+        """Stop waiting: a reply that comes later is dropped."""
+        if self._cell is not None:
+            self._cell._forget_waiter(self.req_id)
+
+    def result(self) -> Message:
+        """The reply, or a ``timeout`` reply if none has come; stops the wait either way."""
+        self.cancel()
+        if self.reply is None:
+            self.resolve(make_reply(ReturnCode.TIMEOUT, f"no reply from {self.target} in time"))
+        assert self.reply is not None
+        return self.reply
 
 
 class Cell:
@@ -116,8 +158,8 @@ class Cell:
 
         self._handlers: dict[tuple[str, str], tuple[RequestCallback, tuple, dict]] = {}
         self._handlers_lock = threading.Lock()
-        self._waiters: dict[int, _Waiter] = {}
-        self._lists: dict[bytes, _Waiter] = {}
+        self._waiters: dict[int, PendingRequest] = {}
+        self._lists: dict[bytes, PendingRequest] = {}
         self._waiters_lock = threading.Lock()
         self._req_ids = itertools.count(1)
 
@@ -129,6 +171,7 @@ class Cell:
         self._pending_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._io: threading.Thread | None = None
+        self._sock: zmq.Socket | None = None  # owned by the I/O thread
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._state_lock = threading.Lock()
@@ -136,6 +179,7 @@ class Cell:
         self._stopped = False
         self._registered = False
         self._refused = ""
+        self._stop_cbs: list[Callable[[], None]] = []
         self._rlog = RateLimitedLog(log)
         self.stats: dict[str, int] = {
             "sent": 0,
@@ -217,6 +261,11 @@ class Cell:
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        for cb in self._stop_cbs:
+            try:
+                cb()
+            except Exception:
+                log.exception("cell %s: stop callback failed", self._fqcn)
 
     def __enter__(self) -> Cell:
         if not self._started:
@@ -282,40 +331,25 @@ class Cell:
         optional: bool = False,
         abort_signal: Signal | None = None,
     ) -> dict[str, Message]:
-        """Send `request` to every target at once; wait for all replies up to `timeout`."""
-        tlist = self._check_send(channel, topic, targets, request, secure)
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        if not self._registered:
-            err = f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
-            self._log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
-            return {t: make_reply(ReturnCode.COMM_ERROR, err) for t in tlist}
-        waiters: dict[int, _Waiter] = {}
+        """Send `request` to every target at once; wait for all replies up to `timeout`.
+
+        Ten slow targets cost one timeout, not ten. Return codes as in :meth:`send_request`.
+        """
+        pending = self._submit(channel, topic, targets, request, timeout, secure, optional, None)
         try:
-            batch = []
-            for target in tlist:
-                req_id = next(self._req_ids)
-                frames = self._encode(request, channel, topic, target, MessageType.REQUEST, req_id)
-                waiters[req_id] = _Waiter(target)
-                batch.append(frames)
-            with self._waiters_lock:
-                self._waiters.update(waiters)
-            self._enqueue(batch)
-            self._wait(waiters.values(), time.monotonic() + timeout, abort_signal)
+            self._wait(pending, time.monotonic() + timeout, abort_signal)
         finally:
-            with self._waiters_lock:
-                for req_id in waiters:
-                    self._waiters.pop(req_id, None)
+            for p in pending:
+                p.cancel()
         result: dict[str, Message] = {}
-        for w in waiters.values():
-            reply = w.reply
-            if reply is None:
-                if abort_signal is not None and abort_signal.triggered:
-                    reply = make_reply(ReturnCode.ABORT_RUN, "aborted by the caller's signal")
-                else:
-                    reply = make_reply(
-                        ReturnCode.TIMEOUT, f"no reply from {w.target} within {timeout:g}s"
-                    )
+        for p in pending:
+            if p.reply is None and abort_signal is not None and abort_signal.triggered:
+                p.resolve(make_reply(ReturnCode.ABORT_RUN, "aborted by the caller's signal"))
+            elif p.reply is None:
+                p.resolve(
+                    make_reply(ReturnCode.TIMEOUT, f"no reply from {p.target} within {timeout:g}s")
+                )
+            reply = p.result()
             rc = reply.get_header(_H.RETURN_CODE)
             if rc != ReturnCode.OK:
                 self._log_failure(
@@ -323,12 +357,77 @@ class Cell:
                     "request %s/%s to %s: %s %s",
                     channel,
                     topic,
-                    w.target,
+                    p.target,
                     rc,
                     reply.get_header(_H.ERROR, ""),
                 )
-            result[w.target] = reply
+            result[p.target] = reply
         return result
+
+    def request_async(
+        self,
+        channel: str,
+        target: str,
+        topic: str,
+        request: Message,
+        timeout: float,
+        done_queue: queue.SimpleQueue[PendingRequest] | None = None,
+        secure: bool = False,
+        optional: bool = False,
+    ) -> PendingRequest:
+        """Send `request` and return at once with its :class:`PendingRequest`.
+
+        The reply (or a ``comm_error``/``target_unreachable`` reply from the broker
+        connection) is stored on the pending request and, if `done_queue` is given,
+        the request is put on that queue. Nothing resolves it at its deadline: call
+        :meth:`PendingRequest.result` once the deadline has passed to get a
+        ``timeout`` reply and stop waiting.
+        """
+        return self._submit(channel, topic, target, request, timeout, secure, optional, done_queue)[
+            0
+        ]
+
+    def _submit(
+        self,
+        channel: str,
+        topic: str,
+        targets: Iterable[str] | str,
+        request: Message,
+        timeout: float,
+        secure: bool,
+        optional: bool,
+        done_queue: queue.SimpleQueue[PendingRequest] | None,
+    ) -> list[PendingRequest]:
+        tlist = self._check_send(channel, topic, targets, request, secure)
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        deadline = time.monotonic() + timeout
+        pending: list[PendingRequest] = []
+        batch = []
+        for target in tlist:
+            req_id = next(self._req_ids)
+            batch.append(self._encode(request, channel, topic, target, MessageType.REQUEST, req_id))
+            pending.append(PendingRequest(self, req_id, target, deadline, done_queue))
+        if not self._registered:
+            err = f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
+            self._log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
+            for p in pending:
+                p.resolve(make_reply(ReturnCode.COMM_ERROR, err))
+            return pending
+        with self._waiters_lock:
+            for p in pending:
+                self._waiters[p.req_id] = p
+        self._enqueue(batch)
+        return pending
+
+    def _forget_waiter(self, req_id: int) -> None:
+        with self._waiters_lock:
+            self._waiters.pop(req_id, None)
+
+    def add_stop_callback(self, cb: Callable[[], None]) -> None:
+        """Call `cb()` when the cell stops (after its threads ended), e.g. to free state."""
+        with self._state_lock:
+            self._stop_cbs.append(cb)
 
     def fire_and_forget(
         self,
@@ -365,7 +464,7 @@ class Cell:
                 f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
             )
         token = str(next(self._req_ids)).encode()
-        w = _Waiter("broker")
+        w = PendingRequest(None, 0, "broker", time.monotonic() + timeout)
         with self._waiters_lock:
             self._lists[token] = w
         try:
@@ -424,7 +523,9 @@ class Cell:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._wake_w, b"x")
 
-    def _wait(self, waiters: Iterable[_Waiter], deadline: float, abort: Signal | None) -> None:
+    def _wait(
+        self, waiters: Iterable[PendingRequest], deadline: float, abort: Signal | None
+    ) -> None:
         for w in waiters:
             while True:
                 left = deadline - time.monotonic()
@@ -537,20 +638,22 @@ class Cell:
         return sock
 
     def _io_loop(self) -> None:
-        sock: zmq.Socket | None = None
         try:
-            sock = self._new_socket()
+            self._sock = self._new_socket()
             session = Session(self._fqcn, time.monotonic(), self._hb, self._broker_timeout)
-            self._io_run(sock, session)
+            self._io_run(session)
         except Exception:
             log.exception("cell %s: I/O thread failed", self._fqcn)
         finally:
             self._registered = False
             self._ready.set()
-            if sock is not None:
-                sock.close(linger=0)
+            if self._sock is not None:
+                self._sock.close(linger=0)
+                self._sock = None
 
-    def _io_run(self, sock: zmq.Socket, session: Session) -> None:
+    def _io_run(self, session: Session) -> None:
+        assert self._sock is not None
+        sock = self._sock
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -561,7 +664,7 @@ class Cell:
             if act.reconnect:
                 poller.unregister(sock)
                 sock.close(linger=0)
-                sock = self._new_socket()
+                sock = self._sock = self._new_socket()
                 poller.register(sock, zmq.POLLIN)
                 session.socket_replaced(now)
                 stalled = None
@@ -673,6 +776,8 @@ class Cell:
             req_id = msg.headers.get(_H.REQ_ID)
             with self._waiters_lock:
                 w = self._waiters.get(req_id) if isinstance(req_id, int) else None
+                if w is not None and w.target == origin:
+                    del self._waiters[w.req_id]
             if w is None or w.target != origin:
                 self.stats["dropped_late_reply"] += 1
                 log.debug(
@@ -734,7 +839,7 @@ class Cell:
         if headers.get(_H.MSG_TYPE) != MessageType.REQUEST or not isinstance(req_id, int):
             return
         with self._waiters_lock:
-            w = self._waiters.get(req_id)
+            w = self._waiters.pop(req_id, None)
         if w is not None:
             rc = _NACK_RC.get(reason, ReturnCode.COMM_ERROR)
             w.resolve(

@@ -1,0 +1,43 @@
+"""The object downloader: the seed's API, correct, per cell, windowed for sized objects.
+
+An owner offers objects within a transaction and hands out their ref ids; each site
+pulls an object chunk by chunk with :func:`download_object`.
+"""
+
+from objdl.downloader._defs import (
+    OBJ_DOWNLOADER_CHANNEL,
+    OBJ_DOWNLOADER_TOPIC,
+    Consumer,
+    DownloadStatus,
+    InvalidStateError,
+    Producer,
+    ProduceRC,
+    RetryPolicy,
+)
+from objdl.downloader._owner import ObjDownloader
+from objdl.downloader._site import download_object
+from objdl.downloader.sized import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_WINDOW,
+    SizedConsumer,
+    SizedProducer,
+    SizedSource,
+)
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_WINDOW",
+    "OBJ_DOWNLOADER_CHANNEL",
+    "OBJ_DOWNLOADER_TOPIC",
+    "Consumer",
+    "DownloadStatus",
+    "InvalidStateError",
+    "ObjDownloader",
+    "ProduceRC",
+    "Producer",
+    "RetryPolicy",
+    "SizedConsumer",
+    "SizedProducer",
+    "SizedSource",
+    "download_object",
+]

@@ -1,0 +1,303 @@
+"""The owner's side: ObjDownloader, its request handler and its timeout monitor.
+
+How it works: each cell that offers objects gets one ``_OwnerState``: a
+:class:`TransactionTable`, the request handler registered on the cell, and a monitor
+thread that sleeps until the earliest transaction deadline (at most a second at a
+time) and expires what is due. ``ObjDownloader``'s classmethods keep the seed's
+signatures and find the right cell's state through a process-wide index of
+transaction ids; the tables themselves are per cell. Callbacks always run outside
+every lock, and their exceptions are logged, never raised into the handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from objdl._logutil import RateLimitedLog
+from objdl.cell import Cell
+from objdl.downloader._defs import (
+    OBJ_DOWNLOADER_CHANNEL,
+    OBJ_DOWNLOADER_TOPIC,
+    DownloadStatus,
+    InvalidStateError,
+    Producer,
+    ProduceRC,
+    _PropKey,
+)
+from objdl.downloader._tables import Ref, Transaction, TransactionTable
+from objdl.message import Message, MessageHeaderKey, ReturnCode, make_reply
+
+__all__ = ["ObjDownloader"]
+
+log = logging.getLogger("objdl.downloader")
+_rlog = RateLimitedLog(log)
+
+_registry_lock = threading.Lock()
+_states: dict[int, _OwnerState] = {}  # id(cell) -> its state
+_tx_index: dict[str, _OwnerState] = {}  # tx id -> the state that holds it
+
+_MONITOR_MAX_SLEEP = 1.0
+
+
+def _run_cb(what: str, cb: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    try:
+        cb(*args, **kwargs)
+    except Exception:
+        log.exception("%s callback %r raised; ignored", what, cb)
+
+
+class _OwnerState:
+    """One cell's transactions, handler and monitor."""
+
+    def __init__(self, cell: Cell, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cell = cell
+        self.clock = clock
+        self.table = TransactionTable()
+        self._cond = threading.Condition()
+        self._monitor: threading.Thread | None = None
+        self._closing = False
+        cell.register_request_cb(OBJ_DOWNLOADER_CHANNEL, OBJ_DOWNLOADER_TOPIC, self.handle)
+        cell.add_stop_callback(self.close)
+
+    # -- monitor ------------------------------------------------------------
+
+    def wake_monitor(self) -> None:
+        with self._cond:
+            if self._closing:
+                return
+            if self._monitor is None or not self._monitor.is_alive():
+                self._monitor = threading.Thread(
+                    target=self._monitor_loop, name=f"objdl-{self.cell.fqcn}-txmonitor", daemon=True
+                )
+                self._monitor.start()
+            self._cond.notify_all()
+
+    def _monitor_loop(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closing:
+                        return
+                    deadline = self.table.next_deadline()
+                    wait = _MONITOR_MAX_SLEEP if deadline is None else deadline - self.clock()
+                    if wait <= 0:
+                        break
+                    self._cond.wait(min(wait, _MONITOR_MAX_SLEEP))
+            self.finish(self.table.pop_expired(self.clock()), call_cb=True)
+
+    def stop_monitor(self, timeout: float = 5.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            monitor = self._monitor
+        if monitor is not None and monitor is not threading.current_thread():
+            monitor.join(timeout)
+        with self._cond:
+            self._closing = False
+            self._monitor = None
+
+    def close(self) -> None:
+        """The cell stopped: end the monitor, end every transaction (with callbacks)."""
+        self.stop_monitor()
+        self.finish(self.table.pop_all(), call_cb=True)
+        with _registry_lock:
+            if _states.get(id(self.cell)) is self:
+                del _states[id(self.cell)]
+
+    # -- transactions -------------------------------------------------------
+
+    def finish(self, txs: list[Transaction], call_cb: bool) -> None:
+        """Transactions already removed from the table: unindex, release, call back."""
+        with _registry_lock:
+            for tx in txs:
+                if _tx_index.get(tx.tid) is self:
+                    del _tx_index[tx.tid]
+        for tx in txs:
+            for ref in tx.refs:
+                _run_cb("producer release", tx.producer.release, ref.rid, ref.obj)
+            if call_cb and tx.timeout_cb is not None:
+                objs = [r.obj for r in tx.refs]
+                _run_cb("timeout", tx.timeout_cb, tx.tid, objs, **tx.cb_kwargs)
+
+    # -- the request handler --------------------------------------------------
+
+    def handle(self, request: Message) -> Message:
+        requester = request.get_header(MessageHeaderKey.ORIGIN)
+        payload = request.payload
+        rid = payload.get(_PropKey.REF_ID) if isinstance(payload, dict) else None
+        if not isinstance(rid, str) or not rid:
+            _rlog.log(
+                logging.WARNING, "badreq", "download request without a ref id from %s", requester
+            )
+            return make_reply(
+                ReturnCode.INVALID_REQUEST,
+                "download request needs a dict payload with a 'ref_id' str",
+            )
+        state = payload.get(_PropKey.STATE)
+        if state is not None and not isinstance(state, dict):
+            return make_reply(ReturnCode.INVALID_REQUEST, "download request 'state' must be a dict")
+        now = self.clock()
+        ref = self.table.touch(rid, now)
+        if ref is None:
+            if self.table.finished(rid, requester, now):
+                return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
+            _rlog.log(logging.WARNING, "noref", "no ref %s (asked by %s)", rid[:64], requester)
+            return make_reply(
+                ReturnCode.INVALID_REQUEST,
+                f"no such ref {rid[:64]!r} at {self.cell.fqcn}: never offered, or its "
+                "transaction ended (timed out or deleted)",
+            )
+        producer = ref.tx.producer
+        try:
+            rc, data, new_state = producer.produce(rid, ref.obj, state, requester)  # type: ignore[arg-type]
+        except InvalidStateError as exc:
+            _rlog.log(
+                logging.WARNING, "badstate", "bad request for %s from %s: %s", rid, requester, exc
+            )
+            return make_reply(ReturnCode.INVALID_REQUEST, str(exc))
+        except Exception as exc:
+            log.exception(
+                "producer %s failed on ref %s for %s", type(producer).__name__, rid, requester
+            )
+            return make_reply(
+                ReturnCode.PROCESS_EXCEPTION,
+                f"producer {type(producer).__name__} raised {type(exc).__name__}: {exc}",
+            )
+        if rc == ProduceRC.OK:
+            return make_reply(
+                ReturnCode.OK,
+                body={_PropKey.STATUS: rc, _PropKey.STATE: new_state, _PropKey.DATA: data},
+            )
+        if rc == ProduceRC.EOF:
+            if self.table.record_finished(rid, requester, now):
+                self._downloaded(ref, requester, DownloadStatus.SUCCESS)
+            return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc})
+        if rc == ProduceRC.ERROR:
+            self._downloaded(ref, requester, DownloadStatus.FAILED)
+            error = data if isinstance(data, str) else ""
+            return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc, _PropKey.ERROR: error})
+        log.error("producer %s returned unknown code %r", type(producer).__name__, rc)
+        return make_reply(
+            ReturnCode.PROCESS_EXCEPTION, f"producer returned unknown return code {rc!r}"
+        )
+
+    @staticmethod
+    def _downloaded(ref: Ref, requester: str, status: str) -> None:
+        if ref.obj_downloaded_cb is not None:
+            _run_cb(
+                "obj_downloaded",
+                ref.obj_downloaded_cb,
+                ref.rid,
+                requester,
+                status,
+                ref.obj,
+                **ref.cb_kwargs,
+            )
+
+
+def _state_for(cell: Cell) -> _OwnerState:
+    with _registry_lock:
+        state = _states.get(id(cell))
+        if state is not None and state.cell is cell:
+            return state
+    state = _OwnerState(cell)
+    with _registry_lock:
+        existing = _states.get(id(cell))
+        if existing is not None and existing.cell is cell:
+            return existing
+        _states[id(cell)] = state
+        return state
+
+
+def _state_of_tx(tx_id: str) -> _OwnerState | None:
+    with _registry_lock:
+        return _tx_index.get(tx_id)
+
+
+class ObjDownloader:
+    """Offer large objects for download; the seed's API, with state kept per cell."""
+
+    @classmethod
+    def new_transaction(
+        cls,
+        cell: Cell,
+        producer: Producer,
+        timeout: float,
+        tx_id: str | None = None,
+        timeout_cb: Callable[..., Any] | None = None,
+        **cb_kwargs: Any,
+    ) -> str:
+        """Start a transaction whose objects `producer` serves; return its id.
+
+        After `timeout` seconds with no download request on any of its objects, the
+        transaction ends and ``timeout_cb(tx_id, objs, **cb_kwargs)`` runs once.
+
+        Raises:
+            TypeError / ValueError: a bad argument, or `tx_id` already in use.
+        """
+        if not isinstance(cell, Cell):
+            raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
+        state = _state_for(cell)
+        tx = Transaction(producer, timeout, state.clock(), tx_id, timeout_cb, **cb_kwargs)
+        with _registry_lock:
+            if tx.tid in _tx_index:
+                raise ValueError(f"transaction {tx.tid!r} already exists")
+            _tx_index[tx.tid] = state
+        state.table.add_transaction(tx)
+        state.wake_monitor()
+        return tx.tid
+
+    @classmethod
+    def add_download_object(
+        cls,
+        transaction_id: str,
+        obj: Any,
+        ref_id: str | None = None,
+        obj_downloaded_cb: Callable[..., Any] | None = None,
+        **cb_kwargs: Any,
+    ) -> str:
+        """Offer `obj` within a transaction; return the ref id sites download it by.
+
+        ``obj_downloaded_cb(ref_id, to_site, status, obj, **cb_kwargs)`` runs each
+        time a site reaches the end (SUCCESS) or the producer reports an error (FAILED).
+
+        Raises:
+            ValueError: no such transaction, or `ref_id` already in use.
+        """
+        if obj_downloaded_cb is not None and not callable(obj_downloaded_cb):
+            raise TypeError(
+                f"obj_downloaded_cb must be callable, got {type(obj_downloaded_cb).__name__}"
+            )
+        state = _state_of_tx(transaction_id)
+        if state is None:
+            raise ValueError(f"no such transaction {transaction_id!r} (deleted or timed out?)")
+        ref = state.table.add_ref(
+            transaction_id, lambda tx: Ref(tx, obj, ref_id, obj_downloaded_cb, **cb_kwargs)
+        )
+        return ref.rid
+
+    @classmethod
+    def delete_transaction(cls, transaction_id: str, call_cb: bool = False) -> None:
+        """End a transaction now; with `call_cb`, its timeout callback has run on return."""
+        state = _state_of_tx(transaction_id)
+        if state is None:
+            return
+        tx = state.table.pop_transaction(transaction_id)
+        if tx is not None:
+            state.finish([tx], call_cb)
+
+    @classmethod
+    def shutdown(cls) -> None:
+        """End every transaction of every cell, calling their timeout callbacks.
+
+        Cells can start new transactions afterwards.
+        """
+        with _registry_lock:
+            states = list(_states.values())
+        for state in states:
+            state.stop_monitor()
+            state.finish(state.table.pop_all(), call_cb=True)

@@ -1,0 +1,419 @@
+"""The site's side: ``download_object``, with retries and, for sized objects, a window.
+
+How it works: every request goes through :func:`_Requester`, which retries a request
+that timed out or could not reach the owner (same state, growing back-off, never
+past the overall deadline) and turns everything else into a failure reason. A plain
+:class:`Consumer` gets the seed's exchange, one request at a time. A
+:class:`SizedConsumer` gets a sliding window: up to ``window`` chunk requests in
+flight, chunks written where they belong as they arrive, hashed in order, and the
+next chunk asked for only while it lies within ``window`` chunks of the first byte
+not yet hashed (so memory stays bounded when one chunk is slow). Every download
+ends in exactly one call of ``download_completed`` or ``download_failed``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import queue
+import time
+from typing import Any
+
+from objdl.cell import Cell, PendingRequest
+from objdl.downloader._defs import (
+    OBJ_DOWNLOADER_CHANNEL,
+    OBJ_DOWNLOADER_TOPIC,
+    Consumer,
+    ProduceRC,
+    RetryPolicy,
+    _PropKey,
+)
+from objdl.downloader.sized import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_WINDOW,
+    MAX_CHUNK_SIZE,
+    OrderedDigest,
+    SizedConsumer,
+    as_pieces,
+)
+from objdl.message import Message, MessageHeaderKey, ReturnCode, Signal
+
+__all__ = ["download_object"]
+
+log = logging.getLogger("objdl.downloader")
+
+RETRYABLE = frozenset(
+    {
+        ReturnCode.TIMEOUT,
+        ReturnCode.TARGET_UNREACHABLE,
+        ReturnCode.COMM_ERROR,
+        ReturnCode.SERVICE_UNAVAILABLE,
+    }
+)
+_ABORT_POLL = 0.05
+
+
+class _Failed(Exception):
+    """Ends a download; its text is the reason given to ``download_failed``."""
+
+
+class _Requester:
+    """Sends download requests for one ref, with retries and deadlines."""
+
+    def __init__(
+        self,
+        cell: Cell,
+        owner: str,
+        ref_id: str,
+        per_request_timeout: float,
+        retry: RetryPolicy,
+        deadline: float | None,
+        abort: Signal | None,
+        secure: bool,
+        optional: bool,
+    ) -> None:
+        self.cell = cell
+        self.owner = owner
+        self.ref_id = ref_id
+        self.timeout = per_request_timeout
+        self.retry = retry
+        self.deadline = deadline
+        self.abort = abort
+        self.secure = secure
+        self.optional = optional
+        self.started = time.monotonic()
+        self.retries = 0
+
+    def check(self) -> None:
+        """Raise _Failed if the caller aborted or the overall deadline passed."""
+        if self.abort is not None and self.abort.triggered:
+            raise _Failed(f"download aborted after {self.elapsed()}")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise _Failed(f"overall timeout: download not finished after {self.elapsed()}")
+
+    def elapsed(self) -> str:
+        return f"{time.monotonic() - self.started:.2f}s"
+
+    def message(self, state: dict | None) -> Message:
+        payload: dict[str, Any] = {_PropKey.REF_ID: self.ref_id}
+        if state is not None:
+            payload[_PropKey.STATE] = state
+        return Message({}, payload)
+
+    def request_timeout(self) -> float:
+        if self.deadline is None:
+            return self.timeout
+        return max(0.001, min(self.timeout, self.deadline - time.monotonic()))
+
+    def submit(self, state: dict | None, done: queue.SimpleQueue[PendingRequest]) -> PendingRequest:
+        return self.cell.request_async(
+            OBJ_DOWNLOADER_CHANNEL,
+            self.owner,
+            OBJ_DOWNLOADER_TOPIC,
+            self.message(state),
+            self.request_timeout(),
+            done_queue=done,
+            secure=self.secure,
+            optional=self.optional,
+        )
+
+    def call(self, state: dict | None) -> dict:
+        """One request, retried as the policy allows; the reply payload (status checked)."""
+        attempt = 1
+        while True:
+            self.check()
+            reply = self.cell.send_request(
+                OBJ_DOWNLOADER_CHANNEL,
+                self.owner,
+                OBJ_DOWNLOADER_TOPIC,
+                self.message(state),
+                self.request_timeout(),
+                secure=self.secure,
+                optional=self.optional,
+                abort_signal=self.abort,
+            )
+            delay = self.judge(reply, attempt)
+            if delay is None:
+                return self.payload(reply)
+            self.sleep(delay)
+            attempt += 1
+
+    def judge(self, reply: Message, attempt: int) -> float | None:
+        """None if the reply is an answer; else the delay before retrying it."""
+        rc = reply.get_header(MessageHeaderKey.RETURN_CODE)
+        if rc == ReturnCode.OK:
+            return None
+        self.check()
+        error = reply.get_header(MessageHeaderKey.ERROR) or ""
+        if rc in RETRYABLE and attempt < self.retry.tries:
+            self.retries += 1
+            delay = self.retry.delay(attempt + 1)
+            log.log(
+                logging.DEBUG if self.optional else logging.INFO,
+                "download %s from %s: %s (%s); retry %d of %d in %.2fs",
+                self.ref_id, self.owner, rc, error, attempt, self.retry.tries - 1, delay,
+            )  # fmt: skip
+            return delay
+        tries = f" after {attempt} tries" if attempt > 1 else ""
+        raise _Failed(
+            f"error requesting data from {self.owner}{tries} ({self.elapsed()}): {rc}"
+            + (f": {error}" if error else "")
+        )
+
+    def payload(self, reply: Message) -> dict:
+        payload = reply.payload
+        if not isinstance(payload, dict):
+            raise _Failed(f"owner {self.owner} sent a reply without a payload dict")
+        status = payload.get(_PropKey.STATUS)
+        if status == ProduceRC.ERROR:
+            error = payload.get(_PropKey.ERROR) or "no reason given"
+            raise _Failed(f"producer error at {self.owner} after {self.elapsed()}: {error}")
+        if status not in (ProduceRC.OK, ProduceRC.EOF):
+            raise _Failed(f"owner {self.owner} sent unknown status {status!r}")
+        return payload
+
+    def sleep(self, delay: float) -> None:
+        end = time.monotonic() + delay
+        if self.deadline is not None:
+            end = min(end, self.deadline)
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            if self.abort is not None:
+                if self.abort.wait(min(left, _ABORT_POLL)):
+                    self.check()
+            else:
+                time.sleep(left)
+
+
+def download_object(
+    from_fqcn: str,
+    ref_id: str,
+    per_request_timeout: float,
+    cell: Cell,
+    consumer: Consumer,
+    secure: bool = False,
+    optional: bool = False,
+    abort_signal: Signal | None = None,
+    *,
+    tries: int = RetryPolicy.tries,
+    backoff: float = RetryPolicy.backoff,
+    backoff_max: float = RetryPolicy.backoff_max,
+    overall_timeout: float | None = None,
+    window: int = DEFAULT_WINDOW,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> None:
+    """Download a large object from its owner into `consumer`.
+
+    Returns when the download has ended, after exactly one call of
+    ``consumer.download_completed(ref_id)`` or ``consumer.download_failed(ref_id,
+    reason)``; remote trouble never raises.
+
+    Args:
+        from_fqcn: the owner's cell name.
+        ref_id: the object's ref id, as the owner handed it out.
+        per_request_timeout: seconds to wait for each reply.
+        cell: the (started) cell to talk through.
+        consumer: takes the data; a :class:`SizedConsumer` gets a window of requests.
+        secure, optional, abort_signal: as for :meth:`Cell.send_request`.
+        tries, backoff, backoff_max: retries of a request that timed out or could not
+            reach the owner (see :class:`RetryPolicy`).
+        overall_timeout: seconds for the whole download (None: no limit), so a peer
+            that trickles data cannot keep it going forever.
+        window: chunk requests kept in flight (sized objects only).
+        chunk_size: bytes asked for per request (sized objects only).
+    """
+    if not isinstance(consumer, Consumer):
+        raise TypeError(f"consumer must be a Consumer, got {type(consumer).__name__}")
+    if not isinstance(cell, Cell):
+        raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
+    if not isinstance(ref_id, str) or not ref_id:
+        raise ValueError(f"ref_id must be a non-empty str, got {ref_id!r}")
+    if per_request_timeout <= 0:
+        raise ValueError(f"per_request_timeout must be positive, got {per_request_timeout!r}")
+    if window < 1 or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"need window >= 1 and 1 <= chunk_size <= {MAX_CHUNK_SIZE}")
+    retry = RetryPolicy(tries, backoff, backoff_max)
+    deadline = None if overall_timeout is None else time.monotonic() + overall_timeout
+    req = _Requester(
+        cell,
+        from_fqcn,
+        ref_id,
+        per_request_timeout,
+        retry,
+        deadline,
+        abort_signal,
+        secure,
+        optional,
+    )
+    try:
+        if isinstance(consumer, SizedConsumer):
+            _Window(req, consumer, window, chunk_size).run()
+        else:
+            _seed_exchange(req, consumer)
+    except _Failed as exc:
+        _end(consumer.download_failed, ref_id, str(exc))
+    else:
+        _end(consumer.download_completed, ref_id)
+
+
+def _end(cb: Any, *args: Any) -> None:
+    try:
+        cb(*args)
+    except Exception:
+        log.exception("consumer's %s raised; ignored", getattr(cb, "__name__", cb))
+
+
+def _consume(consumer: Consumer, ref_id: str, state: Any, data: Any) -> dict:
+    try:
+        new_state = consumer.consume(ref_id, state, data)
+    except Exception as exc:
+        raise _Failed(f"exception when consuming data: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(new_state, dict):
+        raise _Failed(
+            f"consumer error: new_state should be dict but got {type(new_state).__name__}"
+        )
+    return new_state
+
+
+def _seed_exchange(req: _Requester, consumer: Consumer) -> None:
+    """The seed's exchange: one request, one reply, consume, repeat until EOF."""
+    state: dict | None = None
+    while True:
+        payload = req.call(state)
+        if payload[_PropKey.STATUS] == ProduceRC.EOF:
+            return
+        state = _consume(
+            consumer, req.ref_id, payload.get(_PropKey.STATE), payload.get(_PropKey.DATA)
+        )
+        req.check()
+
+
+class _Window:
+    """The sliding-window download of one sized object."""
+
+    def __init__(self, req: _Requester, consumer: SizedConsumer, window: int, chunk: int) -> None:
+        self.req = req
+        self.consumer = consumer
+        self.window = window
+        self.chunk = chunk
+        self.done: queue.SimpleQueue[PendingRequest] = queue.SimpleQueue()
+        self.inflight: dict[
+            int, tuple[PendingRequest, int, int, int]
+        ] = {}  # req_id -> p, off, n, try
+        self.retry_at: list[tuple[float, int, int, int]] = []  # heap of (when, off, n, try)
+
+    def run(self) -> None:
+        req = self.req
+        try:
+            first = req.call({"length": self.chunk})
+            desc = first.get(_PropKey.STATE)
+            if not isinstance(desc, dict) or not isinstance(desc.get("size"), int):
+                raise _Failed(f"owner {req.owner} did not describe a sized object for {req.ref_id}")
+            size, algo, digest = desc["size"], desc.get("algo"), desc.get("digest")
+            try:
+                self.digest = OrderedDigest(algo)  # type: ignore[arg-type]
+                self.consumer.begin(req.ref_id, size, desc.get("meta"))
+            except Exception as exc:
+                raise _Failed(f"could not start the download: {type(exc).__name__}: {exc}") from exc
+            self.size = size
+            pieces = as_pieces(first.get(_PropKey.DATA))
+            self.store(0, pieces, expect=min(self.chunk, size))
+            self.next = self.digest.upto
+            self.loop()
+            got = self.digest.hexdigest()
+            if got != digest:
+                reason = (
+                    f"digest mismatch: owner's {algo} is {digest}, received bytes hash to {got}"
+                )
+                self.tell_owner(False, reason)
+                raise _Failed(reason)
+        finally:
+            for p, *_ in self.inflight.values():
+                p.cancel()
+        self.consumer_done()
+
+    def consumer_done(self) -> None:
+        # The data is complete and verified: the site has its copy whatever the owner
+        # says next; telling the owner lets it run its downloaded callback.
+        self.tell_owner(True, "")
+
+    def tell_owner(self, ok: bool, reason: str) -> None:
+        try:
+            self.req.call({"offset": self.size, "ok": ok, "reason": reason})
+        except _Failed as exc:
+            if ok:
+                log.warning(
+                    "download %s complete, but the owner was not told: %s", self.req.ref_id, exc
+                )
+
+    def store(self, offset: int, pieces: list[memoryview], expect: int) -> None:
+        got = sum(p.nbytes for p in pieces)
+        if got != expect:
+            raise _Failed(f"owner sent {got} bytes at offset {offset}, expected {expect}")
+        try:
+            self.consumer.write(offset, pieces)
+        except Exception as exc:
+            raise _Failed(
+                f"could not write at offset {offset}: {type(exc).__name__}: {exc}"
+            ) from exc
+        self.digest.add(offset, pieces)
+
+    def submit(self, offset: int, n: int, attempt: int) -> None:
+        p = self.req.submit({"offset": offset, "length": n}, self.done)
+        self.inflight[p.req_id] = (p, offset, n, attempt)
+
+    def loop(self) -> None:
+        req = self.req
+        limit_span = self.window * self.chunk
+        while self.digest.upto < self.size:
+            req.check()
+            now = time.monotonic()
+            while len(self.inflight) < self.window:
+                if self.retry_at and self.retry_at[0][0] <= now:
+                    _, off, n, attempt = heapq.heappop(self.retry_at)
+                    self.submit(off, n, attempt)
+                elif self.next < self.size and self.next < self.digest.upto + limit_span:
+                    n = min(self.chunk, self.size - self.next)
+                    self.submit(self.next, n, 1)
+                    self.next += n
+                else:
+                    break
+            wake = min((p.deadline for p, *_ in self.inflight.values()), default=now + 1.0)
+            if self.retry_at:
+                wake = min(wake, self.retry_at[0][0])
+            wait = wake - now
+            if req.abort is not None:
+                wait = min(wait, _ABORT_POLL)
+            try:
+                p = self.done.get(timeout=max(0.0, wait))
+            except queue.Empty:
+                p = None
+            while p is not None:
+                self.handle(p)
+                try:
+                    p = self.done.get_nowait()
+                except queue.Empty:
+                    p = None
+            now = time.monotonic()
+            for p, *_ in [v for v in self.inflight.values() if v[0].deadline <= now]:
+                # Resolves it with a timeout reply; the copy this also puts on the
+                # queue is ignored by handle(), as the request is no longer in flight.
+                p.result()
+                self.handle(p)
+
+    def handle(self, p: PendingRequest) -> None:
+        entry = self.inflight.pop(p.req_id, None)
+        if entry is None:
+            return  # already handled (a timeout we resolved ourselves)
+        _, offset, n, attempt = entry
+        reply = p.result()
+        delay = self.req.judge(reply, attempt)
+        if delay is not None:
+            heapq.heappush(self.retry_at, (time.monotonic() + delay, offset, n, attempt + 1))
+            return
+        payload = self.req.payload(reply)
+        if payload[_PropKey.STATUS] != ProduceRC.OK:
+            raise _Failed(f"owner {self.req.owner} ended the object early at offset {offset}")
+        self.store(offset, as_pieces(payload.get(_PropKey.DATA)), expect=n)

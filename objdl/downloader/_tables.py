@@ -1,0 +1,185 @@
+"""The owner's tables of transactions and refs, with no threads and no sockets.
+
+How it works: a transaction holds refs (objects offered for download) and a
+producer. Every request on any of its refs restarts its inactivity clock; once
+``timeout`` seconds pass with no request, the transaction expires. All three tables
+(transactions, refs, finished downloads) are changed only under the table's lock;
+callers get removed transactions back and run callbacks outside the lock.
+
+The finished table remembers, for a short while, which requester already reached EOF
+on which ref, so a retried final request gets EOF again (and no second callback)
+even after its transaction is gone.
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from objdl.downloader._defs import Producer
+
+__all__ = ["Ref", "Transaction", "TransactionTable", "new_id"]
+
+FINISHED_TTL = 120.0
+FINISHED_MAX = 100_000
+
+
+def new_id(prefix: str) -> str:
+    """A fresh, unguessable id: `prefix` and a random UUID (122 random bits)."""
+    return prefix + str(uuid.uuid4())
+
+
+class Ref:
+    """One object offered for download within a transaction."""
+
+    __slots__ = ("cb_kwargs", "obj", "obj_downloaded_cb", "rid", "tx")
+
+    def __init__(
+        self,
+        tx: Transaction,
+        obj: Any,
+        ref_id: str | None = None,
+        obj_downloaded_cb: Callable[..., Any] | None = None,
+        **cb_kwargs: Any,
+    ) -> None:
+        self.rid = ref_id or new_id("R")
+        self.tx = tx
+        self.obj = obj
+        self.obj_downloaded_cb = obj_downloaded_cb
+        self.cb_kwargs = cb_kwargs
+
+
+class Transaction:
+    """A producer, its refs, and an inactivity timeout with its callback."""
+
+    __slots__ = ("cb_kwargs", "last_active", "producer", "refs", "tid", "timeout", "timeout_cb")
+
+    def __init__(
+        self,
+        producer: Producer,
+        timeout: float,
+        now: float,
+        tx_id: str | None = None,
+        timeout_cb: Callable[..., Any] | None = None,
+        **cb_kwargs: Any,
+    ) -> None:
+        if not isinstance(producer, Producer):
+            raise TypeError(f"producer must be a Producer, got {type(producer).__name__}")
+        if timeout_cb is not None and not callable(timeout_cb):
+            raise TypeError(f"timeout_cb must be callable, got {type(timeout_cb).__name__}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        self.tid = tx_id or new_id("T")
+        self.producer = producer
+        self.timeout = float(timeout)
+        self.timeout_cb = timeout_cb
+        self.cb_kwargs = cb_kwargs
+        self.last_active = now
+        self.refs: list[Ref] = []
+
+    @property
+    def deadline(self) -> float:
+        return self.last_active + self.timeout
+
+
+class TransactionTable:
+    """Transactions, refs and finished downloads, each touched only under one lock."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._txs: dict[str, Transaction] = {}
+        self._refs: dict[str, Ref] = {}
+        self._finished: dict[tuple[str, str], float] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._txs)
+
+    def add_transaction(self, tx: Transaction) -> None:
+        with self._lock:
+            if tx.tid in self._txs:
+                raise ValueError(f"transaction {tx.tid!r} already exists")
+            self._txs[tx.tid] = tx
+
+    def has_transaction(self, tx_id: str) -> bool:
+        with self._lock:
+            return tx_id in self._txs
+
+    def add_ref(self, tx_id: str, make: Callable[[Transaction], Ref]) -> Ref:
+        """Create a ref with ``make(tx)`` and add it to transaction `tx_id`.
+
+        Raises:
+            ValueError: no such transaction, or the ref id is already in use.
+        """
+        with self._lock:
+            tx = self._txs.get(tx_id)
+            if tx is None:
+                raise ValueError(f"no such transaction {tx_id!r} (deleted or timed out?)")
+            ref = make(tx)
+            if ref.rid in self._refs:
+                raise ValueError(f"ref id {ref.rid!r} is already in use")
+            tx.refs.append(ref)
+            self._refs[ref.rid] = ref
+            return ref
+
+    def touch(self, ref_id: str, now: float) -> Ref | None:
+        """The ref, with its transaction marked active at `now`; None if unknown."""
+        with self._lock:
+            ref = self._refs.get(ref_id)
+            if ref is not None:
+                ref.tx.last_active = now
+            return ref
+
+    def pop_transaction(self, tx_id: str) -> Transaction | None:
+        with self._lock:
+            tx = self._txs.pop(tx_id, None)
+            if tx is not None:
+                self._drop_refs(tx)
+            return tx
+
+    def pop_all(self) -> list[Transaction]:
+        with self._lock:
+            txs = list(self._txs.values())
+            self._txs.clear()
+            self._refs.clear()
+            return txs
+
+    def pop_expired(self, now: float) -> list[Transaction]:
+        """Remove and return every transaction whose inactivity deadline has passed."""
+        with self._lock:
+            expired = [tx for tx in self._txs.values() if now >= tx.deadline]
+            for tx in expired:
+                del self._txs[tx.tid]
+                self._drop_refs(tx)
+            return expired
+
+    def next_deadline(self) -> float | None:
+        with self._lock:
+            return min((tx.deadline for tx in self._txs.values()), default=None)
+
+    def record_finished(self, ref_id: str, requester: str, now: float) -> bool:
+        """Remember that `requester` reached EOF on `ref_id`; False if it already had."""
+        key = (ref_id, requester)
+        with self._lock:
+            if self._finished.get(key, float("-inf")) > now:
+                return False
+            if len(self._finished) >= FINISHED_MAX:
+                self._prune(now)
+            self._finished[key] = now + FINISHED_TTL
+            return True
+
+    def finished(self, ref_id: str, requester: str, now: float) -> bool:
+        with self._lock:
+            return self._finished.get((ref_id, requester), float("-inf")) > now
+
+    def _prune(self, now: float) -> None:
+        for key in [k for k, t in self._finished.items() if t <= now]:
+            del self._finished[key]
+        while len(self._finished) >= FINISHED_MAX:  # all fresh: drop the oldest
+            del self._finished[next(iter(self._finished))]
+
+    def _drop_refs(self, tx: Transaction) -> None:
+        for r in tx.refs:
+            self._refs.pop(r.rid, None)

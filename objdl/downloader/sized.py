@@ -1,0 +1,249 @@
+"""Objects whose size is known up front: served by offset, checked by digest.
+
+How it works (the "sized" exchange, carried in the seed's ``state`` dict):
+
+1. first request, state ``None`` or ``{"length": L}``: the owner answers with the
+   object's description ``{"offset": 0, "size", "chunk", "algo", "digest", "meta"}``
+   and the first chunk as data;
+2. chunk request ``{"offset": o, "length": L}``: the bytes at ``[o, o + L)`` (clipped
+   to the object and to the chunk limit) and ``{"offset": o + n}``; any chunk, in any
+   order, by any number of sites at once, so a site can keep a window of requests
+   in flight;
+3. final request ``{"offset": size, "ok": bool, "reason": str}``: EOF when ok (the
+   owner's downloaded callback gets SUCCESS), ERROR otherwise (FAILED).
+
+A plain seed-style consumer that echoes ``{"offset": o + n}`` works too (one chunk at a
+time). Offsets outside the object raise :class:`InvalidStateError`, which the owner
+answers with ``invalid_request``. The site hashes chunks in offset order as they
+arrive and compares with the owner's digest before it reports success.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from typing import Any
+
+from objdl.downloader._defs import Consumer, InvalidStateError, Producer, ProduceRC
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_DIGEST",
+    "DEFAULT_WINDOW",
+    "DIGESTS",
+    "MAX_CHUNK_SIZE",
+    "OrderedDigest",
+    "SizedConsumer",
+    "SizedProducer",
+    "SizedSource",
+    "as_pieces",
+]
+
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+DEFAULT_WINDOW = 8
+MAX_CHUNK_SIZE = 64 * 1024 * 1024
+DEFAULT_DIGEST = "sha256"
+DIGESTS = ("sha256", "blake2b")
+
+
+def _check_algo(algo: str) -> str:
+    if algo not in DIGESTS:
+        raise ValueError(f"digest must be one of {DIGESTS}, got {algo!r}")
+    return algo
+
+
+def as_pieces(data: Any) -> list[memoryview]:
+    """Chunk data as a list of flat byte views (a chunk may be one buffer or several)."""
+    if data is None:
+        return []
+    if isinstance(data, (list, tuple)):
+        return [memoryview(p).cast("B") for p in data]
+    return [memoryview(data).cast("B")]
+
+
+def _nbytes(pieces: Iterable[memoryview]) -> int:
+    return sum(p.nbytes for p in pieces)
+
+
+class SizedSource(ABC):
+    """An object's bytes, readable at any offset; opened once per ref and shared."""
+
+    size: int = 0
+    meta: Any = None
+
+    @abstractmethod
+    def read(self, offset: int, length: int) -> Any:
+        """Bytes ``[offset, offset + length)``: one buffer or a list of buffers."""
+
+    def close(self) -> None:  # noqa: B027 - optional
+        """Free what the source holds (file descriptors, maps)."""
+
+    def digest(self, algo: str) -> str:
+        """Hex digest of all the bytes, read in chunks (override if known already)."""
+        h = hashlib.new(algo)
+        for off in range(0, self.size, DEFAULT_CHUNK_SIZE):
+            for piece in as_pieces(self.read(off, min(DEFAULT_CHUNK_SIZE, self.size - off))):
+                h.update(piece)
+        return h.hexdigest()
+
+
+class _Prepared:
+    __slots__ = ("desc", "source")
+
+    def __init__(self, source: SizedSource, desc: dict[str, Any]) -> None:
+        self.source = source
+        self.desc = desc
+
+
+class SizedProducer(Producer):
+    """Serves sized objects by offset; subclasses say how to open an object.
+
+    Args:
+        chunk_size: the largest chunk served (a site may ask for less).
+        digest: ``"sha256"`` (default) or ``"blake2b"``.
+    """
+
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, digest: str = DEFAULT_DIGEST) -> None:
+        super().__init__()
+        if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+            raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_SIZE}], got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.algo = _check_algo(digest)
+        self._prepared: dict[str, _Prepared] = {}
+        self._lock = threading.Lock()
+
+    @abstractmethod
+    def open_source(self, ref_id: str, obj: Any) -> SizedSource:
+        """Open `obj` for reading (called once per ref)."""
+
+    def prepare(self, ref_id: str, obj: Any) -> dict[str, Any]:
+        """Open the object and compute its digest now, not on the first request.
+
+        Called by the offer helpers so that a large file's digest is not computed
+        while a site's first request waits. Returns the description sent to sites.
+        """
+        with self._lock:
+            prepared = self._prepared.get(ref_id)
+            if prepared is None:
+                source = self.open_source(ref_id, obj)
+                try:
+                    desc = {
+                        "offset": 0,
+                        "size": source.size,
+                        "chunk": self.chunk_size,
+                        "algo": self.algo,
+                        "digest": source.digest(self.algo),
+                        "meta": source.meta,
+                    }
+                except BaseException:
+                    source.close()
+                    raise
+                prepared = self._prepared[ref_id] = _Prepared(source, desc)
+            return prepared.desc
+
+    def release(self, ref_id: str, obj: Any) -> None:
+        with self._lock:
+            prepared = self._prepared.pop(ref_id, None)
+        if prepared is not None:
+            prepared.source.close()
+
+    def produce(self, ref_id: str, obj: Any, state: dict, requester: str) -> tuple[str, Any, dict]:
+        desc = self.prepare(ref_id, obj)
+        with self._lock:
+            source = self._prepared[ref_id].source
+        size = desc["size"]
+        state = state or {}
+        length = state.get("length", self.chunk_size)
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise InvalidStateError(f"chunk length must be a positive int, got {length!r}")
+        length = min(length, self.chunk_size)
+        if "offset" not in state:
+            data = source.read(0, min(length, size)) if size else b""
+            return ProduceRC.OK, data, dict(desc)
+        offset = state["offset"]
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= size:
+            raise InvalidStateError(f"offset {offset!r} is outside the object (size {size})")
+        if offset == size:
+            if state.get("ok", True) is False:
+                reason = str(state.get("reason", "the site reported a failure"))[:500]
+                self.logger.warning("site %s failed ref %s: %s", requester, ref_id, reason)
+                return ProduceRC.ERROR, reason, {}
+            return ProduceRC.EOF, None, {}
+        n = min(length, size - offset)
+        return ProduceRC.OK, source.read(offset, n), {"offset": offset + n}
+
+
+class OrderedDigest:
+    """Hashes chunks in offset order while they may arrive out of order.
+
+    A chunk ahead of the next offset is kept (a view, not a copy) until the gap
+    before it fills; the window bounds how many are kept.
+    """
+
+    def __init__(self, algo: str) -> None:
+        self._h = hashlib.new(_check_algo(algo))
+        self.upto = 0
+        self._held: dict[int, list[memoryview]] = {}
+
+    def add(self, offset: int, pieces: list[memoryview]) -> None:
+        if offset != self.upto:
+            self._held[offset] = pieces
+            return
+        while True:
+            for p in pieces:
+                self._h.update(p)
+            self.upto += _nbytes(pieces)
+            nxt = self._held.pop(self.upto, None)
+            if nxt is None:
+                return
+            pieces = nxt
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+class SizedConsumer(Consumer):
+    """Receives a sized object chunk by chunk, in any order, at its offsets.
+
+    Subclasses implement :meth:`begin` and :meth:`write` (and the seed's
+    ``download_completed``/``download_failed``). :func:`download_object` gives a
+    SizedConsumer a window of requests in flight and checks the digest before
+    ``download_completed``; :meth:`consume` also supports the seed's one-at-a-time
+    exchange, checking the digest when the last byte arrives.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seed_digest: OrderedDigest | None = None
+        self._seed_desc: dict[str, Any] = {}
+
+    @abstractmethod
+    def begin(self, ref_id: str, size: int, meta: Any) -> None:
+        """Get ready for `size` bytes (e.g. allocate or create the temporary file)."""
+
+    @abstractmethod
+    def write(self, offset: int, pieces: list[memoryview]) -> None:
+        """Store the chunk that starts at `offset` (the pieces follow each other)."""
+
+    def consume(self, ref_id: str, state: dict, data: Any) -> dict:
+        pieces = as_pieces(data)
+        if "size" in state:
+            self._seed_desc = state
+            self._seed_digest = OrderedDigest(state["algo"])
+            self.begin(ref_id, state["size"], state.get("meta"))
+        if self._seed_digest is None:
+            raise InvalidStateError("the owner's first reply did not describe the object")
+        offset = self._seed_digest.upto
+        self.write(offset, pieces)
+        self._seed_digest.add(offset, pieces)
+        end = self._seed_digest.upto
+        if end == self._seed_desc["size"]:
+            got = self._seed_digest.hexdigest()
+            if got != self._seed_desc["digest"]:
+                raise ValueError(
+                    f"digest mismatch: owner's {self._seed_desc['algo']} is "
+                    f"{self._seed_desc['digest']}, received bytes hash to {got}"
+                )
+        return {"offset": end}
