@@ -46,9 +46,7 @@ def _problem(name: object) -> str | None:
         if len(seg) > MAX_SEGMENT_LENGTH:
             return f"has segment {seg[:16]!r}... longer than {MAX_SEGMENT_LENGTH} characters"
         if not _SEGMENT.fullmatch(seg):
-            return (
-                f"has segment {seg!r} with a character other than letters, digits, '_', '-', '~'"
-            )
+            return f"has segment {seg!r} with a character other than letters, digits, '_', '-', '~'"
         if seg in seen:
             return f"repeats segment {seg!r}"
         seen.add(seg)

@@ -31,7 +31,7 @@ from objdl.downloader._defs import (
 from objdl.downloader._tables import Ref, Transaction, TransactionTable
 from objdl.message import Message, MessageHeaderKey, ReturnCode, make_reply
 
-__all__ = ["ObjDownloader"]
+__all__ = ["ObjDownloader", "producer_of"]
 
 log = logging.getLogger("objdl.downloader")
 _rlog = RateLimitedLog(log)
@@ -216,6 +216,13 @@ def _state_for(cell: Cell) -> _OwnerState:
 def _state_of_tx(tx_id: str) -> _OwnerState | None:
     with _registry_lock:
         return _tx_index.get(tx_id)
+
+
+def producer_of(tx_id: str) -> Producer | None:
+    """The producer of a live transaction, or None."""
+    state = _state_of_tx(tx_id)
+    tx = state.table.get_transaction(tx_id) if state is not None else None
+    return tx.producer if tx is not None else None
 
 
 class ObjDownloader:

@@ -103,9 +103,9 @@ class TransactionTable:
                 raise ValueError(f"transaction {tx.tid!r} already exists")
             self._txs[tx.tid] = tx
 
-    def has_transaction(self, tx_id: str) -> bool:
+    def get_transaction(self, tx_id: str) -> Transaction | None:
         with self._lock:
-            return tx_id in self._txs
+            return self._txs.get(tx_id)
 
     def add_ref(self, tx_id: str, make: Callable[[Transaction], Ref]) -> Ref:
         """Create a ref with ``make(tx)`` and add it to transaction `tx_id`.

@@ -1,0 +1,24 @@
+"""Ready producers and consumers: bytes, files and dicts of arrays, one call each side."""
+
+from objdl.objects._bytes import BytesConsumer, BytesSource, download_bytes
+from objdl.objects._common import DownloadError
+from objdl.objects._dict import DictConsumer, DictSource, download_dict
+from objdl.objects._file import FileConsumer, FileSource, download_file
+from objdl.objects._offer import ObjectProducer, offer_bytes, offer_dict, offer_file
+
+__all__ = [
+    "BytesConsumer",
+    "BytesSource",
+    "DictConsumer",
+    "DictSource",
+    "DownloadError",
+    "FileConsumer",
+    "FileSource",
+    "ObjectProducer",
+    "download_bytes",
+    "download_dict",
+    "download_file",
+    "offer_bytes",
+    "offer_dict",
+    "offer_file",
+]

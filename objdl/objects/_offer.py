@@ -1,0 +1,182 @@
+"""The owner's one-call helpers: offer bytes, a file or a dict, get a ref id back."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from objdl.cell import Cell
+from objdl.downloader import DEFAULT_CHUNK_SIZE, ObjDownloader, SizedProducer, SizedSource
+from objdl.downloader._owner import producer_of
+from objdl.downloader._tables import new_id
+from objdl.downloader.sized import DEFAULT_DIGEST
+from objdl.objects._bytes import BytesSource
+from objdl.objects._dict import DictSource
+from objdl.objects._file import FileSource
+
+__all__ = ["DEFAULT_TX_TIMEOUT", "ObjectProducer", "offer_bytes", "offer_dict", "offer_file"]
+
+DEFAULT_TX_TIMEOUT = 60.0
+
+
+class ObjectProducer(SizedProducer):
+    """Serves bytes-likes, files (given as :class:`pathlib.Path`) and dicts, by offset."""
+
+    def open_source(self, ref_id: str, obj: Any) -> SizedSource:
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            return BytesSource(obj)
+        if isinstance(obj, Path):
+            return FileSource(obj)
+        if isinstance(obj, dict):
+            return DictSource(obj)
+        raise TypeError(
+            f"cannot offer a {type(obj).__name__}: offer bytes-likes, a pathlib.Path or a dict"
+        )
+
+
+def _offer(
+    cell: Cell,
+    obj: Any,
+    transaction_id: str | None,
+    timeout: float,
+    chunk_size: int,
+    digest: str,
+    timeout_cb: Callable[..., Any] | None,
+    obj_downloaded_cb: Callable[..., Any] | None,
+    cb_kwargs: dict[str, Any],
+) -> tuple[str, str]:
+    if transaction_id is None:
+        producer: Any = ObjectProducer(chunk_size, digest)
+        transaction_id = ObjDownloader.new_transaction(
+            cell, producer, timeout, timeout_cb=timeout_cb, **cb_kwargs
+        )
+    else:
+        producer = producer_of(transaction_id)
+        if producer is None:
+            raise ValueError(f"no such transaction {transaction_id!r} (deleted or timed out?)")
+        if not isinstance(producer, ObjectProducer):
+            raise ValueError(
+                f"transaction {transaction_id!r} serves with {type(producer).__name__}, not "
+                "ObjectProducer; start a new transaction for this object"
+            )
+    ref_id = new_id("R")
+    producer.prepare(ref_id, obj)  # open and hash now, not while a site waits
+    try:
+        ObjDownloader.add_download_object(
+            transaction_id, obj, ref_id=ref_id, obj_downloaded_cb=obj_downloaded_cb, **cb_kwargs
+        )
+    except BaseException:
+        producer.release(ref_id, obj)
+        raise
+    return transaction_id, ref_id
+
+
+def offer_bytes(
+    cell: Cell,
+    data: bytes | bytearray | memoryview,
+    *,
+    transaction_id: str | None = None,
+    timeout: float = DEFAULT_TX_TIMEOUT,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    digest: str = DEFAULT_DIGEST,
+    timeout_cb: Callable[..., Any] | None = None,
+    obj_downloaded_cb: Callable[..., Any] | None = None,
+    **cb_kwargs: Any,
+) -> str:
+    """Offer `data` for download from `cell`; return its ref id.
+
+    Joins `transaction_id` if given (one made by an ``offer_*`` helper), otherwise
+    starts a transaction that ends after `timeout` idle seconds. The callbacks and
+    `cb_kwargs` are the seed's (see :class:`ObjDownloader`). `data` is served as
+    slices of itself: do not change it while it is offered.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"offer_bytes needs bytes, bytearray or memoryview, got {type(data).__name__}"
+        )
+    return _offer(
+        cell,
+        data,
+        transaction_id,
+        timeout,
+        chunk_size,
+        digest,
+        timeout_cb,
+        obj_downloaded_cb,
+        cb_kwargs,
+    )[1]
+
+
+def offer_file(
+    cell: Cell,
+    path: str | os.PathLike[str],
+    *,
+    transaction_id: str | None = None,
+    timeout: float = DEFAULT_TX_TIMEOUT,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    digest: str = DEFAULT_DIGEST,
+    timeout_cb: Callable[..., Any] | None = None,
+    obj_downloaded_cb: Callable[..., Any] | None = None,
+    **cb_kwargs: Any,
+) -> str:
+    """Offer the file at `path` for download; return its ref id.
+
+    The file is opened and hashed now; it must not change while offered (a change of
+    size fails the downloads in progress, any other change their digest check).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError / PermissionError: `path` is not a
+            readable file.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"cannot offer {p}: no such file")
+    if not p.is_file():
+        raise IsADirectoryError(f"cannot offer {p}: not a regular file")
+    return _offer(
+        cell,
+        p,
+        transaction_id,
+        timeout,
+        chunk_size,
+        digest,
+        timeout_cb,
+        obj_downloaded_cb,
+        cb_kwargs,
+    )[1]
+
+
+def offer_dict(
+    cell: Cell,
+    data: dict,
+    *,
+    transaction_id: str | None = None,
+    timeout: float = DEFAULT_TX_TIMEOUT,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    digest: str = DEFAULT_DIGEST,
+    timeout_cb: Callable[..., Any] | None = None,
+    obj_downloaded_cb: Callable[..., Any] | None = None,
+    **cb_kwargs: Any,
+) -> str:
+    """Offer a dict (str keys; values bytes, numpy arrays or msgpack-able) for download.
+
+    Arrays are served from their own memory: do not change them while offered.
+
+    Raises:
+        TypeError: a key that is not a str, or a value the codec cannot carry.
+    """
+    if not isinstance(data, dict):
+        raise TypeError(f"offer_dict needs a dict, got {type(data).__name__}")
+    return _offer(
+        cell,
+        data,
+        transaction_id,
+        timeout,
+        chunk_size,
+        digest,
+        timeout_cb,
+        obj_downloaded_cb,
+        cb_kwargs,
+    )[1]
