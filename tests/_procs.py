@@ -74,3 +74,15 @@ def hold_name_main(name: str, url: str, ready: Any) -> None:
     cell.start()
     ready.put(os.getpid())
     time.sleep(60)
+
+
+def fetch_file_main(name: str, url: str, ref: str, dest: str, results: Any) -> None:
+    """Download file `ref` from "server" to `dest`; report (name, sha256 of dest)."""
+    import hashlib
+
+    from objdl.cell import Cell
+    from objdl.objects import download_file
+
+    with Cell(name, url) as cell:
+        path = download_file(cell, "server", ref, dest)
+        results.put((name, hashlib.sha256(path.read_bytes()).hexdigest()))

@@ -312,6 +312,9 @@ class _Window:
             if not isinstance(desc, dict) or not isinstance(desc.get("size"), int):
                 raise _Failed(f"owner {req.owner} did not describe a sized object for {req.ref_id}")
             size, algo, digest = desc["size"], desc.get("algo"), desc.get("digest")
+            owner_chunk = desc.get("chunk")
+            if isinstance(owner_chunk, int) and 0 < owner_chunk < self.chunk:
+                self.chunk = owner_chunk  # the owner serves no more than this per request
             try:
                 self.digest = OrderedDigest(algo)  # type: ignore[arg-type]
                 self.consumer.begin(req.ref_id, size, desc.get("meta"))

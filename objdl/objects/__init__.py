@@ -4,7 +4,13 @@ from objdl.objects._bytes import BytesConsumer, BytesSource, download_bytes
 from objdl.objects._common import DownloadError
 from objdl.objects._dict import DictConsumer, DictSource, download_dict
 from objdl.objects._file import FileConsumer, FileSource, download_file
-from objdl.objects._offer import ObjectProducer, offer_bytes, offer_dict, offer_file
+from objdl.objects._offer import (
+    ObjectProducer,
+    new_transaction,
+    offer_bytes,
+    offer_dict,
+    offer_file,
+)
 
 __all__ = [
     "BytesConsumer",
@@ -18,6 +24,7 @@ __all__ = [
     "download_bytes",
     "download_dict",
     "download_file",
+    "new_transaction",
     "offer_bytes",
     "offer_dict",
     "offer_file",

@@ -16,7 +16,14 @@ from objdl.objects._bytes import BytesSource
 from objdl.objects._dict import DictSource
 from objdl.objects._file import FileSource
 
-__all__ = ["DEFAULT_TX_TIMEOUT", "ObjectProducer", "offer_bytes", "offer_dict", "offer_file"]
+__all__ = [
+    "DEFAULT_TX_TIMEOUT",
+    "ObjectProducer",
+    "new_transaction",
+    "offer_bytes",
+    "offer_dict",
+    "offer_file",
+]
 
 DEFAULT_TX_TIMEOUT = 60.0
 
@@ -36,6 +43,25 @@ class ObjectProducer(SizedProducer):
         )
 
 
+def new_transaction(
+    cell: Cell,
+    *,
+    timeout: float = DEFAULT_TX_TIMEOUT,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    digest: str = DEFAULT_DIGEST,
+    timeout_cb: Callable[..., Any] | None = None,
+    **cb_kwargs: Any,
+) -> str:
+    """Start a transaction that the ``offer_*`` helpers can join; return its id.
+
+    Group objects that belong together (a model file and its config, say) so they
+    share one inactivity timeout and one ``timeout_cb(tx_id, objs, **cb_kwargs)``.
+    """
+    return ObjDownloader.new_transaction(
+        cell, ObjectProducer(chunk_size, digest), timeout, timeout_cb=timeout_cb, **cb_kwargs
+    )
+
+
 def _offer(
     cell: Cell,
     obj: Any,
@@ -48,19 +74,22 @@ def _offer(
     cb_kwargs: dict[str, Any],
 ) -> tuple[str, str]:
     if transaction_id is None:
-        producer: Any = ObjectProducer(chunk_size, digest)
-        transaction_id = ObjDownloader.new_transaction(
-            cell, producer, timeout, timeout_cb=timeout_cb, **cb_kwargs
+        transaction_id = new_transaction(
+            cell,
+            timeout=timeout,
+            chunk_size=chunk_size,
+            digest=digest,
+            timeout_cb=timeout_cb,
+            **cb_kwargs,
         )
-    else:
-        producer = producer_of(transaction_id)
-        if producer is None:
-            raise ValueError(f"no such transaction {transaction_id!r} (deleted or timed out?)")
-        if not isinstance(producer, ObjectProducer):
-            raise ValueError(
-                f"transaction {transaction_id!r} serves with {type(producer).__name__}, not "
-                "ObjectProducer; start a new transaction for this object"
-            )
+    producer = producer_of(transaction_id)
+    if producer is None:
+        raise ValueError(f"no such transaction {transaction_id!r} (deleted or timed out?)")
+    if not isinstance(producer, ObjectProducer):
+        raise ValueError(
+            f"transaction {transaction_id!r} serves with {type(producer).__name__}, not "
+            "ObjectProducer; make it with objdl.objects.new_transaction"
+        )
     ref_id = new_id("R")
     producer.prepare(ref_id, obj)  # open and hash now, not while a site waits
     try:

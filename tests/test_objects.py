@@ -1,0 +1,263 @@
+"""Ready downloads of bytes, files and dicts through a real broker and cells."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from broker import Broker
+from objdl.cell import Cell
+from objdl.downloader import DownloadStatus, ObjDownloader
+from objdl.objects import (
+    DownloadError,
+    ObjectProducer,
+    download_bytes,
+    download_dict,
+    download_file,
+    new_transaction,
+    offer_bytes,
+    offer_dict,
+    offer_file,
+)
+from tests import _procs
+from tests.conftest import wait_for
+
+MiB = 1024 * 1024
+CHUNK = MiB
+
+
+@pytest.fixture
+def cells(broker: Broker) -> Iterator[tuple[Cell, Cell]]:
+    owner, site = Cell("server", broker.url), Cell("site-1", broker.url)
+    owner.start()
+    site.start()
+    try:
+        yield owner, site
+    finally:
+        ObjDownloader.shutdown()
+        site.stop()
+        owner.stop()
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".objdl-part"))
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 50 * MiB])
+def test_bytes_sizes(cells: tuple[Cell, Cell], size: int) -> None:
+    owner, site = cells
+    data = os.urandom(size)
+    done: list[str] = []
+    ref = offer_bytes(owner, data, obj_downloaded_cb=lambda r, s, st, o: done.append(st))
+    got = download_bytes(site, "server", ref)
+    assert len(got) == size and got == data
+    wait_for(lambda: done == [DownloadStatus.SUCCESS])
+
+
+def test_bytes_with_blake2b_small_chunks_and_window(cells: tuple[Cell, Cell]) -> None:
+    owner, site = cells
+    data = bytearray(os.urandom(3 * MiB + 17))
+    ref = offer_bytes(owner, memoryview(data), digest="blake2b", chunk_size=64 * 1024)
+    got = download_bytes(site, "server", ref, chunk_size=100_000, window=3)  # clipped to 64 KiB
+    assert got == data
+
+
+def test_file_zero_bytes(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
+    owner, site = cells
+    src = tmp_path / "empty.bin"
+    src.write_bytes(b"")
+    ref = offer_file(owner, src)
+    out = download_file(site, "server", ref, tmp_path / "copy.bin")
+    assert out.read_bytes() == b""
+    assert leftovers(tmp_path) == []
+
+
+def test_file_200_mb_with_digest(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
+    owner, site = cells
+    src = tmp_path / "model.bin"
+    block = os.urandom(MiB)
+    h = hashlib.sha256()
+    with src.open("wb") as f:
+        for i in range(200):
+            chunk = block[i:] + block[:i]
+            f.write(chunk)
+            h.update(chunk)
+    ref = offer_file(owner, src)
+    dest = tmp_path / "copy.bin"
+    download_file(site, "server", ref, dest)
+    d = hashlib.sha256()
+    with dest.open("rb") as f:
+        while piece := f.read(8 * MiB):
+            d.update(piece)
+    assert d.hexdigest() == h.hexdigest()
+    assert leftovers(tmp_path) == []
+
+
+class Corrupting(ObjectProducer):
+    """Flips one byte of the chunk at `offset` (as a bad link or disk would)."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__()
+        self.at = offset
+
+    def produce(self, ref_id: str, obj: Any, state: dict, requester: str) -> tuple[str, Any, dict]:
+        rc, data, new_state = super().produce(ref_id, obj, state, requester)
+        if state and state.get("offset") == self.at and "length" in state:
+            bad = bytearray(data)
+            bad[10] ^= 0xFF
+            data = bytes(bad)
+        return rc, data, new_state
+
+
+def offer_with(owner: Cell, producer: ObjectProducer, obj: Any, **kw: Any) -> str:
+    tx = ObjDownloader.new_transaction(owner, producer, 30.0)
+    ref = ObjDownloader.add_download_object(tx, obj, **kw)
+    producer.prepare(ref, obj)
+    return ref
+
+
+def test_corrupted_chunk_fails_and_leaves_no_file(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
+    owner, site = cells
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(5 * MiB))
+    statuses: list[str] = []
+    ref = offer_with(
+        owner, Corrupting(2 * MiB), src, obj_downloaded_cb=lambda r, s, st, o: statuses.append(st)
+    )
+    dest = tmp_path / "dest.bin"
+    with pytest.raises(DownloadError, match="digest mismatch"):
+        download_file(site, "server", ref, dest)
+    assert not dest.exists() and leftovers(tmp_path) == []
+    wait_for(lambda: statuses == [DownloadStatus.FAILED])  # the owner was told
+
+
+class Truncating(ObjectProducer):
+    """Truncates the served file right after serving its first chunk."""
+
+    def produce(self, ref_id: str, obj: Any, state: dict, requester: str) -> tuple[str, Any, dict]:
+        result = super().produce(ref_id, obj, state, requester)
+        if not state or "offset" not in state:
+            os.truncate(obj, MiB + 5)
+        return result
+
+
+def test_file_truncated_while_served_fails_cleanly(
+    cells: tuple[Cell, Cell], tmp_path: Path
+) -> None:
+    owner, site = cells
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(6 * MiB))
+    ref = offer_with(owner, Truncating(), src)
+    dest = tmp_path / "dest.bin"
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match="changed size"):
+        download_file(site, "server", ref, dest)
+    assert time.monotonic() - t0 < 3.0
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+def test_file_destination_errors(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
+    owner, site = cells
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"abc")
+    ref = offer_file(owner, src)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        download_file(site, "server", ref, tmp_path / "no-such-dir" / "x")
+    with pytest.raises(DownloadError, match="directory"):
+        download_file(site, "server", ref, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        offer_file(owner, tmp_path / "missing")
+
+
+def test_unknown_ref_raises_download_error(cells: tuple[Cell, Cell]) -> None:
+    owner, site = cells
+    offer_bytes(owner, b"something else")
+    with pytest.raises(DownloadError, match="no such ref") as info:
+        download_bytes(site, "server", "R-unknown", tries=1)
+    assert info.value.ref_id == "R-unknown" and "invalid_request" in info.value.reason
+
+
+def test_dict_of_arrays_and_plain_values(cells: tuple[Cell, Cell]) -> None:
+    owner, site = cells
+    rng = np.random.default_rng(7)
+    model: dict[str, Any] = {
+        f"layer{i}.w": rng.standard_normal((i % 7 + 1, 5)).astype(np.float32) for i in range(1000)
+    }
+    model["big"] = rng.standard_normal(30 * MiB // 8)  # one 30 MB float64 array, > many chunks
+    model["ints"] = np.arange(12, dtype=np.int16).reshape(3, 4)
+    model["meta"] = {"round": 3, "names": ["a", "b"], "lr": 0.01, "none": None, "blob": b"\x00\x01"}
+    ref = offer_dict(owner, model)
+    got = download_dict(site, "server", ref)
+    assert set(got) == set(model)
+    for k, v in model.items():
+        if isinstance(v, np.ndarray):
+            assert got[k].dtype == v.dtype and got[k].shape == v.shape, k
+            assert np.array_equal(got[k], v), k
+    assert got["meta"] == model["meta"]
+
+
+def test_objects_share_one_transaction(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
+    owner, site = cells
+    fired: list[tuple[str, int]] = []
+    tx_id = new_transaction(owner, timeout=30.0, timeout_cb=lambda t, o: fired.append((t, len(o))))
+    src = tmp_path / "f.bin"
+    src.write_bytes(b"file")
+    ref1 = offer_bytes(owner, b"one", transaction_id=tx_id)
+    ref2 = offer_file(owner, src, transaction_id=tx_id)
+    ref3 = offer_dict(owner, {"k": 1}, transaction_id=tx_id)
+    assert download_bytes(site, "server", ref1) == b"one"
+    assert download_file(site, "server", ref2, tmp_path / "g.bin").read_bytes() == b"file"
+    assert download_dict(site, "server", ref3) == {"k": 1}
+    ObjDownloader.delete_transaction(tx_id, call_cb=True)
+    assert fired == [(tx_id, 3)]
+    with pytest.raises(ValueError, match="no such transaction"):
+        offer_bytes(owner, b"late", transaction_id=tx_id)
+
+
+def test_three_site_processes_fetch_one_file(tmp_path: Path) -> None:
+    bproc, url = _procs.start_broker_process()
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    procs: list[Any] = []
+    try:
+        src = tmp_path / "model.bin"
+        src.write_bytes(os.urandom(20 * MiB))
+        want = hashlib.sha256(src.read_bytes()).hexdigest()
+        done: list[str] = []
+        with Cell("server", url) as owner:
+            ref = offer_file(owner, src, obj_downloaded_cb=lambda r, s, st, o: done.append(s))
+            procs = [
+                ctx.Process(
+                    target=_procs.fetch_file_main,
+                    args=(f"site-{i}", url, ref, str(tmp_path / f"site-{i}.bin"), results),
+                )
+                for i in range(1, 4)
+            ]
+            for p in procs:
+                p.start()
+            got = {}
+            for _ in procs:
+                name, digest = results.get(timeout=60)
+                got[name] = digest
+            assert got == {f"site-{i}": want for i in range(1, 4)}
+            wait_for(lambda: sorted(done) == ["site-1", "site-2", "site-3"])
+            ObjDownloader.shutdown()
+        for p in procs:
+            p.join(10)
+            assert p.exitcode == 0
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+        results.close()
+        results.join_thread()
+        _procs.stop_process(bproc)
