@@ -143,7 +143,7 @@ class _OwnerState:
         now = self.clock()
         ref = self.table.touch(rid, now)
         if ref is None:
-            if self.table.finished(rid, requester, now):
+            if self.table.finished(rid, requester, now, state):
                 return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
             _rlog.log(logging.WARNING, "noref", "no ref %s (asked by %s)", rid[:64], requester)
             return make_reply(
@@ -173,7 +173,7 @@ class _OwnerState:
                 body={_PropKey.STATUS: rc, _PropKey.STATE: new_state, _PropKey.DATA: data},
             )
         if rc == ProduceRC.EOF:
-            if self.table.record_finished(rid, requester, now):
+            if self.table.record_finished(rid, requester, now, state):
                 self._downloaded(ref, requester, DownloadStatus.SUCCESS)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc})
         if rc == ProduceRC.ERROR:

@@ -91,7 +91,7 @@ class TransactionTable:
         self._lock = threading.Lock()
         self._txs: dict[str, Transaction] = {}
         self._refs: dict[str, Ref] = {}
-        self._finished: dict[tuple[str, str], float] = {}
+        self._finished: dict[tuple[str, str], tuple[float, Any]] = {}  # -> (expiry, state)
 
     def __len__(self) -> int:
         with self._lock:
@@ -159,23 +159,32 @@ class TransactionTable:
         with self._lock:
             return min((tx.deadline for tx in self._txs.values()), default=None)
 
-    def record_finished(self, ref_id: str, requester: str, now: float) -> bool:
-        """Remember that `requester` reached EOF on `ref_id`; False if it already had."""
+    def record_finished(self, ref_id: str, requester: str, now: float, state: Any = None) -> bool:
+        """Remember that `requester` reached EOF on `ref_id` with request `state`.
+
+        Returns False if it already had (within the TTL), so callers call back once.
+        """
         key = (ref_id, requester)
         with self._lock:
-            if self._finished.get(key, float("-inf")) > now:
+            if key in self._finished and self._finished[key][0] > now:
                 return False
             if len(self._finished) >= FINISHED_MAX:
                 self._prune(now)
-            self._finished[key] = now + FINISHED_TTL
+            self._finished[key] = (now + FINISHED_TTL, state)
             return True
 
-    def finished(self, ref_id: str, requester: str, now: float) -> bool:
+    def finished(self, ref_id: str, requester: str, now: float, state: Any = None) -> bool:
+        """True if this is a repeat of the request that reached EOF (same `state`).
+
+        A new download of a finished ref starts with another state, so it is not
+        mistaken for a retry and given an empty object.
+        """
         with self._lock:
-            return self._finished.get((ref_id, requester), float("-inf")) > now
+            entry = self._finished.get((ref_id, requester))
+            return entry is not None and entry[0] > now and entry[1] == state
 
     def _prune(self, now: float) -> None:
-        for key in [k for k, t in self._finished.items() if t <= now]:
+        for key in [k for k, (t, _) in self._finished.items() if t <= now]:
             del self._finished[key]
         while len(self._finished) >= FINISHED_MAX:  # all fresh: drop the oldest
             del self._finished[next(iter(self._finished))]
