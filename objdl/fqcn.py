@@ -66,7 +66,10 @@ def validate(name: object) -> str:
     """
     problem = _problem(name)
     if problem is not None:
-        raise ValueError(f"invalid cell name {name!r}: it {problem}")
+        shown = repr(name)
+        if len(shown) > 80:  # names come from the network: keep errors and logs short
+            shown = shown[:77] + "..."
+        raise ValueError(f"invalid cell name {shown}: it {problem}")
     assert isinstance(name, str)
     return name
 

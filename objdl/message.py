@@ -101,7 +101,7 @@ def make_reply(rc: str, error: str = "", body: Any = None) -> Message:
 
 
 def new_cell_message(headers: dict[str, Any], payload: Any = None) -> Message:
-    """A new message with a copy of `headers` and `payload`."""
+    """A new message with a copy of `headers` and the given `payload` (not copied)."""
     return Message(headers, payload)
 
 

@@ -391,9 +391,8 @@ def _prepare_array(np: Any, arr: Any, threshold: int, buffers: list[bytes | memo
         )
     shape = list(arr.shape)
     if arr.nbytes >= threshold:
-        if not arr.flags.c_contiguous:
-            arr = np.ascontiguousarray(arr)
-        # Through a uint8 view, so 0-d arrays and datetime dtypes (which memoryview
+        # reshape(-1) is a view of a C-contiguous array and a C-order copy of any
+        # other; the uint8 view lets 0-d arrays and datetime dtypes (which memoryview
         # refuses) share the array's memory too.
         buffers.append(memoryview(arr.reshape(-1).view(np.uint8)))
         data: int | bytes = len(buffers) - 1
