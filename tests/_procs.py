@@ -86,3 +86,44 @@ def fetch_file_main(name: str, url: str, ref: str, dest: str, results: Any) -> N
     with Cell(name, url) as cell:
         path = download_file(cell, "server", ref, dest)
         results.put((name, hashlib.sha256(path.read_bytes()).hexdigest()))
+
+
+def rss_kib(field: str = "VmRSS") -> int:
+    """This process's resident set size (or VmHWM, its peak) in KiB, from /proc."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Make VmHWM start again from the current RSS (Linux: write 5 to clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def memory_owner_main(url: str, path: str, results: Any, stop: Any) -> None:
+    """Offer `path`; report (ref, rss before); serve until `stop`; report peak growth."""
+    from objdl.cell import Cell
+    from objdl.objects import offer_file
+
+    with Cell("server", url) as cell:
+        ref = offer_file(cell, path)  # opens and hashes the file before the baseline
+        reset_peak_rss()
+        base = rss_kib()
+        results.put(("owner-ref", ref))
+        stop.wait(120)
+        results.put(("owner", rss_kib("VmHWM") - base))
+
+
+def memory_site_main(url: str, ref: str, dest: str, results: Any) -> None:
+    """Download `ref` to `dest`; report how much the peak RSS grew during it (KiB)."""
+    from objdl.cell import Cell
+    from objdl.objects import download_file
+
+    with Cell("site-1", url) as cell:
+        reset_peak_rss()
+        base = rss_kib()
+        download_file(cell, "server", ref, dest)
+        results.put(("site", rss_kib("VmHWM") - base))
