@@ -13,12 +13,14 @@ even after its transaction is gone.
 
 from __future__ import annotations
 
+import math
 import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 from objdl.downloader._defs import Producer
+from objdl.downloader._outcome import Track, TransferOutcome
 
 __all__ = ["Ref", "Transaction", "TransactionTable", "new_id"]
 
@@ -54,7 +56,16 @@ class Ref:
 class Transaction:
     """A producer, its refs, and an inactivity timeout with its callback."""
 
-    __slots__ = ("cb_kwargs", "last_active", "producer", "refs", "tid", "timeout", "timeout_cb")
+    __slots__ = (
+        "cb_kwargs",
+        "last_active",
+        "producer",
+        "refs",
+        "tid",
+        "timeout",
+        "timeout_cb",
+        "track",
+    )
 
     def __init__(
         self,
@@ -69,7 +80,12 @@ class Transaction:
             raise TypeError(f"producer must be a Producer, got {type(producer).__name__}")
         if timeout_cb is not None and not callable(timeout_cb):
             raise TypeError(f"timeout_cb must be callable, got {type(timeout_cb).__name__}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         self.tid = tx_id or new_id("T")
         self.producer = producer
@@ -78,6 +94,7 @@ class Transaction:
         self.cb_kwargs = cb_kwargs
         self.last_active = now
         self.refs: list[Ref] = []
+        self.track = Track(TransferOutcome(self.tid))
 
     @property
     def deadline(self) -> float:
@@ -91,6 +108,7 @@ class TransactionTable:
         self._lock = threading.Lock()
         self._txs: dict[str, Transaction] = {}
         self._refs: dict[str, Ref] = {}
+        self._withdrawn: dict[str, tuple[float, str]] = {}  # ref id -> (expiry, reason)
         self._finished: dict[tuple[str, str], tuple[float, Any]] = {}  # -> (expiry, state)
 
     def __len__(self) -> int:
@@ -122,6 +140,7 @@ class TransactionTable:
                 raise ValueError(f"ref id {ref.rid!r} is already in use")
             tx.refs.append(ref)
             self._refs[ref.rid] = ref
+            tx.track.outcome.add_ref(ref.rid)
             return ref
 
     def touch(self, ref_id: str, now: float) -> Ref | None:
@@ -138,6 +157,23 @@ class TransactionTable:
             if tx is not None:
                 self._drop_refs(tx)
             return tx
+
+    def pop_ref(self, ref_id: str, reason: str, now: float) -> Ref | None:
+        """Withdraw one ref from its transaction; later requests learn `reason`."""
+        with self._lock:
+            ref = self._refs.pop(ref_id, None)
+            if ref is not None:
+                ref.tx.refs.remove(ref)
+                self._withdrawn[ref_id] = (now + FINISHED_TTL, reason)
+                if len(self._withdrawn) > FINISHED_MAX:
+                    del self._withdrawn[next(iter(self._withdrawn))]
+            return ref
+
+    def withdrawn(self, ref_id: str, now: float) -> str | None:
+        """The reason `ref_id` was withdrawn, if it was (recently)."""
+        with self._lock:
+            entry = self._withdrawn.get(ref_id)
+            return entry[1] if entry is not None and entry[0] > now else None
 
     def pop_all(self) -> list[Transaction]:
         with self._lock:
@@ -168,6 +204,7 @@ class TransactionTable:
         with self._lock:
             if key in self._finished and self._finished[key][0] > now:
                 return False
+            self._finished.pop(key, None)  # re-insert at the end: the dict stays oldest-first
             if len(self._finished) >= FINISHED_MAX:
                 self._prune(now)
             self._finished[key] = (now + FINISHED_TTL, state)

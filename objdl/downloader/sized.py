@@ -46,6 +46,7 @@ DEFAULT_WINDOW = 8
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_DIGEST = "sha256"
 DIGESTS = ("sha256", "blake2b")
+_OPEN_WAIT = 600.0  # the longest a request waits for another thread to hash an object
 
 
 def _check_algo(algo: str) -> str:
@@ -107,11 +108,14 @@ class SizedProducer(Producer):
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, digest: str = DEFAULT_DIGEST) -> None:
         super().__init__()
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+            raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
         if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
             raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_SIZE}], got {chunk_size}")
         self.chunk_size = chunk_size
         self.algo = _check_algo(digest)
         self._prepared: dict[str, _Prepared] = {}
+        self._opening: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
 
     @abstractmethod
@@ -124,24 +128,50 @@ class SizedProducer(Producer):
         Called by the offer helpers so that a large file's digest is not computed
         while a site's first request waits. Returns the description sent to sites.
         """
+        return self._get(ref_id, obj).desc
+
+    def _get(self, ref_id: str, obj: Any) -> _Prepared:
+        # Opening and hashing run outside the lock, so preparing a new object never
+        # stalls requests for objects already being served; concurrent first
+        # requests for one ref wait for the thread that opens it.
         with self._lock:
             prepared = self._prepared.get(ref_id)
+            if prepared is not None:
+                return prepared
+            opening = self._opening.get(ref_id)
+            mine = opening is None
+            if opening is None:
+                opening = self._opening[ref_id] = threading.Event()
+        if not mine:
+            if not opening.wait(_OPEN_WAIT):
+                raise TimeoutError(f"object {ref_id} still being opened after {_OPEN_WAIT:g}s")
+            with self._lock:
+                prepared = self._prepared.get(ref_id)
             if prepared is None:
-                source = self.open_source(ref_id, obj)
-                try:
-                    desc = {
-                        "offset": 0,
-                        "size": source.size,
-                        "chunk": self.chunk_size,
-                        "algo": self.algo,
-                        "digest": source.digest(self.algo),
-                        "meta": source.meta,
-                    }
-                except BaseException:
-                    source.close()
-                    raise
-                prepared = self._prepared[ref_id] = _Prepared(source, desc)
-            return prepared.desc
+                raise RuntimeError(f"object {ref_id} could not be opened (see the owner's log)")
+            return prepared
+        try:
+            source = self.open_source(ref_id, obj)
+            try:
+                desc = {
+                    "offset": 0,
+                    "size": source.size,
+                    "chunk": self.chunk_size,
+                    "algo": self.algo,
+                    "digest": source.digest(self.algo),
+                    "meta": source.meta,
+                }
+            except BaseException:
+                source.close()
+                raise
+            prepared = _Prepared(source, desc)
+            with self._lock:
+                self._prepared[ref_id] = prepared
+            return prepared
+        finally:
+            with self._lock:
+                self._opening.pop(ref_id, None)
+            opening.set()
 
     def release(self, ref_id: str, obj: Any) -> None:
         with self._lock:
@@ -150,9 +180,8 @@ class SizedProducer(Producer):
             prepared.source.close()
 
     def produce(self, ref_id: str, obj: Any, state: dict, requester: str) -> tuple[str, Any, dict]:
-        desc = self.prepare(ref_id, obj)
-        with self._lock:
-            source = self._prepared[ref_id].source
+        prepared = self._get(ref_id, obj)
+        desc, source = prepared.desc, prepared.source
         size = desc["size"]
         state = state or {}
         length = state.get("length", self.chunk_size)
