@@ -14,6 +14,7 @@ from objdl.downloader._defs import (
     ProduceRC,
     RetryPolicy,
 )
+from objdl.downloader._outcome import RefOutcome, SiteRecord, TransferOutcome, TransferStatus
 from objdl.downloader._owner import ObjDownloader
 from objdl.downloader._site import download_object
 from objdl.downloader.sized import (
@@ -35,9 +36,13 @@ __all__ = [
     "ObjDownloader",
     "ProduceRC",
     "Producer",
+    "RefOutcome",
     "RetryPolicy",
+    "SiteRecord",
     "SizedConsumer",
     "SizedProducer",
     "SizedSource",
+    "TransferOutcome",
+    "TransferStatus",
     "download_object",
 ]

@@ -34,6 +34,7 @@ class _PropKey:
     DATA = "data"
     STATUS = "status"
     ERROR = "error"
+    CANCEL = "cancel"  # payload key (not in the seed): the site gives up, with a reason
 
 
 class ProduceRC:

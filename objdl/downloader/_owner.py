@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from objdl import fqcn as _fqcn
 from objdl._logutil import RateLimitedLog
 from objdl.cell import Cell
 from objdl.downloader._defs import (
@@ -28,6 +29,7 @@ from objdl.downloader._defs import (
     ProduceRC,
     _PropKey,
 )
+from objdl.downloader._outcome import Track, TransferOutcome, TransferStatus
 from objdl.downloader._tables import Ref, Transaction, TransactionTable
 from objdl.message import Message, MessageHeaderKey, ReturnCode, make_reply
 
@@ -87,7 +89,7 @@ class _OwnerState:
                     if wait <= 0:
                         break
                     self._cond.wait(min(wait, _MONITOR_MAX_SLEEP))
-            self.finish(self.table.pop_expired(self.clock()), call_cb=True)
+            self.finish(self.table.pop_expired(self.clock()), True, TransferStatus.TIMEOUT)
 
     def stop_monitor(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -103,14 +105,16 @@ class _OwnerState:
     def close(self) -> None:
         """The cell stopped: end the monitor, end every transaction (with callbacks)."""
         self.stop_monitor()
-        self.finish(self.table.pop_all(), call_cb=True)
+        self.finish(self.table.pop_all(), True, TransferStatus.DELETED)
         with _registry_lock:
             if _states.get(id(self.cell)) is self:
                 del _states[id(self.cell)]
 
     # -- transactions -------------------------------------------------------
 
-    def finish(self, txs: list[Transaction], call_cb: bool) -> None:
+    def finish(
+        self, txs: list[Transaction], call_cb: bool, status: str = TransferStatus.DELETED
+    ) -> None:
         """Transactions already removed from the table: unindex, release, call back."""
         with _registry_lock:
             for tx in txs:
@@ -122,6 +126,9 @@ class _OwnerState:
             if call_cb and tx.timeout_cb is not None:
                 objs = [r.obj for r in tx.refs]
                 _run_cb("timeout", tx.timeout_cb, tx.tid, objs, **tx.cb_kwargs)
+            track = tx.track
+            if track.outcome.close(status) and track.done_cb is not None:
+                _run_cb("done", track.done_cb, tx.tid, status, track.outcome)
 
     # -- the request handler --------------------------------------------------
 
@@ -143,14 +150,18 @@ class _OwnerState:
         now = self.clock()
         ref = self.table.touch(rid, now)
         if ref is None:
-            if self.table.finished(rid, requester, now, state):
-                return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
-            _rlog.log(logging.WARNING, "noref", "no ref %s (asked by %s)", rid[:64], requester)
+            return self._no_ref(rid, requester, state, now)
+        track = ref.tx.track
+        if not track.allows(requester):
+            _rlog.log(logging.WARNING, "denied", "%s may not download %s; refused", requester, rid)
             return make_reply(
-                ReturnCode.INVALID_REQUEST,
-                f"no such ref {rid[:64]!r} at {self.cell.fqcn}: never offered, or its "
-                "transaction ended (timed out or deleted)",
+                ReturnCode.UNAUTHENTICATED,
+                f"cell {requester} is not allowed to download {rid} from {self.cell.fqcn}",
             )
+        cancel = payload.get(_PropKey.CANCEL)
+        if cancel is not None:
+            self._ended(ref, requester, "cancelled", f"cancelled by the site: {cancel}"[:500], now)
+            return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
         producer = ref.tx.producer
         try:
             rc, data, new_state = producer.produce(rid, ref.obj, state, requester)  # type: ignore[arg-type]
@@ -168,22 +179,79 @@ class _OwnerState:
                 f"producer {type(producer).__name__} raised {type(exc).__name__}: {exc}",
             )
         if rc == ProduceRC.OK:
+            self._served(ref, requester, state, data, new_state, now)
             return make_reply(
                 ReturnCode.OK,
                 body={_PropKey.STATUS: rc, _PropKey.STATE: new_state, _PropKey.DATA: data},
             )
         if rc == ProduceRC.EOF:
             if self.table.record_finished(rid, requester, now, state):
-                self._downloaded(ref, requester, DownloadStatus.SUCCESS)
+                self._ended(ref, requester, "finished", "", now)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc})
         if rc == ProduceRC.ERROR:
-            self._downloaded(ref, requester, DownloadStatus.FAILED)
             error = data if isinstance(data, str) else ""
+            self._ended(ref, requester, "failed", error or "producer error", now)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc, _PropKey.ERROR: error})
         log.error("producer %s returned unknown code %r", type(producer).__name__, rc)
         return make_reply(
             ReturnCode.PROCESS_EXCEPTION, f"producer returned unknown return code {rc!r}"
         )
+
+    def _no_ref(self, rid: str, requester: str, state: Any, now: float) -> Message:
+        if self.table.finished(rid, requester, now, state):
+            return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
+        reason = self.table.withdrawn(rid, now)
+        if reason is not None:
+            return make_reply(
+                ReturnCode.INVALID_REQUEST, f"ref {rid} was withdrawn by {self.cell.fqcn}: {reason}"
+            )
+        _rlog.log(logging.WARNING, "noref", "no ref %s (asked by %s)", rid[:64], requester)
+        return make_reply(
+            ReturnCode.INVALID_REQUEST,
+            f"no such ref {rid[:64]!r} at {self.cell.fqcn}: never offered, or its "
+            "transaction ended (timed out or deleted)",
+        )
+
+    def _served(
+        self, ref: Ref, site: str, state: Any, data: Any, new_state: Any, now: float
+    ) -> None:
+        track = ref.tx.track
+        if isinstance(new_state, dict) and (state is None or "offset" not in state):
+            size = new_state.get("size")
+            if isinstance(size, int) and "digest" in new_state:  # a sized object's description
+                track.outcome.set_total(ref.rid, size)
+        rec = track.outcome.served(ref.rid, site, _nbytes(data), now)
+        if rec is not None and track.progress_due(ref.rid, site, now):
+            self._progress(ref, site, rec.bytes_sent, rec.started, now)
+
+    def _progress(self, ref: Ref, site: str, done: int, started: float, now: float) -> None:
+        track = ref.tx.track
+        total = track.outcome.refs[ref.rid].total
+        rate = done / (now - started) if now > started else 0.0
+        _run_cb("progress", track.progress_cb, ref.rid, site, done, total, rate)  # type: ignore[arg-type]
+
+    def _ended(self, ref: Ref, site: str, state: str, reason: str, now: float) -> None:
+        track = ref.tx.track
+        status = DownloadStatus.SUCCESS if state == "finished" else DownloadStatus.FAILED
+        self._downloaded(ref, site, status)
+        complete = track.outcome.ended(ref.rid, site, state, reason, now)
+        if track.progress_due(ref.rid, site, now, final=True):
+            rec = track.outcome.refs[ref.rid].sites[site]
+            self._progress(ref, site, rec.bytes_sent, rec.started, now)
+        if complete:
+            tx = self.table.pop_transaction(ref.tx.tid)
+            if tx is not None:
+                self.finish([tx], False, TransferStatus.FINISHED)
+
+    def withdraw(self, ref_id: str, reason: str) -> bool:
+        ref = self.table.pop_ref(ref_id, reason, self.clock())
+        if ref is None:
+            return False
+        outcome = ref.tx.track.outcome
+        for site in outcome.refs[ref_id].in_progress if ref_id in outcome.refs else []:
+            outcome.ended(ref_id, site, "failed", f"withdrawn: {reason}", self.clock())
+        _run_cb("producer release", ref.tx.producer.release, ref.rid, ref.obj)
+        return True
 
     @staticmethod
     def _downloaded(ref: Ref, requester: str, status: str) -> None:
@@ -197,6 +265,14 @@ class _OwnerState:
                 ref.obj,
                 **ref.cb_kwargs,
             )
+
+
+def _nbytes(data: Any) -> int:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return memoryview(data).nbytes
+    if isinstance(data, (list, tuple)):
+        return sum(_nbytes(d) for d in data)
+    return 0
 
 
 def _state_for(cell: Cell) -> _OwnerState:
@@ -295,7 +371,7 @@ class ObjDownloader:
             return
         tx = state.table.pop_transaction(transaction_id)
         if tx is not None:
-            state.finish([tx], call_cb)
+            state.finish([tx], call_cb, TransferStatus.DELETED)
 
     @classmethod
     def shutdown(cls) -> None:
@@ -307,4 +383,64 @@ class ObjDownloader:
             states = list(_states.values())
         for state in states:
             state.stop_monitor()
-            state.finish(state.table.pop_all(), call_cb=True)
+            state.finish(state.table.pop_all(), True, TransferStatus.DELETED)
+
+    @classmethod
+    def track_transaction(
+        cls,
+        transaction_id: str,
+        *,
+        sites: Iterable[str] | None = None,
+        num_sites: int | None = None,
+        min_sites: int | None = None,
+        allowed_sites: Iterable[str] | None = None,
+        done_cb: Callable[..., Any] | None = None,
+        progress_cb: Callable[..., Any] | None = None,
+        progress_interval: float = 0.5,
+    ) -> TransferOutcome:
+        """Give a transaction goals and observers (not in the seed); return its outcome.
+
+        Args:
+            transaction_id: a live transaction.
+            sites: cells that must each receive every object; once they all have,
+                the transaction ends by itself with status ``finished``.
+            num_sites: or: how many distinct cells must receive every object.
+            min_sites: the fewest per object for :attr:`TransferOutcome.min_met`.
+            allowed_sites: the only cells allowed to download (others get
+                ``unauthenticated``); None allows any cell.
+            done_cb: ``done_cb(tx_id, status, outcome)`` once when it ends
+                (``finished``, ``timeout`` or ``deleted``).
+            progress_cb: ``progress_cb(ref_id, site, bytes_done, bytes_total, rate)``,
+                at most every `progress_interval` s per (ref, site) and at the end.
+
+        Raises:
+            ValueError: no such transaction, or a bad site name or count.
+        """
+        state = _state_of_tx(transaction_id)
+        tx = state.table.get_transaction(transaction_id) if state is not None else None
+        if tx is None:
+            raise ValueError(f"no such transaction {transaction_id!r} (deleted or timed out?)")
+        for name in (*(sites or ()), *(allowed_sites or ())):
+            _fqcn.validate(name)
+        outcome = TransferOutcome(transaction_id, sites, num_sites, min_sites)
+        for ref in list(tx.refs):
+            outcome.add_ref(ref.rid)
+        tx.track = Track(outcome, allowed_sites, done_cb, progress_cb, progress_interval)
+        return outcome
+
+    @classmethod
+    def get_outcome(cls, transaction_id: str) -> TransferOutcome | None:
+        """The outcome of a live transaction (keep it to read it after the end)."""
+        state = _state_of_tx(transaction_id)
+        tx = state.table.get_transaction(transaction_id) if state is not None else None
+        return tx.track.outcome if tx is not None else None
+
+    @classmethod
+    def withdraw(cls, ref_id: str, reason: str = "withdrawn by its owner") -> bool:
+        """Stop offering one object; sites still downloading it fail at their next request.
+
+        Returns False if no cell offers `ref_id` (any more).
+        """
+        with _registry_lock:
+            states = list(_states.values())
+        return any(state.withdraw(ref_id, reason) for state in states)

@@ -17,6 +17,7 @@ import heapq
 import logging
 import queue
 import time
+from collections.abc import Callable
 from typing import Any
 
 from objdl.cell import Cell, PendingRequest
@@ -57,6 +58,35 @@ class _Failed(Exception):
     """Ends a download; its text is the reason given to ``download_failed``."""
 
 
+class _Progress:
+    """Rate-limited progress reports for one download."""
+
+    def __init__(self, ref_id: str, cb: Callable[..., Any] | None, interval: float) -> None:
+        self.ref_id = ref_id
+        self.cb = cb
+        self.interval = interval
+        self.done = 0
+        self.total: int | None = None
+        self.started = time.monotonic()
+        self._next = 0.0
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        if self.cb is not None and time.monotonic() >= self._next:
+            self.report()
+
+    def report(self, final: bool = False) -> None:
+        if self.cb is None:
+            return
+        now = time.monotonic()
+        self._next = now + self.interval
+        rate = self.done / (now - self.started) if now > self.started else 0.0
+        try:
+            self.cb(self.ref_id, self.done, self.total, rate)
+        except Exception:
+            log.exception("progress callback raised; ignored")
+
+
 class _Requester:
     """Sends download requests for one ref, with retries and deadlines."""
 
@@ -83,6 +113,17 @@ class _Requester:
         self.optional = optional
         self.started = time.monotonic()
         self.retries = 0
+        self.progress = _Progress(ref_id, None, 1.0)
+
+    def cancel(self, reason: str) -> None:
+        """Tell the owner this site gave up (no reply expected; best effort)."""
+        msg = Message({}, {_PropKey.REF_ID: self.ref_id, _PropKey.CANCEL: reason})
+        try:
+            self.cell.fire_and_forget(
+                OBJ_DOWNLOADER_CHANNEL, OBJ_DOWNLOADER_TOPIC, self.owner, msg, optional=True
+            )
+        except Exception as exc:  # the cell may be stopping; the owner times out instead
+            log.debug("could not tell %s about the cancel: %s", self.owner, exc)
 
     def check(self) -> None:
         """Raise _Failed if the caller aborted or the overall deadline passed."""
@@ -203,6 +244,8 @@ def download_object(
     overall_timeout: float | None = None,
     window: int = DEFAULT_WINDOW,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    progress_cb: Callable[[str, int, int | None, float], Any] | None = None,
+    progress_interval: float = 0.5,
 ) -> None:
     """Download a large object from its owner into `consumer`.
 
@@ -223,6 +266,11 @@ def download_object(
             that trickles data cannot keep it going forever.
         window: chunk requests kept in flight (sized objects only).
         chunk_size: bytes asked for per request (sized objects only).
+        progress_cb: ``progress_cb(ref_id, bytes_done, bytes_total, rate)``, at most
+            every `progress_interval` seconds and once at the end (bytes_total is
+            None when the object's size is not known up front).
+
+    If `abort_signal` fires, the owner is told the site cancelled (best effort).
     """
     if not isinstance(consumer, Consumer):
         raise TypeError(f"consumer must be a Consumer, got {type(consumer).__name__}")
@@ -247,14 +295,18 @@ def download_object(
         secure,
         optional,
     )
+    req.progress = _Progress(ref_id, progress_cb, progress_interval)
     try:
         if isinstance(consumer, SizedConsumer):
             _Window(req, consumer, window, chunk_size).run()
         else:
             _seed_exchange(req, consumer)
     except _Failed as exc:
+        if abort_signal is not None and abort_signal.triggered:
+            req.cancel(str(exc))
         _end(consumer.download_failed, ref_id, str(exc))
     else:
+        req.progress.report(final=True)
         _end(consumer.download_completed, ref_id)
 
 
@@ -321,6 +373,7 @@ class _Window:
             except Exception as exc:
                 raise _Failed(f"could not start the download: {type(exc).__name__}: {exc}") from exc
             self.size = size
+            req.progress.total = size
             pieces = as_pieces(first.get(_PropKey.DATA))
             self.store(0, pieces, expect=min(self.chunk, size))
             self.next = self.digest.upto
@@ -362,6 +415,7 @@ class _Window:
                 f"could not write at offset {offset}: {type(exc).__name__}: {exc}"
             ) from exc
         self.digest.add(offset, pieces)
+        self.req.progress.add(got)
 
     def submit(self, offset: int, n: int, attempt: int) -> None:
         p = self.req.submit({"offset": offset, "length": n}, self.done)

@@ -46,6 +46,7 @@ DEFAULT_WINDOW = 8
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_DIGEST = "sha256"
 DIGESTS = ("sha256", "blake2b")
+_RELEASED_MAX = 100_000
 _OPEN_WAIT = 600.0  # the longest a request waits for another thread to hash an object
 
 
@@ -116,6 +117,9 @@ class SizedProducer(Producer):
         self.algo = _check_algo(digest)
         self._prepared: dict[str, _Prepared] = {}
         self._opening: dict[str, threading.Event] = {}
+        # Released refs, so a request that raced the release cannot reopen (and leak)
+        # the object; an insertion-ordered dict used as a bounded set.
+        self._released: dict[str, None] = {}
         self._lock = threading.Lock()
 
     @abstractmethod
@@ -138,6 +142,8 @@ class SizedProducer(Producer):
             prepared = self._prepared.get(ref_id)
             if prepared is not None:
                 return prepared
+            if ref_id in self._released:
+                raise InvalidStateError(f"object {ref_id} is no longer offered")
             opening = self._opening.get(ref_id)
             mine = opening is None
             if opening is None:
@@ -166,7 +172,12 @@ class SizedProducer(Producer):
                 raise
             prepared = _Prepared(source, desc)
             with self._lock:
-                self._prepared[ref_id] = prepared
+                released = ref_id in self._released
+                if not released:
+                    self._prepared[ref_id] = prepared
+            if released:  # released while we opened it: nobody would close it later
+                source.close()
+                raise InvalidStateError(f"object {ref_id} is no longer offered")
             return prepared
         finally:
             with self._lock:
@@ -176,6 +187,9 @@ class SizedProducer(Producer):
     def release(self, ref_id: str, obj: Any) -> None:
         with self._lock:
             prepared = self._prepared.pop(ref_id, None)
+            self._released[ref_id] = None
+            if len(self._released) > _RELEASED_MAX:
+                del self._released[next(iter(self._released))]
         if prepared is not None:
             prepared.source.close()
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,16 +50,41 @@ def new_transaction(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     digest: str = DEFAULT_DIGEST,
     timeout_cb: Callable[..., Any] | None = None,
+    sites: Iterable[str] | None = None,
+    num_sites: int | None = None,
+    min_sites: int | None = None,
+    allowed_sites: Iterable[str] | None = None,
+    done_cb: Callable[..., Any] | None = None,
+    progress_cb: Callable[..., Any] | None = None,
     **cb_kwargs: Any,
 ) -> str:
     """Start a transaction that the ``offer_*`` helpers can join; return its id.
 
     Group objects that belong together (a model file and its config, say) so they
     share one inactivity timeout and one ``timeout_cb(tx_id, objs, **cb_kwargs)``.
+    `sites`, `num_sites`, `min_sites`, `allowed_sites`, `done_cb` and `progress_cb`
+    are as for :meth:`ObjDownloader.track_transaction`; read the outcome with
+    ``ObjDownloader.get_outcome(tx_id)``.
     """
-    return ObjDownloader.new_transaction(
+    tx_id = ObjDownloader.new_transaction(
         cell, ObjectProducer(chunk_size, digest), timeout, timeout_cb=timeout_cb, **cb_kwargs
     )
+    tracked = (sites, num_sites, min_sites, allowed_sites, done_cb, progress_cb)
+    if any(v is not None for v in tracked):
+        try:
+            ObjDownloader.track_transaction(
+                tx_id,
+                sites=sites,
+                num_sites=num_sites,
+                min_sites=min_sites,
+                allowed_sites=allowed_sites,
+                done_cb=done_cb,
+                progress_cb=progress_cb,
+            )
+        except BaseException:
+            ObjDownloader.delete_transaction(tx_id)
+            raise
+    return tx_id
 
 
 def _offer(
