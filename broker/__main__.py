@@ -1,0 +1,81 @@
+"""Command line: ``python -m broker`` / ``objdl-broker`` runs a broker until SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from broker.server import Broker, BrokerError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="objdl-broker", description="Route objdl messages between named cells."
+    )
+    p.add_argument("--bind", default="tcp://127.0.0.1:8002", help="endpoint to bind (%(default)s)")
+    p.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="S")
+    p.add_argument("--cell-timeout", type=float, default=3.0, metavar="S")
+    p.add_argument("--probe-timeout", type=float, default=1.0, metavar="S")
+    p.add_argument("--max-message-size", type=int, default=256 * 1024 * 1024, metavar="BYTES")
+    p.add_argument(
+        "--log-level",
+        default="warning",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+    )
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a broker until SIGINT or SIGTERM; 0 after a clean stop, 2 if it cannot start."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        broker = Broker(
+            args.bind,
+            heartbeat_interval=args.heartbeat_interval,
+            cell_timeout=args.cell_timeout,
+            probe_timeout=args.probe_timeout,
+            max_message_size=args.max_message_size,
+        )
+    except ValueError as exc:
+        print(f"objdl-broker: {exc}", file=sys.stderr, flush=True)
+        return 2
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    # Handlers go in before start so a signal that arrives while binding still stops cleanly.
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, on_signal)
+    try:
+        try:
+            broker.start()
+        except BrokerError as exc:
+            print(f"objdl-broker: {exc}", file=sys.stderr, flush=True)
+            return 2
+        try:
+            print(f"objdl broker listening on {broker.url}", flush=True)
+            while not stop.wait(1.0):
+                pass
+        finally:
+            broker.stop()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

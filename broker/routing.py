@@ -1,0 +1,420 @@
+"""The broker's routing table: names, liveness and routing decisions, with no I/O.
+
+How it works (docs/PROTOCOL.md is the contract): the I/O shell hands every received
+multipart message to :meth:`RoutingTable.handle` and calls :meth:`RoutingTable.tick`
+on time; both take the current time ``now`` and return :class:`Actions` (messages to
+send and events to log). A send the shell could not queue goes back through
+:meth:`RoutingTable.send_failed`. Nothing here touches a socket, a thread or a clock.
+
+A connection (peer id) is in one of three states:
+
+    unknown --REG of a free name--> registered
+    unknown --REG of a live cell's name--> claiming (the holder gets PING)
+    claiming --holder says anything--> unknown (claimant gets REG_ERR taken)
+    claiming --BYE or gone--> unknown
+    claiming --holder silent for probe_timeout, leaves or is gone--> registered
+               (the holder is forgotten)
+    registered --BYE / silent for cell_timeout / send says gone--> unknown
+
+Rules:
+- Frame 0 is the kind. Wrong frame counts, unknown kinds, names that are not UTF-8
+  FQCNs are dropped and counted, never answered (a peer cannot make us amplify).
+  Exception: REG of short UTF-8 text that breaks the FQCN rules gets REG_ERR saying
+  which rule, as does a REG with a protocol version other than ours.
+- A message larger than ``max_message_size`` in total is dropped; a well-formed MSG
+  from a registered cell gets ``NACK too_big`` with its headers frame echoed.
+- MSG: only frames 0 and 1 are read. A registered sender's message goes to the
+  destination with frame 1 replaced by the sender's name; an unknown destination
+  gets ``NACK unreachable``, an unregistered sender ``NACK unregistered``.
+- Anything heard from a registered cell renews it; HB from an unknown peer gets WHO.
+- A connection holds at most one name; REG of the name it holds is answered again.
+- Every ``heartbeat_interval`` each registered cell gets HB.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
+
+from objdl import fqcn, wire
+
+__all__ = ["COUNTERS", "Actions", "Event", "RoutingTable", "Send"]
+
+# A received frame: bytes in tests, zmq.Frame in the broker. Anything that supports
+# the buffer protocol works; payload frames are passed through untouched.
+F = TypeVar("F")
+
+COUNTERS = (
+    "routed",  # MSGs queued to their destination
+    "nack_unreachable",
+    "nack_unregistered",
+    "nack_too_big",
+    "nack_busy",
+    "drop_bad_frames",  # frame count wrong for the kind, or LIST token too long
+    "drop_unknown_kind",
+    "drop_bad_name",  # a name frame that is not a UTF-8 FQCN
+    "drop_too_big",  # oversize and not NACKable (not a MSG, sender unregistered, bad dest)
+    "drop_send_failed",  # a broker-made message (HB, REG_OK, NACK...) the peer could not take
+    "reg_ok",
+    "reg_err_taken",
+    "reg_err_version",
+    "reg_err_bad_name",
+    "reg_err_second_name",
+    "probes",  # PINGs sent to a name's holder because another connection claimed it
+    "evicted",  # holders that did not answer a probe in time
+    "expired",  # cells silent for longer than cell_timeout
+    "gone",  # cells whose connection vanished (a send found no such peer)
+    "bye",
+    "who",
+    "list",
+)
+
+_MAX_KIND_BYTES = 16
+_MAX_TOKEN_BYTES = 64
+# A longer frame cannot be a valid name (FQCN characters are ASCII); never decode it.
+_MAX_NAME_BYTES = fqcn.MAX_FQCN_LENGTH
+_FRAMES = {
+    wire.KIND_REG: (3, 3),
+    wire.KIND_MSG: (4, math.inf),
+    wire.KIND_HB: (1, 1),
+    wire.KIND_LIST: (3, 3),
+    wire.KIND_BYE: (1, 1),
+}
+_TAKEN = b"taken"
+
+
+@dataclass(frozen=True)
+class Send(Generic[F]):
+    """One multipart message for the shell to send to `peer` (routing id not included).
+
+    For a forwarded MSG, `origin` is the sender's peer id and `dest` the destination's
+    name, so that a failed send can be NACKed back to the sender.
+    """
+
+    peer: bytes
+    frames: list[bytes | F]
+    origin: bytes | None = None
+    dest: bytes = b""
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something worth logging: `kind` is the counter it bumped."""
+
+    kind: str
+    peer: bytes
+    detail: str = ""
+
+
+@dataclass
+class Actions(Generic[F]):
+    """What the shell must do after a call: send these messages, log these events."""
+
+    sends: list[Send[F]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+
+
+@dataclass
+class _Cell:
+    name: str
+    raw: bytes  # name.encode(), stamped on every message the cell sends
+    peer: bytes
+    last_seen: float
+
+
+@dataclass
+class _Claim:
+    name: str
+    claimant: bytes
+    holder: bytes
+    deadline: float
+
+
+def _nbytes(frame: object) -> int:
+    return memoryview(cast(bytes, frame)).nbytes
+
+
+def _bytes(frame: object) -> bytes:
+    return frame if isinstance(frame, bytes) else bytes(memoryview(cast(bytes, frame)))
+
+
+def _name(frame: object) -> str | None:
+    """The frame as a str if it is short UTF-8 text, else None (decoding not attempted)."""
+    if _nbytes(frame) > _MAX_NAME_BYTES:
+        return None
+    try:
+        return _bytes(frame).decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _under(name: str, prefix: str) -> bool:
+    return not prefix or name == prefix or name.startswith(prefix + fqcn.SEPARATOR)
+
+
+class RoutingTable:
+    """Live cells by name and connection, and every routing decision of the broker.
+
+    Args:
+        heartbeat_interval: seconds between the broker's HBs to every cell.
+        cell_timeout: a cell heard from for this long is forgotten.
+        probe_timeout: how long a name's holder has to answer PING before a new
+            claimant takes the name.
+        max_message_size: largest total size (all frames) of a message, in bytes.
+    """
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: float = 0.5,
+        cell_timeout: float = 3.0,
+        probe_timeout: float = 1.0,
+        max_message_size: int = 256 * 1024 * 1024,
+    ) -> None:
+        for arg, value in (
+            ("heartbeat_interval", heartbeat_interval),
+            ("cell_timeout", cell_timeout),
+            ("probe_timeout", probe_timeout),
+            ("max_message_size", max_message_size),
+        ):
+            if not value > 0:
+                raise ValueError(f"{arg} must be > 0, not {value!r}")
+        self.heartbeat_interval = heartbeat_interval
+        self.cell_timeout = cell_timeout
+        self.probe_timeout = probe_timeout
+        self.max_message_size = max_message_size
+        self._by_peer: dict[bytes, _Cell] = {}
+        self._by_name: dict[str, _Cell] = {}
+        self._claims: dict[str, _Claim] = {}  # by name
+        self._claim_of: dict[bytes, str] = {}  # claimant peer -> name
+        self._next_hb = -math.inf
+        self._counters = dict.fromkeys(COUNTERS, 0)
+
+    # -- queries -------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """A copy of every counter (names in :data:`COUNTERS`)."""
+        return dict(self._counters)
+
+    def cells(self, prefix: str = "") -> list[str]:
+        """Sorted names of live cells equal to `prefix` or under it (``""``: all)."""
+        return sorted(n for n in self._by_name if _under(n, prefix))
+
+    def name_of(self, peer: bytes) -> str | None:
+        """The name `peer` registered, or None."""
+        cell = self._by_peer.get(peer)
+        return cell.name if cell else None
+
+    def next_deadline(self) -> float:
+        """The earliest time :meth:`tick` has something to do (for the poll timeout)."""
+        return min([self._next_hb, *(c.deadline for c in self._claims.values())])
+
+    # -- input ---------------------------------------------------------------------
+
+    def handle(self, peer: bytes, frames: Sequence[F], now: float) -> Actions[F]:
+        """Process one message `frames` (routing id removed) from connection `peer`."""
+        act: Actions[F] = Actions()
+        cell = self._by_peer.get(peer)
+        if cell is not None:
+            cell.last_seen = now
+        if not frames:
+            self._count(act, "drop_bad_frames", peer, "empty message")
+            return act
+        kind = _bytes(frames[0]) if _nbytes(frames[0]) <= _MAX_KIND_BYTES else b"?"
+        if cell is not None and kind != wire.KIND_BYE:
+            self._holder_answered(act, cell)
+        limits = _FRAMES.get(kind)
+        if limits is None:
+            self._count(act, "drop_unknown_kind", peer, f"kind {kind[:16]!r}")
+            return act
+        if sum(_nbytes(f) for f in frames) > self.max_message_size:
+            self._too_big(act, peer, cell, kind, frames)
+            return act
+        if not limits[0] <= len(frames) <= limits[1]:
+            self._count(act, "drop_bad_frames", peer, f"{kind.decode()} with {len(frames)} frames")
+            return act
+        known = cell is not None or peer in self._claim_of
+        if kind == wire.KIND_MSG:
+            self._msg(act, peer, cell, frames)
+        elif kind == wire.KIND_REG:
+            self._reg(act, peer, cell, frames, now)
+        elif kind == wire.KIND_LIST:
+            self._list(act, peer, frames)
+        elif kind == wire.KIND_BYE:
+            if known:
+                self._forget(act, peer, "bye", "said goodbye", now)
+        elif not known:  # HB from a connection we do not know: a restarted broker
+            self._count(act, "who", peer, "heartbeat from an unknown connection")
+            act.sends.append(Send(peer, [wire.KIND_WHO]))
+        return act
+
+    def tick(self, now: float) -> Actions[bytes]:
+        """Resolve expired probes; every heartbeat interval, forget silent cells and send HB.
+
+        Cheap between heartbeats (it looks only at pending claims), so the shell may
+        call it as often as it likes; a silent cell is forgotten between
+        ``cell_timeout`` and ``cell_timeout + heartbeat_interval`` after it was last heard.
+        """
+        act: Actions[bytes] = Actions()
+        for claim in [c for c in self._claims.values() if c.deadline <= now]:
+            self._count(act, "evicted", claim.holder, f"{claim.name!r} did not answer PING")
+            self._forget(act, claim.holder, None, "", now)
+        if now >= self._next_hb:
+            self._next_hb = now + self.heartbeat_interval
+            silent = [c for c in self._by_peer.values() if now - c.last_seen > self.cell_timeout]
+            for cell in silent:
+                self._forget(act, cell.peer, "expired", f"{cell.name!r} silent", now)
+            act.sends.extend(Send(p, [wire.KIND_HB]) for p in self._by_peer)
+        return act
+
+    def send_failed(self, send: Send[F], gone: bool, now: float) -> Actions[F]:
+        """The shell could not queue `send`: its peer is `gone`, or else its queue is full.
+
+        A forwarded MSG is NACKed to its sender (``unreachable`` or ``busy``); anything
+        else is only counted. A gone peer is forgotten.
+        """
+        act: Actions[F] = Actions()
+        if gone and (send.peer in self._by_peer or send.peer in self._claim_of):
+            self._forget(act, send.peer, "gone", "connection closed", now)
+        if send.origin is None:
+            why = "connection gone" if gone else "queue full"
+            self._count(act, "drop_send_failed", send.peer, f"{send.frames[0]!r} not sent: {why}")
+            return act
+        self._counters["routed"] -= 1
+        reason = wire.NACK_UNREACHABLE if gone else wire.NACK_BUSY
+        self._nack(act, send.origin, send.dest, reason, send.frames[2])
+        return act
+
+    # -- kinds ---------------------------------------------------------------------
+
+    def _msg(self, act: Actions[F], peer: bytes, cell: _Cell | None, frames: Sequence[F]) -> None:
+        dest = _name(frames[1])
+        if dest is None or not fqcn.is_valid(dest):
+            self._count(act, "drop_bad_name", peer, "MSG destination is not a valid name")
+            return
+        dest_bytes = dest.encode()
+        if cell is None:
+            self._nack(act, peer, dest_bytes, wire.NACK_UNREGISTERED, frames[2])
+            return
+        target = self._by_name.get(dest)
+        if target is None:
+            self._nack(act, peer, dest_bytes, wire.NACK_UNREACHABLE, frames[2])
+            return
+        self._counters["routed"] += 1
+        out: list[bytes | F] = [wire.KIND_MSG, cell.raw, *frames[2:]]
+        act.sends.append(Send(target.peer, out, origin=peer, dest=dest_bytes))
+
+    def _reg(
+        self, act: Actions[F], peer: bytes, cell: _Cell | None, frames: Sequence[F], now: float
+    ) -> None:
+        name = _name(frames[2])
+        if name is None:
+            self._count(act, "drop_bad_name", peer, "REG name is not short UTF-8 text")
+            return
+        raw = name.encode()
+        version = _bytes(frames[1]) if _nbytes(frames[1]) <= _MAX_KIND_BYTES else b"?"
+        if version != wire.PROTOCOL_VERSION:
+            why = f"bad version: this broker speaks {wire.PROTOCOL_VERSION.decode()}"
+            self._refuse(act, peer, raw, "reg_err_version", why + f", not {version[:16]!r}")
+            return
+        try:
+            fqcn.validate(name)
+        except ValueError as exc:
+            self._refuse(act, peer, raw, "reg_err_bad_name", f"bad name: {exc}")
+            return
+        held = cell.name if cell is not None else self._claim_of.get(peer)
+        if held is not None and held != name:
+            why = f"second name: this connection is {held!r}; use a new connection for {name!r}"
+            self._refuse(act, peer, raw, "reg_err_second_name", why)
+            return
+        if held is not None and cell is None:
+            return  # the same claim again: its probe is already running
+        holder = self._by_name.get(name)
+        if holder is not None and holder.peer != peer:
+            if name in self._claims:  # another connection is already claiming it
+                self._refuse(act, peer, raw, "reg_err_taken", "")
+                return
+            if now - holder.last_seen <= self.cell_timeout:
+                self._claims[name] = _Claim(name, peer, holder.peer, now + self.probe_timeout)
+                self._claim_of[peer] = name
+                self._count(act, "probes", holder.peer, f"{name!r} claimed by another connection")
+                act.sends.append(Send(holder.peer, [wire.KIND_PING]))
+                return
+            self._forget(act, holder.peer, "expired", f"{name!r} silent", now)
+        self._grant(act, peer, name, now)
+
+    def _list(self, act: Actions[F], peer: bytes, frames: Sequence[F]) -> None:
+        if _nbytes(frames[1]) > _MAX_TOKEN_BYTES:
+            self._count(act, "drop_bad_frames", peer, "LIST token longer than 64 bytes")
+            return
+        prefix = _name(frames[2])
+        if prefix is None or (prefix and not fqcn.is_valid(prefix)):
+            self._count(act, "drop_bad_name", peer, "LIST prefix is not a valid name")
+            return
+        self._counters["list"] += 1
+        names = "\n".join(self.cells(prefix)).encode()
+        act.sends.append(Send(peer, [wire.KIND_LIST_R, _bytes(frames[1]), names]))
+
+    # -- helpers -------------------------------------------------------------------
+
+    def _grant(self, act: Actions[F], peer: bytes, name: str, now: float) -> None:
+        cell = _Cell(name, name.encode(), peer, now)
+        self._by_peer[peer] = cell
+        self._by_name[name] = cell
+        self._count(act, "reg_ok", peer, f"registered {name!r}")
+        act.sends.append(Send(peer, [wire.KIND_REG_OK, name.encode()]))
+
+    def _refuse(self, act: Actions[F], peer: bytes, raw: bytes, counter: str, why: str) -> None:
+        reason = why.encode() if why else _TAKEN
+        self._count(act, counter, peer, f"REG {raw[:64]!r} refused: {reason.decode()}")
+        act.sends.append(Send(peer, [wire.KIND_REG_ERR, raw, reason]))
+
+    def _holder_answered(self, act: Actions[F], cell: _Cell) -> None:
+        claim = self._claims.get(cell.name)
+        if claim is not None and claim.holder == cell.peer:
+            self._drop_claim(claim)
+            self._refuse(act, claim.claimant, cell.raw, "reg_err_taken", "")
+
+    def _drop_claim(self, claim: _Claim) -> None:
+        del self._claims[claim.name]
+        del self._claim_of[claim.claimant]
+
+    def _forget(
+        self, act: Actions[F], peer: bytes, counter: str | None, detail: str, now: float
+    ) -> None:
+        """Forget `peer` as a cell or a claimant; a claim on its name is granted."""
+        if counter is not None:
+            self._count(act, counter, peer, detail)
+        claimed = self._claim_of.get(peer)
+        if claimed is not None:
+            self._drop_claim(self._claims[claimed])
+        cell = self._by_peer.pop(peer, None)
+        if cell is None:
+            return
+        del self._by_name[cell.name]
+        claim = self._claims.get(cell.name)
+        if claim is not None:
+            self._drop_claim(claim)
+            self._grant(act, claim.claimant, cell.name, now)
+
+    def _nack(
+        self, act: Actions[F], to: bytes, dest: bytes, reason: bytes, headers: bytes | F
+    ) -> None:
+        self._count(act, "nack_" + reason.decode(), to, f"for {dest[:64]!r}")
+        act.sends.append(Send(to, [wire.KIND_NACK, dest, reason, headers]))
+
+    def _too_big(
+        self, act: Actions[F], peer: bytes, cell: _Cell | None, kind: bytes, frames: Sequence[F]
+    ) -> None:
+        if kind == wire.KIND_MSG and cell is not None and len(frames) >= 4:
+            dest = _name(frames[1])
+            if dest is not None and fqcn.is_valid(dest):
+                self._nack(act, peer, dest.encode(), wire.NACK_TOO_BIG, frames[2])
+                return
+        self._count(act, "drop_too_big", peer, f"{kind.decode('ascii', 'replace')} too big")
+
+    def _count(self, act: Actions[F], counter: str, peer: bytes, detail: str) -> None:
+        self._counters[counter] += 1
+        act.events.append(Event(counter, peer, detail))
