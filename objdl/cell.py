@@ -178,6 +178,7 @@ class Cell:
         self._started = False
         self._stopped = False
         self._registered = False
+        self._connected = threading.Event()  # set while registered, for wait_connected
         self._refused = ""
         self._stop_cbs: list[Callable[[], None]] = []
         self._rlog = RateLimitedLog(log)
@@ -199,6 +200,15 @@ class Cell:
     def is_connected(self) -> bool:
         """True while the broker has accepted this cell's registration."""
         return self._registered
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the broker to (re)accept this cell; True if it has.
+
+        Retries use it so that a broker restart costs a wait, not every try at once.
+        """
+        if not self._started or self._stopped:
+            return False
+        return self._connected.wait(timeout)
 
     def get_fqcn(self) -> str:
         return self._fqcn
@@ -646,6 +656,7 @@ class Cell:
             log.exception("cell %s: I/O thread failed", self._fqcn)
         finally:
             self._registered = False
+            self._connected.clear()
             self._ready.set()
             if self._sock is not None:
                 self._sock.close(linger=0)
@@ -714,6 +725,7 @@ class Cell:
                 sock.send_multipart(frames, zmq.NOBLOCK)
         if act.registered:
             self._registered = True
+            self._connected.set()
             if not self._ready.is_set():
                 log.info("cell %s registered with broker %s", self._fqcn, self.broker_url)
             else:
@@ -721,6 +733,7 @@ class Cell:
             self._ready.set()
         if act.lost:
             self._registered = False
+            self._connected.clear()
             log.warning("cell %s lost the broker: %s; reconnecting", self._fqcn, act.lost)
             self._fail_all_waiters(
                 ReturnCode.COMM_ERROR, f"connection to the broker lost: {act.lost}"

@@ -9,12 +9,14 @@ import time
 from typing import Any
 
 
-def start_broker_process(extra: list[str] | None = None) -> tuple[subprocess.Popen[str], str]:
-    """Run ``python -m broker`` on a free loopback port; return the process and its url."""
+def start_broker_process(
+    extra: list[str] | None = None, bind: str = "tcp://127.0.0.1:*"
+) -> tuple[subprocess.Popen[str], str]:
+    """Run ``python -m broker`` on `bind` (default: a free loopback port); return it and its url."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*", *(extra or [])],
+        [sys.executable, "-m", "broker", "--bind", bind, *(extra or [])],
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
         text=True,
     )
     assert proc.stdout is not None
@@ -127,3 +129,55 @@ def memory_site_main(url: str, ref: str, dest: str, results: Any) -> None:
         base = rss_kib()
         download_file(cell, "server", ref, dest)
         results.put(("site", rss_kib("VmHWM") - base))
+
+
+def slow_owner_main(url: str, path: str, delay: float, results: Any) -> None:
+    """Offer `path` served slowly (`delay` s per chunk); report the ref; serve until killed.
+
+    (No multiprocessing Event to stop it: a process killed while waiting on one leaves
+    it unusable, and the test kills this one.)"""
+    from pathlib import Path
+
+    from objdl.cell import Cell
+    from objdl.downloader import ObjDownloader
+
+    with Cell("server", url, broker_timeout=1.0, heartbeat_interval=0.2) as cell:
+        producer = throttled_producer(delay, chunk_size=64 * 1024)
+        tx = ObjDownloader.new_transaction(cell, producer, 60.0)
+        ref = ObjDownloader.add_download_object(tx, Path(path))
+        results.put(("ref", ref))
+        time.sleep(120)
+
+
+def throttled_producer(delay: float, **kwargs: Any) -> Any:
+    """An ObjectProducer that sleeps `delay` s per chunk, so a download lasts long enough
+    for a test to break something in the middle of it."""
+    from objdl.objects import ObjectProducer
+
+    class Throttled(ObjectProducer):
+        def produce(self, ref_id: str, obj: Any, state: dict, requester: str) -> Any:
+            if state and "offset" in state:
+                time.sleep(delay)
+            return super().produce(ref_id, obj, state, requester)
+
+    return Throttled(**kwargs)
+
+
+def fetch_file_progress_main(
+    name: str, url: str, ref: str, dest: str, results: Any, kwargs: dict[str, Any]
+) -> None:
+    """Download `ref` to `dest`, reporting progress and then ("done", ok, reason)."""
+    from objdl.cell import Cell
+    from objdl.objects import DownloadError, download_file
+
+    def progress(ref_id: str, done: int, total: Any, rate: float) -> None:
+        results.put((name, "progress", done))
+
+    with Cell(name, url, broker_timeout=1.0, heartbeat_interval=0.2) as cell:
+        try:
+            download_file(
+                cell, "server", ref, dest, progress_cb=progress, progress_interval=0.1, **kwargs
+            )
+            results.put((name, "done", True, ""))
+        except DownloadError as exc:
+            results.put((name, "done", False, exc.reason))

@@ -132,6 +132,30 @@ class _Requester:
         if self.deadline is not None and time.monotonic() >= self.deadline:
             raise _Failed(f"overall timeout: download not finished after {self.elapsed()}")
 
+    def await_broker(self) -> None:
+        """If the cell lost the broker, wait for it to reconnect, within the retry budget.
+
+        A broker restart then costs a wait instead of burning every try at once. The
+        budget for an outage is ``tries x per_request_timeout`` (and the overall
+        deadline, and the abort signal).
+        """
+        if self.cell.is_connected:
+            return
+        budget = self.retry.tries * self.timeout
+        end = time.monotonic() + budget
+        if self.deadline is not None:
+            end = min(end, self.deadline)
+        log.info(
+            "download %s: waiting up to %.1fs for the broker to come back", self.ref_id, budget
+        )
+        while not self.cell.wait_connected(min(_ABORT_POLL, max(0.0, end - time.monotonic()))):
+            self.check()
+            if time.monotonic() >= end:
+                raise _Failed(
+                    f"comm_error: no broker connection for {budget:g}s (longer than the retry "
+                    f"budget of tries x per_request_timeout) after {self.elapsed()}"
+                )
+
     def elapsed(self) -> str:
         return f"{time.monotonic() - self.started:.2f}s"
 
@@ -163,6 +187,7 @@ class _Requester:
         attempt = 1
         while True:
             self.check()
+            self.await_broker()
             reply = self.cell.send_request(
                 OBJ_DOWNLOADER_CHANNEL,
                 self.owner,
@@ -426,6 +451,8 @@ class _Window:
         limit_span = self.window * self.chunk
         while self.digest.upto < self.size:
             req.check()
+            if not self.inflight:
+                req.await_broker()
             now = time.monotonic()
             while len(self.inflight) < self.window:
                 if self.retry_at and self.retry_at[0][0] <= now:
