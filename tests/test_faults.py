@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import multiprocessing
 import os
 import signal
@@ -52,12 +53,15 @@ class Download(threading.Thread):
         super().__init__()
         self.cell, self.ref, self.dest, self.kw = cell, ref, dest, kw
         self.done_bytes = 0
+        self.first_bytes = -1
         self.error: str | None = None
         self.ok = False
 
     def run(self) -> None:
         def progress(ref_id: str, done: int, total: Any, rate: float) -> None:
             self.done_bytes = done
+            if self.first_bytes < 0:
+                self.first_bytes = done
 
         try:
             download_file(
@@ -243,6 +247,46 @@ def test_stalled_site_does_not_slow_others(tmp_path: Path, mp: Any, broker: Any)
                     os.kill(p.pid, signal.SIGCONT)
                     p.kill()
                 p.join(10)
+            results.close()
+            results.join_thread()
+            ObjDownloader.shutdown()
+
+
+def test_resume_after_site_restart(src: Path, tmp_path: Path, mp: Any, broker: Any) -> None:
+    """A site process dies mid-download; a new one resumes from its partial file and
+    recorded progress, and the whole file is still checked against the full digest."""
+    results = mp.Queue()
+    dest = tmp_path / "copy.bin"
+    with Cell("server", broker.url, **FAST) as owner:
+        ref = offer_throttled(owner, src, delay=0.02)
+        first = mp.Process(
+            target=_procs.fetch_file_progress_main,
+            args=("site-1", broker.url, ref, str(dest), results, {"window": 2, "resume": True}),
+        )
+        try:
+            first.start()
+            while True:
+                _name, what, *rest = results.get(timeout=30)
+                if what == "progress" and rest[0] >= 4 * MiB:
+                    break
+            first.kill()  # crash: no clean-up runs
+            first.join(10)
+            state_files = [p for p in tmp_path.iterdir() if p.name.endswith(".objdl-state")]
+            assert len(parts(tmp_path)) == 1 and len(state_files) == 1
+            recorded = json.loads(state_files[0].read_text())["verified"]
+            assert recorded > 0
+            with Cell("site-1", broker.url, **FAST) as site:  # the restarted site
+                d = Download(site, ref, dest, window=2, resume=True)
+                d.run()
+            assert d.ok, d.error
+            assert sha(dest) == sha(src)
+            assert parts(tmp_path) == [] and not state_files[0].exists()
+            # It resumed: its first progress report already counted the recorded bytes.
+            assert d.first_bytes >= recorded
+        finally:
+            if first.is_alive():
+                first.kill()
+            first.join(10)
             results.close()
             results.join_thread()
             ObjDownloader.shutdown()

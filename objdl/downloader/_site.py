@@ -394,13 +394,20 @@ class _Window:
                 self.chunk = owner_chunk  # the owner serves no more than this per request
             try:
                 self.digest = OrderedDigest(algo)  # type: ignore[arg-type]
-                self.consumer.begin(req.ref_id, size, desc.get("meta"))
+                start = self.consumer.resume_from(req.ref_id, desc)
+                if not 0 <= start <= size:
+                    raise ValueError(f"resume point {start} is outside the object (size {size})")
+                if start:
+                    self.rehash(start)
+                else:
+                    self.consumer.begin(req.ref_id, size, desc.get("meta"))
             except Exception as exc:
                 raise _Failed(f"could not start the download: {type(exc).__name__}: {exc}") from exc
             self.size = size
             req.progress.total = size
-            pieces = as_pieces(first.get(_PropKey.DATA))
-            self.store(0, pieces, expect=min(self.chunk, size))
+            if not start:
+                pieces = as_pieces(first.get(_PropKey.DATA))
+                self.store(0, pieces, expect=min(self.chunk, size))
             self.next = self.digest.upto
             self.loop()
             got = self.digest.hexdigest()
@@ -414,6 +421,15 @@ class _Window:
             for p, *_ in self.inflight.values():
                 p.cancel()
         self.consumer_done()
+
+    def rehash(self, upto: int) -> None:
+        """Hash the bytes a resumed download already has, so the full digest is checked."""
+        step = 8 * self.chunk
+        for off in range(0, upto, step):
+            data = self.consumer.read(off, min(step, upto - off))
+            self.digest.add(off, [memoryview(data)])
+        self.req.progress.done = upto
+        log.info("download %s resumes at byte %d", self.req.ref_id, upto)
 
     def consumer_done(self) -> None:
         # The data is complete and verified: the site has its copy whatever the owner
@@ -439,7 +455,10 @@ class _Window:
             raise _Failed(
                 f"could not write at offset {offset}: {type(exc).__name__}: {exc}"
             ) from exc
+        before = self.digest.upto
         self.digest.add(offset, pieces)
+        if self.digest.upto != before:
+            self.consumer.verified(self.digest.upto)
         self.req.progress.add(got)
 
     def submit(self, offset: int, n: int, attempt: int) -> None:

@@ -270,6 +270,22 @@ class SizedConsumer(Consumer):
     def write(self, offset: int, pieces: list[memoryview]) -> None:
         """Store the chunk that starts at `offset` (the pieces follow each other)."""
 
+    def resume_from(self, ref_id: str, desc: dict[str, Any]) -> int:
+        """How many leading bytes of the object described by `desc` are already here.
+
+        Called before :meth:`begin`; a consumer that returns N > 0 has reopened what
+        it kept (and :meth:`begin` is not called): the download re-reads those N
+        bytes with :meth:`read` to hash them, then asks for the rest. Default: 0.
+        """
+        return 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes already stored at `offset` (needed only by consumers that resume)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume")
+
+    def verified(self, upto: int) -> None:
+        """Every byte before `upto` is stored and hashed: a point to resume from."""
+
     def consume(self, ref_id: str, state: dict, data: Any) -> dict:
         pieces = as_pieces(data)
         if "size" in state:
