@@ -18,6 +18,7 @@ import os
 import queue
 import threading
 import time
+from _thread import allocate_lock as _thread_lock
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -61,12 +62,12 @@ _SECURE_MSG = (
 class PendingRequest:
     """A request in flight, from :meth:`Cell.request_async`.
 
-    The reply arrives on the cell's I/O thread, which stores it, sets the event and,
+    The reply arrives on the cell's I/O thread, which stores it, wakes waiters and,
     when a ``done_queue`` was given, puts this object on it, so one thread can keep
     many requests in flight and handle replies in the order they come.
     """
 
-    __slots__ = ("_cell", "deadline", "done_queue", "event", "reply", "req_id", "target")
+    __slots__ = ("_cell", "_done", "_once", "deadline", "done_queue", "reply", "req_id", "target")
 
     def __init__(
         self,
@@ -81,24 +82,36 @@ class PendingRequest:
         self.target = target
         self.deadline = deadline
         self.done_queue = done_queue
-        self.event = threading.Event()
         self.reply: Message | None = None
+        # A lock held until the reply comes is several times cheaper than an Event
+        # (no Condition), which counts on the per-request path.
+        self._done = _thread_lock()
+        self._done.acquire()
+        self._once = _thread_lock()
 
     def resolve(self, reply: Message) -> None:
-        if self.reply is None:
+        """Store `reply` unless one came first; wake waiters and queue this request."""
+        with self._once:
+            if self.reply is not None:
+                return
             self.reply = reply
-            self.event.set()
-            if self.done_queue is not None:
-                self.done_queue.put(self)
+        self._done.release()
+        if self.done_queue is not None:
+            self.done_queue.put(self)
 
     def done(self) -> bool:
         return self.reply is not None
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait up to `timeout` seconds (default: until the deadline) for the reply."""
+        if self.reply is not None:
+            return True
         if timeout is None:
             timeout = max(0.0, self.deadline - time.monotonic())
-        return self.event.wait(timeout)
+        if self._done.acquire(timeout=max(0.0, timeout)):
+            self._done.release()  # leave it open for any other waiter
+            return True
+        return self.reply is not None
 
     def cancel(self) -> None:
         """Stop waiting: a reply that comes later is dropped."""
@@ -166,12 +179,15 @@ class Cell:
         self._out: deque[list[Any]] = deque()
         self._wake_r, self._wake_w = -1, -1
         self._wake_pending = False
-        self._jobs: queue.Queue[tuple[Message, str] | None] = queue.Queue()
+        self._jobs: queue.SimpleQueue[tuple[Message, str] | None] = queue.SimpleQueue()
         self._pending_jobs = 0
         self._pending_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
         self._io: threading.Thread | None = None
         self._sock: zmq.Socket | None = None  # owned by the I/O thread
+        self._io_ident = -1
+        self._origins: dict[bytes, str] = {}  # validated origin names (I/O thread only)
+        self._targets: set[str] = set()  # validated target names
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._state_lock = threading.Lock()
@@ -479,7 +495,7 @@ class Cell:
             self._lists[token] = w
         try:
             self._enqueue([[wire.KIND_LIST, token, prefix.encode()]])
-            if not w.event.wait(timeout) or w.reply is None:
+            if not w.wait(timeout) or w.reply is None:
                 raise CellError(f"the broker did not list its cells within {timeout:g}s")
             names = w.reply.payload
             assert isinstance(names, list)
@@ -505,7 +521,11 @@ class Cell:
         if not tlist:
             raise ValueError("no targets given")
         for t in tlist:
-            _fqcn.validate(t)
+            if t not in self._targets:
+                _fqcn.validate(t)
+                if len(self._targets) >= 4096:
+                    self._targets.clear()
+                self._targets.add(t)
         if len(set(tlist)) != len(tlist):
             raise ValueError(f"duplicate targets in {tlist}")
         return tlist
@@ -528,10 +548,11 @@ class Cell:
         self._wake()
 
     def _wake(self) -> None:
-        if not self._wake_pending:
-            self._wake_pending = True
-            with contextlib.suppress(BlockingIOError, OSError):
-                os.write(self._wake_w, b"x")
+        if self._wake_pending or threading.get_ident() == self._io_ident:
+            return  # already signalled, or the I/O thread itself flushes before it polls
+        self._wake_pending = True
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._wake_w, b"x")
 
     def _wait(
         self, waiters: Iterable[PendingRequest], deadline: float, abort: Signal | None
@@ -542,12 +563,12 @@ class Cell:
                 if left <= 0:
                     return
                 if abort is None:
-                    if w.event.wait(left):
+                    if w.wait(left):
                         break
                     return
                 if abort.triggered:
                     return
-                if w.event.wait(min(left, _ABORT_POLL)):
+                if w.wait(min(left, _ABORT_POLL)):
                     break
 
     def _log_failure(self, optional: bool, msg: str, *args: Any) -> None:
@@ -664,7 +685,9 @@ class Cell:
 
     def _io_run(self, session: Session) -> None:
         assert self._sock is not None
+        self._io_ident = threading.get_ident()
         sock = self._sock
+        want_out = False
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -677,6 +700,7 @@ class Cell:
                 sock.close(linger=0)
                 sock = self._sock = self._new_socket()
                 poller.register(sock, zmq.POLLIN)
+                want_out = False
                 session.socket_replaced(now)
                 stalled = None
                 self._out.clear()
@@ -694,10 +718,9 @@ class Cell:
                 self._drain_socket(sock, session)
             if session.state is SessionState.REGISTERED:
                 stalled = self._flush(sock, stalled)
-                if stalled is not None:
-                    poller.register(sock, zmq.POLLIN | zmq.POLLOUT)
-                else:
-                    poller.register(sock, zmq.POLLIN)
+                if want_out != (stalled is not None):
+                    want_out = stalled is not None
+                    poller.register(sock, zmq.POLLIN | zmq.POLLOUT if want_out else zmq.POLLIN)
             elif self._out:
                 self._out.clear()  # requests made while unregistered already failed
         bye = session.close()
@@ -744,6 +767,9 @@ class Cell:
 
     def _drain_socket(self, sock: zmq.Socket, session: Session) -> None:
         for _ in range(256):  # bounded, so timers and the outbound queue get their turn
+            # Asking for EVENTS is cheaper than letting recv raise zmq.Again at the end.
+            if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                return
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -771,11 +797,17 @@ class Cell:
         if len(frames) < 4:
             self._drop("short", "MSG with %d frames", len(frames))
             return
-        try:
-            origin = _fqcn.validate(frames[1].bytes.decode())
-        except (UnicodeDecodeError, ValueError) as exc:
-            self._drop("origin", "bad origin: %s", exc)
-            return
+        raw_origin = frames[1].bytes
+        origin = self._origins.get(raw_origin)
+        if origin is None:
+            try:
+                origin = _fqcn.validate(raw_origin.decode())
+            except (UnicodeDecodeError, ValueError) as exc:
+                self._drop("origin", "bad origin: %s", exc)
+                return
+            if len(self._origins) >= 4096:  # names come from the network: stay bounded
+                self._origins.clear()
+            self._origins[raw_origin] = origin
         try:
             msg = wire.decode(frames[2:])
         except WireError as exc:
