@@ -181,3 +181,44 @@ def fetch_file_progress_main(
             results.put((name, "done", True, ""))
         except DownloadError as exc:
             results.put((name, "done", False, exc.reason))
+
+
+def netns_owner_main(url: str, path: str, ref_file: str, delay: str) -> None:
+    """Serve `path` (throttled) as "server"; write the ref to `ref_file`; run until killed."""
+    from objdl.cell import Cell
+    from objdl.downloader import ObjDownloader
+
+    with Cell("server", url, broker_timeout=1.0, heartbeat_interval=0.2, start_timeout=20) as cell:
+        from pathlib import Path
+
+        producer = throttled_producer(float(delay), chunk_size=64 * 1024)
+        tx = ObjDownloader.new_transaction(cell, producer, 120.0)
+        ref = ObjDownloader.add_download_object(tx, Path(path))
+        Path(ref_file + ".tmp").write_text(ref)
+        os.replace(ref_file + ".tmp", ref_file)
+        time.sleep(120)
+
+
+def netns_site_main(url: str, ref: str, dest: str, progress_file: str) -> int:
+    """Download `ref` to `dest`, writing progress to `progress_file`; exit 0 on success."""
+    from pathlib import Path
+
+    from objdl.cell import Cell
+    from objdl.objects import DownloadError, download_file
+
+    def progress(ref_id: str, done: int, total: Any, rate: float) -> None:
+        Path(progress_file).write_text(str(done))
+
+    with Cell("site-1", url, broker_timeout=1.0, heartbeat_interval=0.2, start_timeout=20) as cell:
+        try:
+            download_file(cell, "server", ref, dest, window=2, per_request_timeout=3.0, tries=4,
+                          progress_cb=progress, progress_interval=0.05)  # fmt: skip
+        except DownloadError as exc:
+            print(f"FAILED: {exc.reason}", flush=True)
+            return 1
+    print("OK", flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # python -m tests._procs FUNCTION ARG... (for `ip netns exec`)
+    raise SystemExit(globals()[sys.argv[1]](*sys.argv[2:]) or 0)
