@@ -1,0 +1,214 @@
+"""What the objdl subcommands share: exit codes, input checks, cells, signals, sizes."""
+
+from __future__ import annotations
+
+import re
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from objdl import fqcn as _fqcn
+from objdl.cell import Cell
+from objdl.errors import BrokerUnavailableError, CellError, NameTakenError, ObjdlError
+
+__all__ = [
+    "DEFAULT_BROKER",
+    "DEFAULT_CONNECT_TIMEOUT",
+    "EXIT_FAILED",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "CliError",
+    "StopFlag",
+    "check_broker_url",
+    "check_destination",
+    "check_name",
+    "check_positive",
+    "check_source",
+    "drain_replies",
+    "human_size",
+    "parse_size",
+    "start_cell",
+    "stop_on_signals",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_BROKER = "tcp://127.0.0.1:8002"
+DEFAULT_CONNECT_TIMEOUT = 5.0
+# After the last site finished, the owner's final replies are still on their way out;
+# Cell.stop() closes the socket at once (linger 0), so give them this long to leave.
+_REPLY_DRAIN = 0.5
+_MIB = 1024 * 1024
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+}
+_TCP_URL = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
+
+
+class CliError(ObjdlError):
+    """A user-facing failure: printed as one ``objdl: error: ...`` line, never a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(" ".join(message.split()))  # one line, whatever the cause said
+        self.code = code
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def parse_size(text: str) -> int:
+    """Parse ``256MiB``, ``1.5GiB``, ``100MB``, ``4096`` into bytes."""
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {text!r}: use a number with B, KiB, MiB, GiB, KB, MB, GB")
+    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n < 1:
+        raise ValueError(f"invalid size {text!r}: must be at least 1 byte")
+    return n
+
+
+def check_name(option: str, name: str) -> str:
+    try:
+        return _fqcn.validate(name)
+    except ValueError as exc:
+        raise CliError(f"{option}: {exc}", EXIT_USAGE) from None
+
+
+def check_broker_url(url: str) -> str:
+    """Refuse what ZeroMQ would choke on later, in a thread, with a traceback."""
+    m = _TCP_URL.fullmatch(url)
+    if m is not None and 1 <= int(m.group("port")) <= 65535:
+        return url
+    if url.startswith("ipc://") and len(url) > len("ipc://"):
+        return url
+    raise CliError(
+        f"--broker: invalid broker URL {url!r}: use tcp://HOST:PORT (e.g. {DEFAULT_BROKER}) "
+        "or ipc://PATH",
+        EXIT_USAGE,
+    )
+
+
+def check_positive(option: str, value: float | None) -> None:
+    if value is not None and not value > 0:
+        raise CliError(f"{option}: must be more than 0, got {value:g}", EXIT_USAGE)
+
+
+def check_source(path: Path) -> None:
+    if not path.exists():
+        raise CliError(f"cannot serve {path}: no such file", EXIT_USAGE)
+    if not path.is_file():
+        raise CliError(f"cannot serve {path}: not a regular file", EXIT_USAGE)
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise CliError(f"cannot serve {path}: {exc.strerror or exc}", EXIT_USAGE) from None
+
+
+def check_destination(dest: Path) -> None:
+    if dest.is_dir():
+        raise CliError(f"-o {dest}: is a folder; give the path of the file to write", EXIT_USAGE)
+    folder = dest.parent
+    if not folder.exists():
+        raise CliError(f"-o {dest}: folder {folder} does not exist; create it first", EXIT_USAGE)
+    if not folder.is_dir():
+        raise CliError(f"-o {dest}: {folder} is not a folder", EXIT_USAGE)
+    try:  # the only reliable test (root, read-only mounts): create a file there
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".objdl-probe-"):
+            pass
+    except OSError as exc:
+        raise CliError(
+            f"-o {dest}: cannot write in folder {folder}: {exc.strerror or exc}", EXIT_USAGE
+        ) from None
+
+
+# ---------------------------------------------------------------- cells and signals
+
+
+def start_cell(name: str, url: str, connect_timeout: float) -> Cell:
+    """A started cell, or a :class:`CliError` that says why not."""
+    cell = Cell(name, url, start_timeout=connect_timeout)
+    try:
+        cell.start()
+    except (BrokerUnavailableError, NameTakenError) as exc:
+        raise CliError(str(exc)) from None
+    except CellError as exc:
+        raise CliError(f"could not connect {name!r} to {url}: {exc}") from None
+    return cell
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM. A handler only stores the signal: taking a lock there (as
+    ``Event.set`` does) can deadlock against the main thread it interrupted."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopFlag]:
+    """A flag that SIGINT and SIGTERM set (instead of killing us) while in the block.
+
+    A second signal raises KeyboardInterrupt, so a stuck clean-up can still be cut short.
+    """
+    flag = StopFlag()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if flag.signum is not None:
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous: list[tuple[signal.Signals, Any]] = []
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous.append((sig, signal.signal(sig, on_signal)))
+    try:
+        yield flag
+    finally:
+        for sig, handler in previous:
+            signal.signal(sig, handler)
+
+
+def drain_replies() -> None:
+    """Give replies the handlers already produced time to leave before ``cell.stop()``.
+
+    The owner learns that the last site finished while it is still answering that
+    site's final request; stopping the cell at once could drop the answer and leave
+    the site waiting for a reply that never comes.
+    """
+    time.sleep(_REPLY_DRAIN)
+
+
+def human_size(n: float) -> str:
+    """``512 B``, ``3.0 KiB``, ``28.6 MiB``, ``1.50 GiB``."""
+    if n < 1024:
+        return f"{n:.0f} B"
+    if n < _MIB:
+        return f"{n / 1024:.1f} KiB"
+    if n < 1024 * _MIB:
+        return f"{n / _MIB:.1f} MiB"
+    return f"{n / (1024 * _MIB):.2f} GiB"

@@ -1,0 +1,344 @@
+"""``objdl demo``: a broker, an owner and N site processes on this machine move one model.
+
+How it goes: the owner (this process) starts a broker process (unless given one),
+starts its cell, spawns the site processes and, while they start, builds a model (a
+dict of float32 arrays) and offers it with :func:`offer_dict` in a transaction that
+finishes once N sites have it. Each site says hello to the owner; once all have,
+the owner sends every site the ref and the model's manifest (names, dtypes, shapes)
+in one ordinary request. Each site downloads the dict, checks it against the
+manifest, hashes its content and reports bytes, seconds and that hash to the owner,
+which compares it with its own and prints a table. Every process started here is
+ended here, by its pid.
+
+Sites are spawned, not forked: a ZeroMQ context and its sockets do not survive a fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import queue
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from objdl.cell import Cell
+from objdl.cli._common import CliError, StopFlag, start_cell, stop_on_signals
+from objdl.cli._progress import ProgressDisplay
+from objdl.errors import ObjdlError
+from objdl.message import Message, ReturnCode
+
+__all__ = ["check_model", "make_model", "model_digest", "run", "site_main"]
+
+CHANNEL = "objdl_demo"
+HELLO, REF, RESULT = "hello", "ref", "result"
+OWNER = "demo-owner"
+LAYERS = 8
+WIDTH = 1024
+_MIB = 1024 * 1024
+_REQUEST_TIMEOUT = 10.0
+
+
+def site_name(index: int) -> str:
+    return f"demo-site-{index}"
+
+
+# ---------------------------------------------------------------- the model
+
+
+def make_model(size: int, layers: int = LAYERS, seed: int = 0) -> dict[str, Any]:
+    """About `size` bytes of float32 weights and biases in `layers` layers."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = max(1, size // (4 * layers * (WIDTH + 1)))
+    model: dict[str, Any] = {}
+    for k in range(layers):
+        model[f"layer{k}.weight"] = rng.standard_normal((rows, WIDTH), dtype=np.float32)
+        model[f"layer{k}.bias"] = rng.standard_normal(rows, dtype=np.float32)
+    return model
+
+
+def model_digest(model: dict[str, Any]) -> str:
+    """sha256 of the names, dtypes, shapes and bytes of the arrays, in name order."""
+    import numpy as np
+
+    h = hashlib.sha256()
+    for key in sorted(model):
+        a = np.ascontiguousarray(model[key])
+        h.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
+        h.update(a.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def manifest_of(model: dict[str, Any]) -> dict[str, list[Any]]:
+    return {k: [a.dtype.str, list(a.shape)] for k, a in model.items()}
+
+
+def check_model(model: dict[str, Any], manifest: dict[str, list[Any]]) -> str:
+    """'' if `model` has exactly the manifest's arrays, else what is wrong."""
+    import numpy as np
+
+    if set(model) != set(manifest):
+        return f"names differ: got {len(model)}, expected {len(manifest)}"
+    for key, (dtype, shape) in manifest.items():
+        a = model[key]
+        if not isinstance(a, np.ndarray):
+            return f"{key} is a {type(a).__name__}, not an array"
+        if a.dtype.str != dtype or list(a.shape) != list(shape):
+            return f"{key} is {a.dtype.str}{list(a.shape)}, expected {dtype}{shape}"
+    return ""
+
+
+# ---------------------------------------------------------------- a site (child process)
+
+
+def site_main(index: int, url: str, owner: str, connect_timeout: float, timeout: float) -> None:
+    """One site: say hello, wait for the ref, download, check, report. Runs spawned."""
+    from objdl.objects import DownloadError, download_dict
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner ends us, by pid
+    jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    cell = Cell(site_name(index), url, start_timeout=connect_timeout)
+    cell.register_request_cb(CHANNEL, REF, lambda req: jobs.put(req.payload))
+    try:
+        cell.start()
+    except ObjdlError as exc:
+        print(f"objdl: error: {site_name(index)}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    try:
+        reply = cell.send_request(CHANNEL, owner, HELLO, Message(), _REQUEST_TIMEOUT)
+        if reply.get_header("return_code") != ReturnCode.OK:
+            raise SystemExit(1)
+        job = jobs.get(timeout=timeout)
+        started = time.monotonic()
+        result: dict[str, Any]
+        try:
+            model = download_dict(
+                cell, owner, job["ref"], per_request_timeout=30.0, overall_timeout=timeout
+            )
+        except DownloadError as exc:
+            result = {"error": exc.reason}
+        else:
+            seconds = time.monotonic() - started
+            result = {
+                "bytes": sum(a.nbytes for a in model.values()),
+                "seconds": seconds,
+                "problem": check_model(model, job["manifest"]),
+                "digest": model_digest(model),
+            }
+        cell.send_request(CHANNEL, owner, RESULT, Message(payload=result), _REQUEST_TIMEOUT)
+    except queue.Empty:
+        raise SystemExit(1) from None
+    finally:
+        cell.stop()
+
+
+# ---------------------------------------------------------------- the owner
+
+
+class _Board:
+    """What the sites told the owner: who said hello, and each one's result."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.hello: set[str] = set()
+        self.results: dict[str, dict[str, Any]] = {}
+        self._cond = threading.Condition()
+
+    def on_hello(self, request: Message) -> None:
+        with self._cond:
+            self.hello.add(request.get_header("origin"))
+            self._cond.notify_all()
+
+    def on_result(self, request: Message) -> None:
+        site = request.get_header("origin")
+        if site in self.names and isinstance(request.payload, dict):
+            with self._cond:
+                self.results[site] = request.payload
+                self._cond.notify_all()
+
+    def wait(self, what: str, deadline: float, stop: StopFlag, procs: list[BaseProcess]) -> None:
+        """Until every site has said hello (or reported); CliError if one cannot."""
+        while True:
+            with self._cond:
+                got = self.hello if what == "hello" else set(self.results)
+                if set(self.names) <= got:
+                    return
+                self._cond.wait(0.1)
+            if stop.is_set():
+                raise CliError("stopped", 130)
+            for p in procs:
+                if p.exitcode is not None and p.name not in got:
+                    raise CliError(f"{p.name} exited (status {p.exitcode}) before its {what}")
+            if time.monotonic() > deadline:
+                missing = sorted(set(self.names) - got)
+                raise CliError(f"no {what} from {', '.join(missing)} in time")
+
+
+def _start_broker(timeout: float) -> tuple[subprocess.Popen[str], str]:
+    import broker
+
+    # The same broker code as ours, whatever the working folder; its own session, so
+    # a Ctrl-C at the terminal reaches only us and we end it, by pid, in order.
+    env = dict(os.environ)
+    root = str(Path(broker.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    line = proc.stdout.readline() if ready else ""
+    if "listening on" not in line:
+        _end_process(proc.pid, proc)
+        raise CliError(f"the demo's broker did not start within {timeout:g}s")
+    return proc, line.rsplit(" ", 1)[-1].strip()
+
+
+def _end_process(pid: int, proc: subprocess.Popen[str] | BaseProcess, grace: float = 5.0) -> None:
+    """Terminate one process we started, by its pid; kill it if it lingers."""
+    alive = proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_alive()
+    if alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    if isinstance(proc, subprocess.Popen):
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(grace)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    else:
+        proc.join(grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(grace)
+        proc.close()
+
+
+def run(
+    *,
+    sites: int,
+    size: int,
+    broker_url: str | None,
+    connect_timeout: float,
+    timeout: float,
+    show_progress: bool = True,
+) -> int:
+    """Run the demo; print the table; 0 only if every site's digest matched."""
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        raise CliError("objdl demo needs numpy: python -m pip install numpy") from None
+    from objdl.objects import new_transaction, offer_dict
+
+    wall = time.monotonic()
+    deadline = wall + timeout
+    names = [site_name(i) for i in range(1, sites + 1)]
+    board = _Board(names)
+    procs: list[BaseProcess] = []
+    broker: subprocess.Popen[str] | None = None
+    progress = ProgressDisplay(enabled=show_progress)
+    with stop_on_signals() as stop:
+        try:
+            if broker_url is None:
+                broker, broker_url = _start_broker(connect_timeout)
+            cell = start_cell(OWNER, broker_url, connect_timeout)
+            try:
+                cell.register_request_cb(CHANNEL, HELLO, board.on_hello)
+                cell.register_request_cb(CHANNEL, RESULT, board.on_result)
+                ctx = multiprocessing.get_context("spawn")
+                for i, name in enumerate(names, 1):
+                    p: BaseProcess = ctx.Process(
+                        target=site_main,
+                        args=(i, broker_url, OWNER, connect_timeout, timeout),
+                        name=name,
+                    )
+                    p.start()
+                    procs.append(p)
+                model = make_model(size)  # while the sites start
+                digest = model_digest(model)
+                nbytes = sum(a.nbytes for a in model.values())
+                print(
+                    f"demo: {OWNER} offers a model of {len(model)} float32 arrays, "
+                    f"{nbytes / _MIB:.1f} MiB, to {sites} site processes via {broker_url}",
+                    flush=True,
+                )
+                tx = new_transaction(
+                    cell,
+                    timeout=timeout,
+                    num_sites=sites,
+                    allowed_sites=names,
+                    progress_cb=lambda ref, site, done, total, rate: progress.update(
+                        site, site, done, total, rate
+                    ),
+                )
+                ref = offer_dict(cell, model, transaction_id=tx)
+                board.wait("hello", deadline, stop, procs)
+                job = Message(payload={"ref": ref, "manifest": manifest_of(model)})
+                replies = cell.broadcast_request(CHANNEL, REF, names, job, _REQUEST_TIMEOUT)
+                for site, reply in replies.items():
+                    rc = reply.get_header("return_code")
+                    if rc != ReturnCode.OK:
+                        raise CliError(f"could not give {site} the ref: {rc}")
+                board.wait("result", deadline, stop, procs)
+                progress.close()
+                for p in procs:  # they exit once their report is answered
+                    p.join(max(0.1, min(5.0, deadline - time.monotonic())))
+            finally:
+                progress.close()
+                cell.stop()
+        finally:
+            for p in procs:
+                if p.pid is not None:
+                    _end_process(p.pid, p)
+            if broker is not None:
+                _end_process(broker.pid, broker)
+    return _report(board, digest, time.monotonic() - wall)
+
+
+def _report(board: _Board, digest: str, wall: float) -> int:
+    head = ("site", "MiB", "seconds", "MiB/s", "digest ok")
+    rows: list[tuple[str, ...]] = [head]
+    ok_all = True
+    for site in board.names:
+        r = board.results[site]
+        if "error" in r:
+            ok_all = False
+            rows.append((site, "-", "-", "-", f"no: {r['error']}"))
+            continue
+        ok = r["digest"] == digest and not r["problem"]
+        ok_all = ok_all and ok
+        mib, secs = r["bytes"] / _MIB, r["seconds"]
+        verdict = "yes" if ok else f"no: {r['problem'] or 'digest differs'}"
+        rows.append((site, f"{mib:.1f}", f"{secs:.2f}", f"{mib / max(secs, 1e-9):.1f}", verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for row in rows:
+        left, *nums, last = row
+        line = [left.ljust(widths[0])]
+        line += [n.rjust(w) for n, w in zip(nums, widths[1:-1], strict=True)]
+        print("  ".join([*line, last]), flush=True)
+    total = sum(r.get("bytes", 0) for r in board.results.values()) / _MIB
+    slowest = max((r.get("seconds", 0.0) for r in board.results.values()), default=0.0)
+    print(
+        f"{len(board.names)} sites, {total:.1f} MiB in all, slowest site {slowest:.2f}s "
+        f"({total / max(slowest, 1e-9):.1f} MiB/s together); wall time {wall:.1f}s",
+        flush=True,
+    )
+    if not ok_all:
+        raise CliError("some sites did not get the model intact (see the table)")
+    return 0
