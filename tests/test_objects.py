@@ -171,7 +171,7 @@ def test_file_destination_errors(cells: tuple[Cell, Cell], tmp_path: Path) -> No
     ref = offer_file(owner, src)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         download_file(site, "server", ref, tmp_path / "no-such-dir" / "x")
-    with pytest.raises(DownloadError, match="directory"):
+    with pytest.raises(IsADirectoryError, match="directory"):
         download_file(site, "server", ref, tmp_path)
     with pytest.raises(FileNotFoundError, match="no such file"):
         offer_file(owner, tmp_path / "missing")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import stat
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -225,11 +226,20 @@ def download_file(
     Raises:
         DownloadError: the download failed (without `resume`, nothing is left at
             `dest` or beside it).
-        FileNotFoundError / NotADirectoryError: `dest`'s folder does not exist.
+        FileNotFoundError: `dest`'s folder does not exist.
+        IsADirectoryError / PermissionError: `dest` is a folder, or its folder is not
+            writable.
     """
     dest = Path(dest)
     if not dest.parent.is_dir():
         raise FileNotFoundError(f"the folder of {dest} does not exist; create it first")
+    if dest.is_dir():
+        raise IsADirectoryError(f"destination {dest} is a directory; give a file path")
+    try:  # find out now, not after the owner has been asked for data
+        with tempfile.TemporaryFile(dir=dest.parent):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write in {dest.parent}: {exc.strerror}") from exc
     consumer = FileConsumer(dest, fsync=fsync, resume=resume)
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     return dest
