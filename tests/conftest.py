@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -31,3 +32,21 @@ def broker() -> Iterator[object]:
         yield b
     finally:
         b.stop()
+
+
+@pytest.fixture
+def cells(broker: Any) -> Iterator[tuple[Any, Any]]:
+    """An owner cell ("server") and a site cell ("site-1"), started; downloader state
+    is shut down after the test."""
+    from objdl.cell import Cell
+    from objdl.downloader import ObjDownloader
+
+    owner, site = Cell("server", broker.url), Cell("site-1", broker.url)
+    owner.start()
+    site.start()
+    try:
+        yield owner, site
+    finally:
+        ObjDownloader.shutdown()
+        site.stop()
+        owner.stop()

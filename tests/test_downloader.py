@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -57,19 +57,6 @@ class ListConsumer(Consumer):
 
     def download_failed(self, ref_id: str, reason: str) -> None:
         self.failed = reason
-
-
-@pytest.fixture
-def cells(broker: Broker) -> Iterator[tuple[Cell, Cell]]:
-    owner, site = Cell("server", broker.url), Cell("site-1", broker.url)
-    owner.start()
-    site.start()
-    try:
-        yield owner, site
-    finally:
-        ObjDownloader.shutdown()
-        site.stop()
-        owner.stop()
 
 
 def fetch(site: Cell, ref: str, consumer: Consumer | None = None, **kw: Any) -> ListConsumer:

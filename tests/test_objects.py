@@ -6,14 +6,12 @@ import hashlib
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from broker import Broker
 from objdl.cell import Cell
 from objdl.downloader import DownloadStatus, ObjDownloader
 from objdl.objects import (
@@ -32,19 +30,6 @@ from tests.conftest import wait_for
 
 MiB = 1024 * 1024
 CHUNK = MiB
-
-
-@pytest.fixture
-def cells(broker: Broker) -> Iterator[tuple[Cell, Cell]]:
-    owner, site = Cell("server", broker.url), Cell("site-1", broker.url)
-    owner.start()
-    site.start()
-    try:
-        yield owner, site
-    finally:
-        ObjDownloader.shutdown()
-        site.stop()
-        owner.stop()
 
 
 def leftovers(folder: Path) -> list[str]:
