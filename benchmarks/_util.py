@@ -9,6 +9,7 @@ to the parent in single lines ``TAG {json}`` on stdout.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import platform
@@ -24,14 +25,26 @@ from typing import IO, Any
 __all__ = [
     "Child",
     "ChildError",
+    "Commands",
     "cpu_seconds",
+    "cpu_seconds_fine",
     "emit",
+    "file_sha256",
+    "fmt_size",
     "machine_info",
+    "machine_line",
     "median",
+    "parse_size",
     "peak_rss_kib",
     "percentile",
     "print_table",
+    "reset_peak_rss",
+    "rss_kib",
     "start_objdl_broker",
+    "system_busy_seconds",
+    "thread_cpu",
+    "thread_names",
+    "wait_quiet",
 ]
 
 
@@ -45,7 +58,9 @@ class Child:
     Use as a context manager, or call :meth:`stop` in ``finally``.
     """
 
-    def __init__(self, name: str, argv: Sequence[str], cwd: str | None = None) -> None:
+    def __init__(
+        self, name: str, argv: Sequence[str], cwd: str | None = None, *, stdin: bool = False
+    ) -> None:
         self.name = name
         # kept open for the child's whole life and closed in stop()
         self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
@@ -53,7 +68,7 @@ class Child:
         try:
             self.proc = subprocess.Popen(
                 list(argv),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,
                 cwd=cwd,
@@ -116,9 +131,23 @@ class Child:
     def peak_rss_kib(self) -> int | None:
         return peak_rss_kib(self.pid)
 
+    def send(self, line: str) -> bool:
+        """Write one command line to the child's stdin (``stdin=True``); False if it is gone."""
+        if self.proc.stdin is None:
+            raise ChildError(f"{self.name}: started without stdin=True")
+        try:
+            self.proc.stdin.write(line + "\n")
+            self.proc.stdin.flush()
+        except (OSError, ValueError):
+            return False
+        return True
+
     def stop(self, timeout: float = 5.0) -> None:
         """End the process by its pid (SIGTERM, then SIGKILL) and reap it. Idempotent."""
         proc = self.proc
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()  # EOF: a child reading commands ends by itself
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.terminate()
@@ -151,6 +180,45 @@ class Child:
 def emit(tag: str, obj: Any = None) -> None:
     """In a child: send one ``tag {json}`` line to the parent."""
     print(f"{tag} {json.dumps(obj)}" if obj is not None else tag, flush=True)
+
+
+class Commands:
+    """In a child started with ``stdin=True``: the parent's command lines, with timeouts.
+
+    A reader thread puts each stdin line on a queue; end of input (the parent closed
+    the pipe or died) reads as ``"EXIT"``, so a child never outlives its parent long.
+    """
+
+    def __init__(self) -> None:
+        self._q: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="bench-commands", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for line in sys.stdin:
+                self._q.put(line.strip())
+        except (OSError, ValueError):
+            pass
+        self._q.put("EXIT")
+
+    def get(self, timeout: float) -> str | None:
+        """The next command, or None if none came within `timeout` seconds."""
+        try:
+            return self._q.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def expect(self, command: str, timeout: float) -> None:
+        """Wait for `command`; raise ChildError on ``EXIT`` or after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.get(max(0.0, deadline - time.monotonic()))
+            if got == command:
+                return
+            if got is None:
+                raise ChildError(f"no {command} from the parent within {timeout:g}s")
+            if got == "EXIT":
+                raise ChildError(f"told to exit while waiting for {command}")
 
 
 def start_objdl_broker(extra: Sequence[str] = (), timeout: float = 10.0) -> tuple[Child, str]:
@@ -211,6 +279,31 @@ def peak_rss_kib(pid: int) -> int | None:
     return None
 
 
+def rss_kib(pid: int) -> int | None:
+    """VmRSS (resident set now) of `pid` in KiB from /proc, or None if unavailable."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset `pid`'s VmHWM to its current RSS (Linux >= 4.0); False if not allowed.
+
+    Lets a benchmark measure the peak of one phase rather than of the process's life.
+    """
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User plus system CPU time used so far by `pid` (all its threads), or None.
 
@@ -225,6 +318,97 @@ def cpu_seconds(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds_fine(pid: int) -> float | None:
+    """CPU time of `pid`'s live threads, to the nanosecond (/proc/PID/task/*/schedstat).
+
+    Finer than :func:`cpu_seconds` for short phases, but a thread that ended during
+    the phase takes its time with it: use it where threads live as long as the
+    phase (falls back to :func:`cpu_seconds` when schedstat is not there).
+    """
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    try:
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:
+                continue  # the thread ended meanwhile
+    except (OSError, ValueError, IndexError):
+        return cpu_seconds(pid)
+    return total / 1e9
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """Each live thread of `pid`: tid -> (its kernel name, CPU seconds), from schedstat."""
+    out: dict[int, tuple[str, float]] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
+                ns = int(f.read().split()[0])
+            with open(f"/proc/{pid}/task/{tid}/comm", encoding="utf-8", errors="replace") as f:
+                comm = f.read().strip()
+        except (OSError, ValueError, IndexError):
+            continue
+        out[int(tid)] = (comm, ns / 1e9)
+    return out
+
+
+def thread_names() -> dict[str, str]:
+    """In a child: this process's Python threads, native id -> name (for :func:`thread_cpu`)."""
+    out = {}
+    for t in threading.enumerate():
+        if t.native_id is None:
+            continue
+        kind = type(t).__name__
+        plain = kind in ("Thread", "_MainThread", "_DummyThread")
+        out[str(t.native_id)] = t.name if plain else kind  # e.g. pyzmq's GarbageCollectorThread
+    return out
+
+
+def system_busy_seconds() -> float | None:
+    """CPU seconds all CPUs have spent busy (not idle, not iowait) since boot, or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()
+        if fields[0] != "cpu":
+            return None
+        ticks = [int(v) for v in fields[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    busy = sum(ticks[:8]) - idle  # guest time is already in user
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_quiet(threshold: float = 0.25, max_wait: float = 120.0, sample: float = 1.0) -> float:
+    """Wait until the machine is mostly idle; return the busy share of the last sample.
+
+    Samples /proc/stat for `sample` seconds at a time until less than `threshold` of all
+    CPUs is busy, or `max_wait` seconds have passed: on a shared machine, so that a
+    run does not start in the middle of someone else's burst. Returns 0.0 when /proc is
+    not there.
+    """
+    ncpu = os.cpu_count() or 1
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0, t0 = system_busy_seconds(), time.monotonic()
+        time.sleep(sample)
+        b1, t1 = system_busy_seconds(), time.monotonic()
+        if b0 is None or b1 is None:
+            return 0.0
+        share = (b1 - b0) / ((t1 - t0) * ncpu)
+        if share < threshold or time.monotonic() >= deadline:
+            return share
 
 
 def _cpu_model() -> str:
@@ -256,6 +440,56 @@ def machine_info() -> dict[str, str]:
         "kernel": platform.release(),
         "loadavg": " ".join(f"{v:.2f}" for v in os.getloadavg()),
     }
+
+
+def machine_line() -> str:
+    """One line describing the machine and the moment, to print above every table."""
+    info = machine_info()
+    return (
+        f"machine: {info['cpu']} | nproc {info['nproc']} (of {info['cpus']}) | "
+        f"python {info['python']} | pyzmq {info['pyzmq']} | libzmq {info['libzmq']} | "
+        f"linux {info['kernel']} | load avg {info['loadavg']}"
+    )
+
+
+def file_sha256(path: str | os.PathLike[str], block: int = 8 * 1024 * 1024) -> str:
+    """Hex sha256 of a file, read in blocks of `block` bytes."""
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(buf)
+            if not n:
+                return h.hexdigest()
+            h.update(view[:n])
+
+
+# ---------------------------------------------------------------- sizes
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``4096``, ``256KiB``, ``1MiB``, ``1GiB``, ``2m`` (binary units)."""
+    t = text.strip().lower().replace("ib", "").replace("b", "") if text else ""
+    num = t.rstrip("kmgt")
+    unit = t[len(num) :]
+    try:
+        value = float(num) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise ValueError(f"not a size: {text!r} (e.g. 4096, 256KiB, 1MiB, 1GiB)") from None
+    if value < 1 or value != int(value):
+        raise ValueError(f"not a whole positive number of bytes: {text!r}")
+    return int(value)
+
+
+def fmt_size(n: int) -> str:
+    """``1GiB``, ``256MiB``, ``64KiB`` or bytes: the shortest exact binary form."""
+    for unit, mult in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= mult and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return f"{n}B"
 
 
 # ---------------------------------------------------------------- output
@@ -294,3 +528,74 @@ def _fmt(v: Any) -> str:
     if isinstance(v, int):
         return f"{v:,}"
     return str(v)
+
+
+# ================================================================ soak helpers
+# Added for benchmarks/soak.py (issue 6 item 12). Append-only: nothing above this
+# line depends on it, and it changes nothing above it.
+
+__all__ += ["PeakRss", "child_stderr_tail", "kill_child", "start_objdl_broker_on"]
+
+
+def start_objdl_broker_on(url: str, extra: Sequence[str] = (), timeout: float = 10.0) -> Child:
+    """Run ``python -m broker`` bound to `url` (a fixed address, e.g. to restart a broker
+    where its cells expect it); return it once it says it is listening.
+
+    Raises:
+        ChildError: it exited (e.g. the address is taken) or did not start in time.
+    """
+    child = Child("objdl-broker", [sys.executable, "-m", "broker", "--bind", url, *extra])
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChildError(f"objdl broker on {url} did not start within {timeout:g}s")
+            try:
+                line = child._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise ChildError(f"objdl broker on {url} exited at start{child._tail()}")
+            if "listening on" in line:
+                return child
+    except BaseException:
+        child.stop()
+        raise
+
+
+def kill_child(child: Child, timeout: float = 5.0) -> None:
+    """SIGKILL a child by its pid (a crash: no clean-up runs in it), reap it, close its pipes."""
+    if child.proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            child.proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout)
+    child.stop(timeout)
+
+
+def child_stderr_tail(child: Child, limit: int = 2000) -> str:
+    """The last `limit` characters of a child's stderr (``"; stderr:\\n..."``), or ``""``."""
+    return child._tail(limit)
+
+
+class PeakRss:
+    """The highest VmHWM seen per role (``"owner"``, ``"site-1"``...), across the processes
+    that played it (a role's process may be killed and restarted). Sample often, and
+    right before killing a process: its peak goes with it."""
+
+    def __init__(self) -> None:
+        self.peaks: dict[str, int] = {}
+        self._pids: dict[str, set[int]] = {}
+
+    def sample(self, role: str, pid: int) -> int | None:
+        """Read `pid`'s peak RSS (KiB) now; keep it if it is `role`'s highest so far."""
+        self._pids.setdefault(role, set()).add(pid)
+        kib = peak_rss_kib(pid)
+        if kib is not None and kib > self.peaks.get(role, 0):
+            self.peaks[role] = kib
+        return kib
+
+    def pids(self, role: str) -> int:
+        """How many processes have played `role`."""
+        return len(self._pids.get(role, ()))
