@@ -1,4 +1,8 @@
-"""Command line: ``python -m broker`` / ``objdl-broker`` runs a broker until SIGINT/SIGTERM."""
+"""Command line: ``python -m broker`` / ``objdl-broker`` runs a broker until SIGINT/SIGTERM.
+
+With ``--curve-keys`` and ``--allowed-keys`` it runs CURVE (docs/SECURITY.md); SIGHUP
+then reads the allow-list directory again.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import threading
 from types import FrameType
 
 from broker.server import Broker, BrokerError
+from objdl.security import KeyFileError
 
 __all__ = ["main"]
 
@@ -23,6 +28,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-timeout", type=float, default=3.0, metavar="S")
     p.add_argument("--probe-timeout", type=float, default=1.0, metavar="S")
     p.add_argument("--max-message-size", type=int, default=256 * 1024 * 1024, metavar="BYTES")
+    p.add_argument(
+        "--curve-keys",
+        metavar="FILE",
+        help="the broker's key pair (NAME.key_secret from 'objdl keys new'): CURVE connections",
+    )
+    p.add_argument(
+        "--allowed-keys",
+        metavar="DIR",
+        help="directory of allowed cell keys and their names ('objdl keys allow'); "
+        "needs --curve-keys",
+    )
     p.add_argument(
         "--log-level",
         default="warning",
@@ -45,20 +61,29 @@ def main(argv: list[str] | None = None) -> int:
             cell_timeout=args.cell_timeout,
             probe_timeout=args.probe_timeout,
             max_message_size=args.max_message_size,
+            curve_keys=args.curve_keys,
+            allowed_keys=args.allowed_keys,
         )
-    except ValueError as exc:
-        print(f"objdl-broker: {exc}", file=sys.stderr, flush=True)
+    except ValueError as exc:  # KeyFileError is one too
+        print(f"objdl-broker: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 2
-    stop = threading.Event()
+    stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         stop.set()
+        wake.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        reload.set()
+        wake.set()
 
     # Handlers go in before start so a signal that arrives while binding still stops cleanly.
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
+        if args.allowed_keys is not None and hasattr(signal, "SIGHUP"):
+            previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     try:
         try:
             broker.start()
@@ -66,15 +91,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"objdl-broker: {exc}", file=sys.stderr, flush=True)
             return 2
         try:
-            print(f"objdl broker listening on {broker.url}", flush=True)
-            while not stop.wait(1.0):
-                pass
+            mode = f" (CURVE, public key {broker.public_key.decode()})" if broker.public_key else ""
+            print(f"objdl broker listening on {broker.url}{mode}", flush=True)
+            while not stop.is_set():
+                wake.wait(1.0)
+                wake.clear()
+                if reload.is_set():
+                    reload.clear()
+                    _reload(broker)
         finally:
             broker.stop()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+def _reload(broker: Broker) -> None:
+    try:
+        count = broker.reload_keys()
+    except KeyFileError as exc:
+        print(f"objdl-broker: keys not reloaded: {_one_line(exc)}", file=sys.stderr, flush=True)
+        return
+    print(f"objdl broker: {count} allowed keys", flush=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -28,19 +28,24 @@ Rules:
   gets ``NACK unreachable``, an unregistered sender ``NACK unregistered``.
 - Anything heard from a registered cell renews it; HB from an unknown peer gets WHO.
 - A connection holds at most one name; REG of the name it holds is answered again.
+- With an ``authorize`` policy (a broker running CURVE), REG is granted only if
+  ``authorize(identity, name)`` says so; ``identity`` is what authenticated the
+  connection (its Z85 public key), passed in by the shell with the REG. A refusal
+  is ``REG_ERR not allowed: ...`` and comes before any probe of a holder, so a key
+  cannot even disturb a name it is not bound to.
 - Every ``heartbeat_interval`` each registered cell gets HB.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
 from objdl import fqcn, wire
 
-__all__ = ["COUNTERS", "Actions", "Event", "RoutingTable", "Send"]
+__all__ = ["COUNTERS", "NOT_ALLOWED", "Actions", "Authorize", "Event", "RoutingTable", "Send"]
 
 # A received frame: bytes in tests, zmq.Frame in the broker. Anything that supports
 # the buffer protocol works; payload frames are passed through untouched.
@@ -62,6 +67,7 @@ COUNTERS = (
     "reg_err_version",
     "reg_err_bad_name",
     "reg_err_second_name",
+    "reg_err_not_allowed",  # the connection's key is not bound to the name (CURVE brokers)
     "probes",  # PINGs sent to a name's holder because another connection claimed it
     "evicted",  # holders that did not answer a probe in time
     "expired",  # cells silent for longer than cell_timeout
@@ -83,6 +89,12 @@ _FRAMES = {
     wire.KIND_BYE: (1, 1),
 }
 _TAKEN = b"taken"
+
+NOT_ALLOWED = "not allowed: "
+"""Start of the REG_ERR reason when the connection's key may not use the name."""
+
+Authorize = Callable[[str | None, str], str]
+"""``authorize(identity, name)``: ``""`` when the connection may register `name`, else why not."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +175,8 @@ class RoutingTable:
         probe_timeout: how long a name's holder has to answer PING before a new
             claimant takes the name.
         max_message_size: largest total size (all frames) of a message, in bytes.
+        authorize: if given, every REG must pass it (see :data:`Authorize`); the
+            shell passes the connection's identity to :meth:`handle`.
     """
 
     def __init__(
@@ -172,6 +186,7 @@ class RoutingTable:
         cell_timeout: float = 3.0,
         probe_timeout: float = 1.0,
         max_message_size: int = 256 * 1024 * 1024,
+        authorize: Authorize | None = None,
     ) -> None:
         for arg, value in (
             ("heartbeat_interval", heartbeat_interval),
@@ -185,6 +200,7 @@ class RoutingTable:
         self.cell_timeout = cell_timeout
         self.probe_timeout = probe_timeout
         self.max_message_size = max_message_size
+        self.authorize = authorize
         self._by_peer: dict[bytes, _Cell] = {}
         self._by_name: dict[str, _Cell] = {}
         self._claims: dict[str, _Claim] = {}  # by name
@@ -213,8 +229,14 @@ class RoutingTable:
 
     # -- input ---------------------------------------------------------------------
 
-    def handle(self, peer: bytes, frames: Sequence[F], now: float) -> Actions[F]:
-        """Process one message `frames` (routing id removed) from connection `peer`."""
+    def handle(
+        self, peer: bytes, frames: Sequence[F], now: float, identity: str | None = None
+    ) -> Actions[F]:
+        """Process one message `frames` (routing id removed) from connection `peer`.
+
+        `identity` is what authenticated the connection (e.g. its CURVE public key),
+        or None; only REG reads it, and only when the table has an ``authorize`` policy.
+        """
         act: Actions[F] = Actions()
         cell = self._by_peer.get(peer)
         if cell is not None:
@@ -239,7 +261,7 @@ class RoutingTable:
         if kind == wire.KIND_MSG:
             self._msg(act, peer, cell, frames)
         elif kind == wire.KIND_REG:
-            self._reg(act, peer, cell, frames, now)
+            self._reg(act, peer, cell, frames, now, identity)
         elif kind == wire.KIND_LIST:
             self._list(act, peer, frames)
         elif kind == wire.KIND_BYE:
@@ -307,7 +329,13 @@ class RoutingTable:
         act.sends.append(Send(target.peer, out, origin=peer, dest=dest_bytes))
 
     def _reg(
-        self, act: Actions[F], peer: bytes, cell: _Cell | None, frames: Sequence[F], now: float
+        self,
+        act: Actions[F],
+        peer: bytes,
+        cell: _Cell | None,
+        frames: Sequence[F],
+        now: float,
+        identity: str | None,
     ) -> None:
         name = _name(frames[2])
         if name is None:
@@ -324,6 +352,12 @@ class RoutingTable:
         except ValueError as exc:
             self._refuse(act, peer, raw, "reg_err_bad_name", f"bad name: {exc}")
             return
+        if self.authorize is not None:
+            why = self.authorize(identity, name)
+            if why:
+                why = (why if why.startswith(NOT_ALLOWED) else NOT_ALLOWED + why)[:300]
+                self._refuse(act, peer, raw, "reg_err_not_allowed", why)
+                return
         held = cell.name if cell is not None else self._claim_of.get(peer)
         if held is not None and held != name:
             why = f"second name: this connection is {held!r}; use a new connection for {name!r}"

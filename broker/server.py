@@ -5,6 +5,11 @@ Every decision (who is registered, where a MSG goes, what to NACK) is made by
 frames are kept as ``zmq.Frame`` objects and forwarded as they are (``copy=False``),
 so payload bytes are never copied or parsed here. Every send is non-blocking: a
 peer whose queue is full gets nothing more and its sender gets ``NACK busy``.
+
+With ``curve_keys`` and ``allowed_keys`` the ROUTER is a CURVE server, and the same
+I/O thread answers the context's ZAP requests (bound before the ROUTER, so no
+connection is ever accepted unchecked): only allowed keys connect, and the key of
+each REG's connection (its ZAP User-Id) goes to the table's name policy.
 """
 
 from __future__ import annotations
@@ -12,16 +17,28 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import threading
 import time
 from types import TracebackType
 from typing import Any
 
 import zmq
+from zmq.utils import z85
 
 from broker.routing import Actions, Event, RoutingTable, Send
+from objdl import wire
 from objdl._logutil import RateLimitedLog
 from objdl.errors import ObjdlError
+from objdl.security import (
+    ZAP_ENDPOINT,
+    KeyFileError,
+    KeyPolicy,
+    KeySource,
+    load_keypair,
+    short_key,
+    zap_reply,
+)
 
 __all__ = ["Broker", "BrokerError"]
 
@@ -45,6 +62,7 @@ _LEVELS = {
     "probes": logging.DEBUG,
     "list": logging.DEBUG,
     "reg_ok": logging.INFO,
+    "reg_err_not_allowed": logging.WARNING,
     "bye": logging.INFO,
     "expired": logging.INFO,
     "evicted": logging.INFO,
@@ -74,7 +92,15 @@ class Broker:
         max_message_size: largest message (all frames) routed; bigger gets NACK too_big.
         sndhwm, rcvhwm: per-peer queue limits of the ROUTER socket, in messages.
         context: ZeroMQ context to use; by default the broker makes its own and
-            terminates it on :meth:`stop`.
+            terminates it on :meth:`stop`. A CURVE broker binds the context's ZAP
+            handler, so it needs a context no other ZAP handler uses.
+        curve_keys: the broker's key pair (a ``.key_secret`` file, ``(public,
+            secret)`` Z85, or a :class:`~objdl.security.KeyPair`): the ROUTER becomes
+            a CURVE server. Needs `allowed_keys`. Default: plain connections.
+        allowed_keys: the keys that may connect and the names each may register:
+            an allow-list directory (``NAME.key`` files and ``allowed.json``, see
+            docs/SECURITY.md; read again on each start and by :meth:`reload_keys`)
+            or a :class:`~objdl.security.KeyPolicy`.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. A stopped
     broker can be started again: it binds the same address it had (the same port,
@@ -93,16 +119,28 @@ class Broker:
         sndhwm: int = 1000,
         rcvhwm: int = 1000,
         context: zmq.Context[Any] | None = None,
+        curve_keys: KeySource | None = None,
+        allowed_keys: str | os.PathLike[str] | KeyPolicy | None = None,
     ) -> None:
         for arg, value in (("sndhwm", sndhwm), ("rcvhwm", rcvhwm)):
             if value < 0:
                 raise ValueError(f"{arg} must be >= 0 (0: unlimited), not {value!r}")
+        if (curve_keys is None) != (allowed_keys is None):
+            raise ValueError(
+                "curve_keys and allowed_keys go together: a CURVE broker needs its own "
+                "key pair and the cell keys it allows"
+            )
+        self._keys = load_keypair(curve_keys) if curve_keys is not None else None
+        self._allowed = allowed_keys
+        self._policy: KeyPolicy | None = self._load_policy()
         self._table_args: dict[str, Any] = {
             "heartbeat_interval": heartbeat_interval,
             "cell_timeout": cell_timeout,
             "probe_timeout": probe_timeout,
             "max_message_size": max_message_size,
         }
+        if self._policy is not None:
+            self._table_args["authorize"] = self._authorize
         self._table = RoutingTable(**self._table_args)  # validates the arguments
         self._bind = bind
         self._url: str | None = None
@@ -114,6 +152,7 @@ class Broker:
         self._lifecycle = threading.Lock()
         self._lock = threading.Lock()  # guards _table between the I/O thread and readers
         self._errors = 0
+        self._zap_counts = {"zap_ok": 0, "zap_denied": 0}
         self._log = RateLimitedLog(logger)
 
     # -- public --------------------------------------------------------------------
@@ -123,19 +162,53 @@ class Broker:
         """The bound endpoint (actual port once started), else the bind address."""
         return self._url or self._bind
 
+    @property
+    def public_key(self) -> bytes | None:
+        """The broker's CURVE public key (Z85), which cells need; None for a plain broker."""
+        return self._keys.public if self._keys is not None else None
+
+    def reload_keys(self) -> int:
+        """Read the allow-list directory again; return how many keys it allows.
+
+        New connections and new registrations follow the new list at once; cells
+        already registered stay until they disconnect (restart the broker to drop
+        them all).
+
+        Raises:
+            KeyFileError: the directory cannot be read; the old list stays in force.
+            BrokerError: this broker does not use CURVE.
+        """
+        if self._policy is None:
+            raise BrokerError(self.url, "reload_keys: this broker does not use CURVE")
+        policy = self._load_policy()
+        assert policy is not None
+        self._policy = policy
+        logger.info("objdl broker at %s: %d allowed keys", self.url, len(policy.keys))
+        return len(policy.keys)
+
     def start(self, timeout: float = 5.0) -> None:
         """Bind the ROUTER socket and start the I/O thread.
 
         Raises:
             BrokerError: the address cannot be bound (naming it and why), the broker
-                is already running, or the thread did not start within `timeout`.
+                is already running, the allowed keys cannot be read, or the thread
+                did not start within `timeout`.
         """
         with self._lifecycle:
             if self._thread is not None:
                 raise BrokerError(self.url, "already running")
+            if self._policy is not None:
+                try:
+                    self._policy = self._load_policy()  # a restart reads the allow-list again
+                except KeyFileError as exc:
+                    raise BrokerError(self.url, f"cannot read the allowed keys: {exc}") from exc
             context = self._given_context or zmq.Context()
             sockets: list[zmq.Socket[Any]] = []
+            zap: zmq.Socket[Any] | None = None
             try:
+                if self._keys is not None:
+                    zap = self._bind_zap(context)  # before the ROUTER: nothing gets in unchecked
+                    sockets.append(zap)
                 sock = self._bind_router(context, self._url or self._bind, timeout)
                 sockets.append(sock)
                 pipe = f"inproc://objdl-broker-wake-{next(_pipe_ids)}"
@@ -158,10 +231,11 @@ class Broker:
             with self._lock:
                 self._table = RoutingTable(**self._table_args)  # a restart starts afresh
                 self._errors = 0
+                self._zap_counts = dict.fromkeys(self._zap_counts, 0)
             started = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
-                args=(sock, wake_rx, started),
+                args=(sock, wake_rx, zap, started),
                 name=f"objdl-broker {self._url}",
                 daemon=True,
             )
@@ -169,7 +243,14 @@ class Broker:
             if not started.wait(timeout):
                 self._stop_locked(timeout)
                 raise BrokerError(self.url, f"I/O thread did not start within {timeout:g}s")
-        logger.info("objdl broker listening on %s", self._url)
+        if self._policy is not None:
+            logger.info(
+                "objdl broker listening on %s (CURVE, %d allowed keys)",
+                self._url,
+                len(self._policy.keys),
+            )
+        else:
+            logger.info("objdl broker listening on %s", self._url)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the I/O thread and close the socket; does nothing if not running.
@@ -181,10 +262,12 @@ class Broker:
             self._stop_locked(timeout)
 
     def stats(self) -> dict[str, int]:
-        """A snapshot of the counters (see :data:`broker.routing.COUNTERS`) plus ``errors``."""
+        """A snapshot of the counters (see :data:`broker.routing.COUNTERS`) plus ``errors``,
+        ``zap_ok`` and ``zap_denied`` (CURVE connections let in and turned away)."""
         with self._lock:
             counters = self._table.counters()
             counters["errors"] = self._errors
+            counters.update(self._zap_counts)
         return counters
 
     def cells(self, prefix: str = "") -> list[str]:
@@ -205,6 +288,60 @@ class Broker:
     ) -> None:
         self.stop()
 
+    # -- security ------------------------------------------------------------------
+
+    def _load_policy(self) -> KeyPolicy | None:
+        if self._allowed is None or isinstance(self._allowed, KeyPolicy):
+            return self._allowed
+        return KeyPolicy.from_dir(self._allowed)
+
+    def _authorize(self, identity: str | None, name: str) -> str:
+        policy = self._policy
+        assert policy is not None
+        return policy.check(identity, name)
+
+    def _bind_zap(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
+        zap = context.socket(zmq.REP)
+        zap.linger = 0
+        try:
+            zap.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            zap.close(linger=0)
+            raise BrokerError(
+                self.url,
+                "another ZAP handler is bound in this ZeroMQ context: a CURVE broker "
+                "needs a context of its own (leave context=None)",
+            ) from exc
+        return zap
+
+    def _answer_zap(self, zap: zmq.Socket[Any]) -> None:
+        for _ in range(_BATCH):
+            try:
+                request = zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            policy = self._policy
+            assert policy is not None
+            reply = zap_reply(request, policy.allows_key)
+            allowed = reply[2] == b"200"
+            with self._lock:
+                self._zap_counts["zap_ok" if allowed else "zap_denied"] += 1
+            if not allowed:
+                address = request[3].decode("utf-8", "replace") if len(request) > 3 else "?"
+                key = request[6] if len(request) == 7 and len(request[6]) == 32 else b""
+                self._log.log(
+                    logging.WARNING,
+                    "zap_denied",
+                    "refused a connection from %s: %s%s",
+                    address[:64],
+                    reply[3].decode(),
+                    f" (key {short_key(z85.encode(key))})" if key else "",
+                )
+            try:
+                zap.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                self._error("ZAP reply", exc)
+
     # -- lifecycle -----------------------------------------------------------------
 
     def _bind_router(
@@ -213,6 +350,13 @@ class Broker:
         sock = context.socket(zmq.ROUTER)
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if self._keys is not None:
+            sock.curve_server = True
+            sock.curve_publickey = self._keys.public
+            sock.curve_secretkey = self._keys.secret
+            sock.zap_domain = b"objdl"
+            with contextlib.suppress(AttributeError, zmq.ZMQError):  # fail closed without ZAP
+                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         sock.sndhwm, sock.rcvhwm = self._hwm
         deadline = time.monotonic() + min(timeout, _ADDR_IN_USE_RETRY_S)
         while True:
@@ -244,10 +388,18 @@ class Broker:
 
     # -- I/O thread ----------------------------------------------------------------
 
-    def _run(self, sock: zmq.Socket[Any], wake: zmq.Socket[Any], started: threading.Event) -> None:
+    def _run(
+        self,
+        sock: zmq.Socket[Any],
+        wake: zmq.Socket[Any],
+        zap: zmq.Socket[Any] | None,
+        started: threading.Event,
+    ) -> None:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if zap is not None:
+            poller.register(zap, zmq.POLLIN)
         started.set()
         try:
             while True:
@@ -260,6 +412,8 @@ class Broker:
                     return
                 if wake in ready:
                     return
+                if zap is not None and zap in ready:
+                    self._answer_zap(zap)
                 if sock in ready:
                     self._drain(sock)
                 self._guarded(sock, None, [])
@@ -268,6 +422,8 @@ class Broker:
         finally:
             sock.close(linger=0)
             wake.close(linger=0)
+            if zap is not None:
+                zap.close(linger=0)
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
         for _ in range(_BATCH):
@@ -275,9 +431,18 @@ class Broker:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._guarded(sock, frames[0].bytes, frames[1:])
+            identity = None
+            if self._keys is not None and len(frames) == 4 and frames[1].bytes == wire.KIND_REG:
+                identity = _user_id(frames[1])
+            self._guarded(sock, frames[0].bytes, frames[1:], identity)
 
-    def _guarded(self, sock: zmq.Socket[Any], peer: bytes | None, frames: list[Any]) -> None:
+    def _guarded(
+        self,
+        sock: zmq.Socket[Any],
+        peer: bytes | None,
+        frames: list[Any],
+        identity: str | None = None,
+    ) -> None:
         """Handle one message (or tick, when `peer` is None); nothing a peer sends may escape."""
         act: Actions[Any]
         try:
@@ -285,8 +450,10 @@ class Broker:
             with self._lock:
                 if peer is None:
                     act = self._table.tick(now)
-                else:
+                elif identity is None:  # the plain call, as wrappers of handle() expect
                     act = self._table.handle(peer, frames, now)
+                else:
+                    act = self._table.handle(peer, frames, now, identity)
             self._act(sock, act, now)
         except Exception as exc:
             self._error("message from " + peer.hex() if peer is not None else "tick", exc)
@@ -326,3 +493,12 @@ class Broker:
         origin = f"{event.peer.hex()} ({name})" if name else event.peer.hex()
         key = event.kind if level >= logging.WARNING else f"{event.kind}:{event.peer.hex()}"
         self._log.log(level, key, "%s: %s [connection %s]", event.kind, event.detail, origin)
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    """The ZAP User-Id of the connection `frame` came on (the CURVE key), or None."""
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) and value else None

@@ -7,6 +7,14 @@ per-request waiter registered *before* sending and removed in ``finally``. The I
 thread routes replies and NACKs to waiters and hands requests to a small pool of
 handler threads, so a slow handler never stalls routing. Registration and liveness
 are the sans-I/O :class:`objdl._session.Session`.
+
+Security is opt-in (docs/SECURITY.md). With ``broker_public_key`` the socket is a
+CURVE client, watched by a monitor socket so a refused key fails :meth:`Cell.start`
+at once. With ``peer_keys``, ``secure=True`` seals messages end to end
+(:mod:`objdl.security`): a sender seals and queues under one lock per destination,
+so counters reach the receiver in order; the receiver opens sealed requests on a
+handler thread and sealed replies on the I/O thread, and never hands on a message
+that did not authenticate.
 """
 
 from __future__ import annotations
@@ -21,9 +29,10 @@ import time
 from _thread import allocate_lock as _thread_lock
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from objdl import fqcn as _fqcn
 from objdl import wire
@@ -38,6 +47,20 @@ from objdl.message import (
     Signal,
     make_reply,
 )
+from objdl.security import (
+    AuthenticationError,
+    KeySource,
+    PeerKeySource,
+    PublicKeySource,
+    Rejected,
+    SecureUnavailableError,
+    end_to_end,
+    load_keypair,
+    load_public_key,
+)
+
+if TYPE_CHECKING:
+    from objdl.security._e2e import EndToEnd
 
 __all__ = ["Cell", "PendingRequest", "RequestCallback"]
 
@@ -54,9 +77,26 @@ _NACK_RC = {
 }
 _ABORT_POLL = 0.02  # how often a waiting call looks at its abort signal
 _SECURE_MSG = (
-    "secure=True needs end-to-end encryption, which this version of objdl does not have; "
-    "refusing rather than sending plaintext (use secure=False on a trusted network)"
+    "secure=True needs end-to-end keys, which cell {} does not have: give it curve_keys= "
+    "(its key pair) and peer_keys= (its peers' public keys); refusing rather than sending "
+    "plaintext (or use secure=False on a trusted network)"
 )
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+class _Sealed:
+    """A sealed request or fire, queued for a handler thread to open."""
+
+    __slots__ = ("frames", "headers")
+
+    def __init__(self, frames: list[Any], headers: dict[str, Any]) -> None:
+        self.frames = frames
+        self.headers = headers
 
 
 class PendingRequest:
@@ -67,7 +107,17 @@ class PendingRequest:
     many requests in flight and handle replies in the order they come.
     """
 
-    __slots__ = ("_cell", "_done", "_once", "deadline", "done_queue", "reply", "req_id", "target")
+    __slots__ = (
+        "_cell",
+        "_done",
+        "_once",
+        "deadline",
+        "done_queue",
+        "reply",
+        "req_id",
+        "secure",
+        "target",
+    )
 
     def __init__(
         self,
@@ -76,8 +126,10 @@ class PendingRequest:
         target: str,
         deadline: float,
         done_queue: queue.SimpleQueue[PendingRequest] | None = None,
+        secure: bool = False,
     ) -> None:
         self._cell = cell
+        self.secure = secure  # the reply must come sealed
         self.req_id = req_id
         self.target = target
         self.deadline = deadline
@@ -141,6 +193,19 @@ class Cell:
             and the cell reconnects.
         start_timeout: default bound for :meth:`start`.
         context: a ZeroMQ context to use (default: the process-wide one).
+        curve_keys: this cell's key pair: a ``NAME.key_secret`` file (``objdl keys
+            new``), a ``(public, secret)`` Z85 pair or a
+            :class:`~objdl.security.KeyPair`. Needed by the two options below.
+        broker_public_key: the broker's public key (Z85 text or a ``.key`` file):
+            connect with CURVE, authenticated as `curve_keys`. Default: plain.
+        peer_keys: the public keys of the cells this one exchanges ``secure=True``
+            messages with: a directory (``<name>.key`` files, or the broker's
+            allow-list directory with its ``allowed.json``), or a mapping name ->
+            key. Makes ``secure=True`` work (it needs the ``cryptography`` package).
+
+    Raises:
+        KeyFileError: a key or key file is missing or malformed (a ValueError).
+        SecureUnavailableError: `peer_keys` was given but ``cryptography`` is missing.
     """
 
     def __init__(
@@ -154,6 +219,9 @@ class Cell:
         broker_timeout: float = 2.0,
         start_timeout: float = 5.0,
         context: zmq.Context | None = None,
+        curve_keys: KeySource | None = None,
+        broker_public_key: PublicKeySource | None = None,
+        peer_keys: PeerKeySource | None = None,
     ) -> None:
         self._fqcn = _fqcn.validate(fqcn)
         self._fqcn_b = self._fqcn.encode()
@@ -168,6 +236,19 @@ class Cell:
         self._broker_timeout = broker_timeout
         self._start_timeout = start_timeout
         self._ctx = context or zmq.Context.instance()
+        if curve_keys is None and (broker_public_key is not None or peer_keys is not None):
+            raise ValueError("broker_public_key and peer_keys need curve_keys (this cell's keys)")
+        self._keys = load_keypair(curve_keys) if curve_keys is not None else None
+        self._broker_key = (
+            load_public_key(broker_public_key) if broker_public_key is not None else None
+        )
+        self._e2e: EndToEnd | None = None
+        if peer_keys is not None and self._keys is not None:
+            self._e2e = end_to_end(self._fqcn, self._keys, peer_keys)
+        self._monitor: zmq.Socket | None = None  # handshake events (I/O thread only)
+        self._auth_refused = ""  # the broker turned our key away (ZAP)
+        self._handshake_failed = ""  # the last CURVE handshake failure, until one succeeds
+        self._stats_lock = threading.Lock()
 
         self._handlers: dict[tuple[str, str], tuple[RequestCallback, tuple, dict]] = {}
         self._handlers_lock = threading.Lock()
@@ -179,7 +260,7 @@ class Cell:
         self._out: deque[list[Any]] = deque()
         self._wake_r, self._wake_w = -1, -1
         self._wake_pending = False
-        self._jobs: queue.SimpleQueue[tuple[Message, str] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[Message | _Sealed, str] | None] = queue.SimpleQueue()
         self._pending_jobs = 0
         self._pending_lock = threading.Lock()
         self._workers: list[threading.Thread] = []
@@ -204,6 +285,7 @@ class Cell:
             "dropped_malformed": 0,
             "dropped_late_reply": 0,
             "reconnects": 0,
+            "rejected_secure": 0,
         }
 
     # ---------------------------------------------------------------- lifecycle
@@ -216,6 +298,12 @@ class Cell:
     def is_connected(self) -> bool:
         """True while the broker has accepted this cell's registration."""
         return self._registered
+
+    @property
+    def secure_stats(self) -> dict[str, int]:
+        """Counts of sealed messages opened, and rejected by kind (``auth``, ``replay``,
+        ``unknown_peer``, ``malformed``); empty without ``peer_keys``."""
+        return dict(self._e2e.stats) if self._e2e is not None else {}
 
     def wait_connected(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for the broker to (re)accept this cell; True if it has.
@@ -235,6 +323,8 @@ class Cell:
         Raises:
             BrokerUnavailableError: no broker answered within `timeout` seconds.
             NameTakenError: a live cell already has this name.
+            AuthenticationError: the broker refused this cell's key, or the name is not
+                one the key may use, or the CURVE handshake failed (check the keys).
         """
         timeout = self._start_timeout if timeout is None else timeout
         with self._state_lock:
@@ -257,12 +347,21 @@ class Cell:
         ok = self._ready.wait(timeout)
         if ok and self._registered:
             return
-        refused = self._refused
+        refused, auth, handshake = self._refused, self._auth_refused, self._handshake_failed
         self.stop()
+        if auth:
+            raise AuthenticationError(self.broker_url, auth)
         if refused:
+            if refused.startswith("not allowed"):
+                raise AuthenticationError(self.broker_url, f"name {self._fqcn!r} {refused}")
             if "taken" in refused:
                 raise NameTakenError(self._fqcn, refused)
             raise CellError(f"the broker refused cell {self._fqcn!r}: {refused}")
+        if handshake:
+            raise AuthenticationError(
+                self.broker_url,
+                f"{handshake} (is broker_public_key this broker's key, and does it use CURVE?)",
+            )
         raise BrokerUnavailableError(self.broker_url, timeout)
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -338,8 +437,15 @@ class Cell:
         ``timeout``, ``target_unreachable``, ``comm_error``, ``process_exception``,
         ``invalid_request``, ``msg_too_big`` or ``abort_run``.
 
+        With `secure`, the request is sealed end to end for `target` (the broker sees
+        only ciphertext) and so must the reply be: a reply that does not authenticate
+        comes back as ``authentication_error``, so does a request the target could not
+        open; a plaintext error reply is passed on without its payload.
+
         Raises:
-            NotImplementedError: `secure` is True (no end-to-end encryption yet).
+            SecureUnavailableError: `secure` is True but this cell has no end-to-end
+                keys or no public key for `target` (also a NotImplementedError);
+                nothing was sent.
             ValueError / TypeError: a bad argument.
         """
         return self.broadcast_request(
@@ -430,10 +536,11 @@ class Cell:
         deadline = time.monotonic() + timeout
         pending: list[PendingRequest] = []
         batch = []
+        encode = self._encode_secure if secure else self._encode
         for target in tlist:
             req_id = next(self._req_ids)
-            batch.append(self._encode(request, channel, topic, target, MessageType.REQUEST, req_id))
-            pending.append(PendingRequest(self, req_id, target, deadline, done_queue))
+            batch.append(encode(request, channel, topic, target, MessageType.REQUEST, req_id))
+            pending.append(PendingRequest(self, req_id, target, deadline, done_queue, secure))
         if not self._registered:
             err = f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
             self._log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
@@ -443,7 +550,18 @@ class Cell:
         with self._waiters_lock:
             for p in pending:
                 self._waiters[p.req_id] = p
-        self._enqueue(batch)
+        if not secure:
+            self._enqueue(batch)
+            return pending
+        try:
+            for p, frames in zip(pending, batch, strict=True):
+                self._queue_sealed(p.target, frames)
+        except BaseException:
+            for p in pending:
+                self._forget_waiter(p.req_id)
+            raise
+        finally:
+            self._wake()
         return pending
 
     def _forget_waiter(self, req_id: int) -> None:
@@ -473,8 +591,16 @@ class Cell:
         if not self._registered:
             self._log_failure(optional, "fire_and_forget on %s/%s: not connected", channel, topic)
             return dict.fromkeys(tlist, ReturnCode.COMM_ERROR)
-        batch = [self._encode(message, channel, topic, t, MessageType.FIRE, 0) for t in tlist]
-        self._enqueue(batch)
+        encode = self._encode_secure if secure else self._encode
+        batch = [encode(message, channel, topic, t, MessageType.FIRE, 0) for t in tlist]
+        if not secure:
+            self._enqueue(batch)
+            return dict.fromkeys(tlist, ReturnCode.OK)
+        try:
+            for target, frames in zip(tlist, batch, strict=True):
+                self._queue_sealed(target, frames)
+        finally:
+            self._wake()
         return dict.fromkeys(tlist, ReturnCode.OK)
 
     def list_cells(self, prefix: str = "", timeout: float = 5.0) -> list[str]:
@@ -509,8 +635,8 @@ class Cell:
     def _check_send(
         self, channel: str, topic: str, targets: Iterable[str] | str, msg: Message, secure: bool
     ) -> list[str]:
-        if secure:
-            raise NotImplementedError(_SECURE_MSG)
+        if secure and self._e2e is None:
+            raise SecureUnavailableError(_SECURE_MSG.format(repr(self._fqcn)))
         if not self._started or self._stopped:
             raise CellError(f"cell {self._fqcn!r} is not running: call start() first")
         if not isinstance(msg, Message):
@@ -528,6 +654,10 @@ class Cell:
                 self._targets.add(t)
         if len(set(tlist)) != len(tlist):
             raise ValueError(f"duplicate targets in {tlist}")
+        if secure:
+            assert self._e2e is not None
+            for t in tlist:
+                self._e2e.require_peer(t)  # all known, or nothing is sent
         return tlist
 
     def _encode(
@@ -541,7 +671,29 @@ class Cell:
         headers[_H.DESTINATION] = target
         if req_id:
             headers[_H.REQ_ID] = req_id
+        headers.pop(_H.SECURE, None)  # e.g. a received secure message sent on in plaintext
         return [wire.KIND_MSG, target.encode(), *wire.encode(Message(headers, msg.payload))]
+
+    def _encode_secure(
+        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
+    ) -> list[Any]:
+        """The frames ``[headers, body, *buffers]`` of `msg`, marked secure, not yet sealed."""
+        headers = dict(msg.headers)
+        headers[_H.CHANNEL] = channel
+        headers[_H.TOPIC] = topic
+        headers[_H.MSG_TYPE] = mtype
+        headers[_H.ORIGIN] = self._fqcn
+        headers[_H.DESTINATION] = target
+        if req_id:
+            headers[_H.REQ_ID] = req_id
+        headers[_H.SECURE] = True
+        return wire.encode(Message(headers, msg.payload))
+
+    def _queue_sealed(self, target: str, frames: list[Any]) -> None:
+        """Seal `frames` for `target` and queue them, in the order of their counters."""
+        assert self._e2e is not None
+        route = [wire.KIND_MSG, target.encode()]
+        self._e2e.outbound(target).seal(frames, lambda sealed: self._out.append(route + sealed))
 
     def _enqueue(self, batch: list[list[Any]]) -> None:
         self._out.extend(batch)
@@ -597,7 +749,15 @@ class Cell:
                 with self._pending_lock:
                     self._pending_jobs -= 1
 
-    def _run_handler(self, request: Message, origin: str) -> None:
+    def _run_handler(self, job: Message | _Sealed, origin: str) -> None:
+        secure = isinstance(job, _Sealed)
+        if isinstance(job, _Sealed):
+            opened = self._open_request(job, origin)
+            if opened is None:
+                return
+            request = opened
+        else:
+            request = job
         channel = request.get_header(_H.CHANNEL)
         topic = request.get_header(_H.TOPIC)
         mtype = request.get_header(_H.MSG_TYPE)
@@ -636,18 +796,22 @@ class Cell:
                 log.exception("cell %s: handler for %s/%s raised", self._fqcn, channel, topic)
                 reply = make_reply(ReturnCode.PROCESS_EXCEPTION, f"{type(exc).__name__}: {exc}")
         if mtype == MessageType.REQUEST:
-            self._send_reply(reply, request, origin)
+            self._send_reply(reply, request, origin, secure)
 
-    def _send_reply(self, reply: Message, request: Message, origin: str) -> None:
+    def _send_reply(
+        self, reply: Message, request: Message, origin: str, secure: bool = False
+    ) -> None:
+        """Send `reply` to `request`; sealed if `secure` (the request was sealed and opened)."""
         channel = request.get_header(_H.CHANNEL) or ""
         topic = request.get_header(_H.TOPIC) or ""
         req_id = request.get_header(_H.REQ_ID)
+        encode = self._encode_secure if secure else self._encode
         try:
-            frames = self._encode(reply, channel, topic, origin, MessageType.REPLY, req_id)
+            frames = encode(reply, channel, topic, origin, MessageType.REPLY, req_id)
         except (TypeError, ValueError) as exc:
             err = f"reply could not be encoded: {exc}"
             log.error("cell %s: handler for %s/%s: %s", self._fqcn, channel, topic, err)
-            frames = self._encode(
+            frames = encode(
                 make_reply(ReturnCode.PROCESS_EXCEPTION, err),
                 channel,
                 topic,
@@ -655,7 +819,95 @@ class Cell:
                 MessageType.REPLY,
                 req_id,
             )
-        self._enqueue([frames])
+        if not secure:
+            self._enqueue([frames])
+            return
+        try:
+            self._queue_sealed(origin, frames)
+        except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
+            log.error("cell %s: sealed reply to %s not sent: %s", self._fqcn, origin, exc)
+        self._wake()
+
+    # ---------------------------------------------------------------- internals: secure receive
+
+    def _open_request(self, job: _Sealed, origin: str) -> Message | None:
+        """Open a sealed request or fire (handler thread); None if it must not run."""
+        assert self._e2e is not None
+        try:
+            plain = self._e2e.open(origin, job.frames)
+        except Rejected as exc:
+            self._rejected(origin, exc.reason)
+            self._answer_rejected(job.headers, origin, exc.reason)
+            return None
+        try:
+            msg = wire.decode(plain)
+        except WireError as exc:
+            self._drop("decode", "undecodable secure message from %s: %s", origin, exc)
+            if job.headers.get(_H.MSG_TYPE) == MessageType.REQUEST:
+                err = make_reply(ReturnCode.INVALID_REQUEST, f"request did not decode: {exc}")
+                self._send_reply(err, Message(job.headers), origin, secure=True)
+            return None
+        msg.headers[_H.ORIGIN] = origin
+        return msg
+
+    def _open_reply(self, frames: list[zmq.Frame], waiter: PendingRequest, origin: str) -> None:
+        """Open a sealed reply (I/O thread) and hand it to `waiter`, or what went wrong."""
+        assert self._e2e is not None
+        try:
+            msg = wire.decode(self._e2e.open(origin, frames[2:]))
+        except Rejected as exc:
+            self._rejected(origin, exc.reason)
+            reply = make_reply(
+                ReturnCode.AUTHENTICATION_ERROR, f"the reply from {origin} was rejected: {exc}"
+            )
+        except WireError as exc:
+            self._drop("decode", "undecodable secure reply from %s: %s", origin, exc)
+            return  # as for a plaintext reply that does not decode: the request times out
+        else:
+            msg.headers[_H.ORIGIN] = origin
+            reply = msg
+        with self._waiters_lock:
+            self._waiters.pop(waiter.req_id, None)
+        waiter.resolve(reply)
+
+    def _rejected(self, origin: str, reason: str) -> None:
+        with self._stats_lock:
+            self.stats["rejected_secure"] += 1
+        self._rlog.log(
+            logging.WARNING,
+            "secure",
+            "cell %s rejected a secure message from %s: %s",
+            self._fqcn,
+            origin,
+            reason,
+        )
+
+    def _answer_rejected(self, headers: dict[str, Any], origin: str, reason: str) -> None:
+        """Tell a requester (in plaintext: there is nothing to protect) why its request failed."""
+        if headers.get(_H.MSG_TYPE) == MessageType.REQUEST and isinstance(
+            headers.get(_H.REQ_ID), int
+        ):
+            reply = make_reply(
+                ReturnCode.AUTHENTICATION_ERROR, f"cell {self._fqcn} rejected the request: {reason}"
+            )
+            self._send_reply(reply, Message(headers), origin)
+
+    @staticmethod
+    def _unsealed(reply: Message, origin: str) -> Message:
+        """What a secure request gets for a plaintext reply: its error code, nothing more."""
+        rc = reply.get_header(_H.RETURN_CODE)
+        if rc is None or rc == ReturnCode.OK:
+            return make_reply(
+                ReturnCode.AUTHENTICATION_ERROR,
+                f"the reply from {origin} to a secure request was not sealed",
+            )
+        return Message(
+            {
+                _H.RETURN_CODE: rc,
+                _H.ERROR: str(reply.get_header(_H.ERROR, "")),
+                _H.ORIGIN: origin,
+            }
+        )
 
     # ---------------------------------------------------------------- internals: I/O thread
 
@@ -665,8 +917,51 @@ class Cell:
         sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a broker that is not there
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._broker_key is not None:
+            assert self._keys is not None
+            sock.curve_serverkey = self._broker_key
+            sock.curve_publickey = self._keys.public
+            sock.curve_secretkey = self._keys.secret
+            self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+            self._monitor.setsockopt(zmq.LINGER, 0)
         sock.connect(self.broker_url)
         return sock
+
+    def _close_socket(self, sock: zmq.Socket) -> None:
+        if self._monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+            self._monitor.close(linger=0)
+            self._monitor = None
+        sock.close(linger=0)
+
+    def _on_handshake(self, monitor: zmq.Socket) -> None:
+        """Read CURVE handshake events; a key the broker refuses ends a pending start."""
+        for _ in range(64):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except (zmq.ZMQError, ValueError, IndexError):
+                return
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshake_failed = ""
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                why = f"it does not allow this cell's key (ZAP status {value})"
+                if not self._ready.is_set():
+                    self._auth_refused = why
+                    self._ready.set()
+                else:  # libzmq does not retry a refused key: this cell stays offline
+                    self._rlog.log(
+                        logging.ERROR,
+                        "auth",
+                        "cell %s: the broker at %s refused this cell's key on reconnect",
+                        self._fqcn,
+                        self.broker_url,
+                    )
+            else:
+                self._handshake_failed = f"the CURVE handshake failed ({zmq.Event(kind).name})"
 
     def _io_loop(self) -> None:
         try:
@@ -680,7 +975,7 @@ class Cell:
             self._connected.clear()
             self._ready.set()
             if self._sock is not None:
-                self._sock.close(linger=0)
+                self._close_socket(self._sock)
                 self._sock = None
 
     def _io_run(self, session: Session) -> None:
@@ -691,22 +986,30 @@ class Cell:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        monitor = self._monitor
+        if monitor is not None:
+            poller.register(monitor, zmq.POLLIN)
         stalled: list[Any] | None = None
         while not self._stopping.is_set():
             now = time.monotonic()
             act = session.tick(now)
             if act.reconnect:
                 poller.unregister(sock)
-                sock.close(linger=0)
+                if monitor is not None:
+                    poller.unregister(monitor)
+                self._close_socket(sock)
                 sock = self._sock = self._new_socket()
                 poller.register(sock, zmq.POLLIN)
+                monitor = self._monitor
+                if monitor is not None:
+                    poller.register(monitor, zmq.POLLIN)
                 want_out = False
                 session.socket_replaced(now)
                 stalled = None
                 self._out.clear()
                 self.stats["reconnects"] += 1
             self._apply(act, sock)
-            if self._refused:
+            if self._refused or self._auth_refused:
                 return
             wait = max(0.0, session.next_deadline() - time.monotonic())
             events = dict(poller.poll(int(min(wait, 0.1) * 1000)))
@@ -716,6 +1019,8 @@ class Cell:
                     os.read(self._wake_r, 4096)
             if sock in events:
                 self._drain_socket(sock, session)
+            if monitor is not None and monitor in events:
+                self._on_handshake(monitor)
             if session.state is SessionState.REGISTERED:
                 stalled = self._flush(sock, stalled)
                 if want_out != (stalled is not None):
@@ -808,11 +1113,23 @@ class Cell:
             if len(self._origins) >= 4096:  # names come from the network: stay bounded
                 self._origins.clear()
             self._origins[raw_origin] = origin
+        if self._e2e is not None:
+            try:
+                headers = wire.decode_headers(frames[2])
+            except WireError:
+                headers = {}  # wire.decode below says what is wrong
+            if headers.get(_H.SECURE):
+                self._on_sealed(frames, headers, origin)
+                return
         try:
             msg = wire.decode(frames[2:])
         except WireError as exc:
-            self._drop("decode", "undecodable message from %s: %s", origin, exc)
-            self._answer_undecodable(frames, origin, exc)
+            if not self._refuse_sealed(frames[2], origin):
+                self._drop("decode", "undecodable message from %s: %s", origin, exc)
+                self._answer_undecodable(frames, origin, exc)
+            return
+        if msg.headers.get(_H.SECURE):  # a sealed body that happened to decode
+            self._refuse_sealed(frames[2], origin)
             return
         self.stats["received"] += 1
         msg.headers[_H.ORIGIN] = origin
@@ -829,25 +1146,57 @@ class Cell:
                     "cell %s: dropped a reply from %s for no waiting request", self._fqcn, origin
                 )
                 return
-            w.resolve(msg)
+            w.resolve(self._unsealed(msg, origin) if w.secure else msg)
         elif mtype in (MessageType.REQUEST, MessageType.FIRE):
-            with self._pending_lock:
-                busy = self._pending_jobs >= self._max_pending
-                if not busy:
-                    self._pending_jobs += 1
-            if busy:
-                if mtype == MessageType.REQUEST:
-                    self._send_reply(
-                        make_reply(
-                            ReturnCode.SERVICE_UNAVAILABLE, f"cell {self._fqcn} is overloaded"
-                        ),
-                        msg,
-                        origin,
-                    )
-                return
-            self._jobs.put((msg, origin))
+            if self._admit(mtype, msg, origin):
+                self._jobs.put((msg, origin))
         else:
             self._drop("mtype", "unknown msg_type %r from %s", mtype, origin)
+
+    def _admit(self, mtype: str, request: Message, origin: str) -> bool:
+        """Take a request or fire for a handler thread, or answer ``service_unavailable``."""
+        with self._pending_lock:
+            busy = self._pending_jobs >= self._max_pending
+            if not busy:
+                self._pending_jobs += 1
+        if busy and mtype == MessageType.REQUEST:
+            self._send_reply(
+                make_reply(ReturnCode.SERVICE_UNAVAILABLE, f"cell {self._fqcn} is overloaded"),
+                request,
+                origin,
+            )
+        return not busy
+
+    def _on_sealed(self, frames: list[zmq.Frame], headers: dict[str, Any], origin: str) -> None:
+        """A message marked secure, at a cell that can open it (I/O thread)."""
+        self.stats["received"] += 1
+        mtype = headers.get(_H.MSG_TYPE)
+        if mtype == MessageType.REPLY:
+            req_id = headers.get(_H.REQ_ID)
+            with self._waiters_lock:
+                w = self._waiters.get(req_id) if isinstance(req_id, int) else None
+            if w is None or w.target != origin:
+                self.stats["dropped_late_reply"] += 1
+                return
+            self._open_reply(frames, w, origin)
+        elif mtype in (MessageType.REQUEST, MessageType.FIRE):
+            if self._admit(mtype, Message(headers), origin):
+                self._jobs.put((_Sealed(frames[2:], headers), origin))
+        else:
+            self._drop("mtype", "unknown msg_type %r from %s", mtype, origin)
+
+    def _refuse_sealed(self, headers_frame: zmq.Frame, origin: str) -> bool:
+        """If the message is marked secure, refuse it (this cell cannot open it): True."""
+        try:
+            headers = wire.decode_headers(headers_frame)
+        except WireError:
+            return False
+        if not headers.get(_H.SECURE):
+            return False
+        why = "this cell cannot open secure messages: it has no curve_keys and peer_keys"
+        self._rejected(origin, why)
+        self._answer_rejected(headers, origin, why)
+        return True
 
     def _answer_undecodable(self, frames: list[zmq.Frame], origin: str, exc: Exception) -> None:
         try:

@@ -266,3 +266,45 @@ def test_demo_two_sites() -> None:
         assert r[-1] == "yes" and abs(float(r[1]) - 16.0) < 0.5, r
     assert "wall time" in lines[header + 3]
     assert "Traceback" not in proc.stderr
+
+
+def test_keys_command_makes_a_key_pair_and_allow_list(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "objdl.cli", "keys", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    made = run("new", "site-1", "--dir", str(tmp_path / "mine"))
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "mine" / "site-1.key").exists() and (
+        tmp_path / "mine" / "site-1.key_secret"
+    ).exists()
+    pub = str(tmp_path / "mine" / "site-1.key")
+    allowed = run(
+        "allow",
+        "site-1",
+        "--dir",
+        str(tmp_path / "allowed"),
+        "--pub",
+        pub,
+        "--names",
+        "site-1,site-1.*",
+    )
+    assert allowed.returncode == 0, allowed.stderr
+    listed = run("list", "--dir", str(tmp_path / "allowed"))
+    assert listed.returncode == 0 and "site-1" in listed.stdout
+    bad = run(
+        "allow",
+        "site-2",
+        "--dir",
+        str(tmp_path / "allowed"),
+        "--pub",
+        str(tmp_path / "missing.key"),
+    )
+    assert bad.returncode != 0 and len(bad.stderr.strip().splitlines()) == 1

@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a broker (same as objdl-broker; 'objdl broker --help' for its options)",
         add_help=False,
     )
+    sub.add_parser(
+        "keys",
+        help="make key pairs and allow-lists for CURVE ('objdl keys --help')",
+        add_help=False,
+    )
 
     p = sub.add_parser("serve", help="offer files until enough sites have them")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files to offer")
@@ -191,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         from broker.__main__ import main as broker_main
 
         return broker_main(argv[1:])
+    if argv and argv[0] == "keys":
+        from objdl.keys import main as keys_main
+
+        return keys_main(argv[1:])
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed
