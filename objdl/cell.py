@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import queue
+import re
 import threading
 import time
 from _thread import allocate_lock as _thread_lock
@@ -76,6 +77,8 @@ _NACK_RC = {
     wire.NACK_UNREGISTERED: ReturnCode.COMM_ERROR,
 }
 _ABORT_POLL = 0.02  # how often a waiting call looks at its abort signal
+_URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
+_CLOSE_LINGER_MS = 250  # time given to the last queued replies and BYE at stop
 _SECURE_MSG = (
     "secure=True needs end-to-end keys, which cell {} does not have: give it curve_keys= "
     "(its key pair) and peer_keys= (its peers' public keys); refusing rather than sending "
@@ -192,6 +195,8 @@ class Cell:
         broker_timeout: seconds of silence after which the broker is taken for dead
             and the cell reconnects.
         start_timeout: default bound for :meth:`start`.
+        drain_timeout: at :meth:`stop`, how long handlers already running may take
+            to finish, so their replies still go out.
         context: a ZeroMQ context to use (default: the process-wide one).
         curve_keys: this cell's key pair: a ``NAME.key_secret`` file (``objdl keys
             new``), a ``(public, secret)`` Z85 pair or a
@@ -222,11 +227,14 @@ class Cell:
         curve_keys: KeySource | None = None,
         broker_public_key: PublicKeySource | None = None,
         peer_keys: PeerKeySource | None = None,
+        drain_timeout: float = 1.0,
     ) -> None:
         self._fqcn = _fqcn.validate(fqcn)
         self._fqcn_b = self._fqcn.encode()
-        if not isinstance(broker_url, str) or "://" not in broker_url:
-            raise ValueError(f"broker_url must look like tcp://HOST:PORT, got {broker_url!r}")
+        if not isinstance(broker_url, str) or not _URL.fullmatch(broker_url):
+            raise ValueError(
+                f"broker_url must look like tcp://HOST:PORT (or ipc://PATH), got {broker_url!r}"
+            )
         if max_workers < 1 or max_pending < 1:
             raise ValueError("max_workers and max_pending must be at least 1")
         self.broker_url = broker_url
@@ -263,10 +271,13 @@ class Cell:
         self._jobs: queue.SimpleQueue[tuple[Message | _Sealed, str] | None] = queue.SimpleQueue()
         self._pending_jobs = 0
         self._pending_lock = threading.Lock()
+        self._idle = threading.Condition(self._pending_lock)  # _pending_jobs fell to 0
+        self._drain = drain_timeout
         self._workers: list[threading.Thread] = []
         self._io: threading.Thread | None = None
         self._sock: zmq.Socket | None = None  # owned by the I/O thread
         self._io_ident = -1
+        self._closing_linger = 0  # ms; set when the I/O thread ends normally
         self._origins: dict[bytes, str] = {}  # validated origin names (I/O thread only)
         self._targets: set[str] = set()  # validated target names
         self._stopping = threading.Event()
@@ -371,9 +382,13 @@ class Cell:
                 self._stopped = True
                 return
             self._stopped = True
+        deadline = time.monotonic() + timeout
+        # Let handlers already running finish, so their replies are queued and go out
+        # with the last flush (a site waiting on them would otherwise wait its timeout).
+        with self._idle:
+            self._idle.wait_for(lambda: self._pending_jobs == 0, min(self._drain, timeout / 2))
         self._stopping.set()
         self._wake()
-        deadline = time.monotonic() + timeout
         if self._io is not None:
             self._io.join(max(0.0, deadline - time.monotonic()))
         for _ in self._workers:
@@ -746,8 +761,10 @@ class Cell:
             except Exception:  # never lose a worker thread
                 log.exception("cell %s: unexpected error running a handler", self._fqcn)
             finally:
-                with self._pending_lock:
+                with self._idle:
                     self._pending_jobs -= 1
+                    if self._pending_jobs == 0:
+                        self._idle.notify_all()
 
     def _run_handler(self, job: Message | _Sealed, origin: str) -> None:
         secure = isinstance(job, _Sealed)
@@ -933,7 +950,9 @@ class Cell:
                 sock.disable_monitor()
             self._monitor.close(linger=0)
             self._monitor = None
-        sock.close(linger=0)
+        # A short, bounded linger at stop lets the last replies and BYE leave; on a
+        # reconnect (or a dead broker) nothing queued is worth waiting for.
+        sock.close(linger=self._closing_linger)
 
     def _on_handshake(self, monitor: zmq.Socket) -> None:
         """Read CURVE handshake events; a key the broker refuses ends a pending start."""
@@ -1028,10 +1047,13 @@ class Cell:
                     poller.register(sock, zmq.POLLIN | zmq.POLLOUT if want_out else zmq.POLLIN)
             elif self._out:
                 self._out.clear()  # requests made while unregistered already failed
+        if session.state is SessionState.REGISTERED:
+            self._flush(sock, stalled)  # replies the last handlers queued
         bye = session.close()
         if bye is not None:
             with contextlib.suppress(zmq.ZMQError):
                 sock.send_multipart(bye, zmq.NOBLOCK)
+        self._closing_linger = _CLOSE_LINGER_MS
 
     def _flush(self, sock: zmq.Socket, stalled: list[Any] | None) -> list[Any] | None:
         """Send queued messages without blocking; return the one that did not fit."""

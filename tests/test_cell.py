@@ -360,3 +360,38 @@ def test_broker_and_three_cells_in_separate_processes() -> None:
         results.close()
         results.join_thread()
         _procs.stop_process(bproc)
+
+
+def test_broker_urls_are_checked_up_front() -> None:
+    for bad in ("tcp://host", "127.0.0.1:8002", "tcp://:8002", "http://x:1 y", ""):
+        with pytest.raises(ValueError, match="broker_url"):
+            Cell("site-1", bad)
+    for good in (
+        "tcp://127.0.0.1:8002",
+        "tcp://[::1]:8002",
+        "tcp://broker.example:1",
+        "ipc:///tmp/x",
+    ):
+        Cell("site-1", good)  # not started: nothing to stop
+
+
+def test_stop_lets_running_handlers_reply(make_cell: Callable[..., Cell]) -> None:
+    server, site = make_cell("server"), make_cell("site-1")
+    started = threading.Event()
+
+    def slow(req: Message) -> Message:
+        started.set()
+        time.sleep(0.3)
+        return Message(payload="finished")
+
+    server.register_request_cb("ch", "slow", slow)
+    replies: list[Message] = []
+    t = threading.Thread(
+        target=lambda: replies.append(site.send_request("ch", "server", "slow", Message(), 5.0))
+    )
+    t.start()
+    assert started.wait(5)
+    server.stop()  # while the handler runs
+    t.join(10)
+    assert replies and replies[0].get_header(RC) == ReturnCode.OK
+    assert replies[0].payload == "finished"

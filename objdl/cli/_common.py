@@ -6,7 +6,6 @@ import re
 import signal
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +30,6 @@ __all__ = [
     "check_name",
     "check_positive",
     "check_source",
-    "drain_replies",
     "human_size",
     "parse_size",
     "start_cell",
@@ -47,7 +45,6 @@ DEFAULT_BROKER = "tcp://127.0.0.1:8002"
 DEFAULT_CONNECT_TIMEOUT = 5.0
 # After the last site finished, the owner's final replies are still on their way out;
 # Cell.stop() closes the socket at once (linger 0), so give them this long to leave.
-_REPLY_DRAIN = 0.5
 _MIB = 1024 * 1024
 _SIZE_UNITS = {
     "": 1,
@@ -191,16 +188,6 @@ def stop_on_signals() -> Iterator[StopFlag]:
     finally:
         for sig, handler in previous:
             signal.signal(sig, handler)
-
-
-def drain_replies() -> None:
-    """Give replies the handlers already produced time to leave before ``cell.stop()``.
-
-    The owner learns that the last site finished while it is still answering that
-    site's final request; stopping the cell at once could drop the answer and leave
-    the site waiting for a reply that never comes.
-    """
-    time.sleep(_REPLY_DRAIN)
 
 
 def human_size(n: float) -> str:

@@ -21,7 +21,6 @@ from objdl.cli._common import (
     check_name,
     check_positive,
     check_source,
-    drain_replies,
     human_size,
     start_cell,
     stop_on_signals,
@@ -85,8 +84,6 @@ def serve(args: argparse.Namespace) -> int:
             )
             while outcome.wait(0.2).status == TransferStatus.RUNNING and not stop.is_set():
                 pass
-            if outcome.status == TransferStatus.FINISHED:
-                drain_replies()
         finally:
             progress.close()
             cell.stop()
