@@ -1,0 +1,676 @@
+"""One file transfer from an owner to N sites, in one of three ways, measured from outside.
+
+How it works: :func:`run_transfer` (the parent side) starts a broker, an owner and N
+site processes on 127.0.0.1 (and, for a long link, a delaying proxy between the
+sites and the broker), waits until all are idle and ready, records each one's
+resident memory, resets its peak-memory mark and reads its CPU time, then tells
+every site ``GO`` on its stdin. Each site times its own download and answers ``DONE``.
+The parent then reads every process's CPU time and peak memory again, ends every
+process by its pid (``finally``, bounded waits), checks the sha256 of every
+destination file against the source, and deletes them.
+
+The three ways (``mode``):
+
+- ``windowed``: objdl, :func:`objdl.objects.offer_file` / :func:`download_file`
+  (a window of chunk requests in flight, digest checked on the site);
+- ``seed``: objdl, the seed's exchange: :func:`objdl.downloader.download_object` with
+  a plain :class:`~objdl.downloader.Consumer` that ``pwrite``s each chunk (one request
+  at a time, no digest on the site);
+- ``raw``: bare pyzmq with the same chunk size and window: a ROUTER relay forwarding by
+  a destination frame, an owner DEALER answering ``(offset, length)`` with ``os.pread``,
+  site DEALERs keeping `window` requests in flight and ``pwrite``-ing each chunk. No
+  digest, no headers, no handler threads: the ceiling.
+
+Child processes run this file with ``--role``; they talk to the parent with
+``TAG {json}`` lines on stdout and take commands (``GO``, ``STATS``, ``EXIT``) on stdin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks._util import (
+    Child,
+    ChildError,
+    Commands,
+    cpu_seconds_fine,
+    emit,
+    file_sha256,
+    peak_rss_kib,
+    reset_peak_rss,
+    rss_kib,
+    start_objdl_broker,
+    system_busy_seconds,
+    thread_cpu,
+    thread_names,
+)
+
+__all__ = [
+    "MODES",
+    "Plan",
+    "child_argv",
+    "end_child",
+    "others_share",
+    "run_transfer",
+    "write_source",
+]
+
+MODES = ("windowed", "seed", "raw")
+_THIS = os.path.abspath(__file__)
+_PROXY = os.path.join(os.path.dirname(_THIS), "_proxy.py")
+_OWNER = "server"
+_RAW_OWNER = b"owner"
+_LIFETIME = 3600.0  # a child ends itself after this long, whatever happens
+_HDR = struct.Struct("!QI")  # raw relay request: offset, length
+_SETTLE = 0.5  # seconds of quiet before the idle memory is read
+
+
+# ---------------------------------------------------------------- child side: shared
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _hold(cmds: Commands, stats: Any = None) -> None:
+    """Answer ``THREADS`` (and ``STATS`` with `stats()`) until ``EXIT`` or the lifetime bound."""
+    deadline = time.monotonic() + _LIFETIME
+    while time.monotonic() < deadline:
+        if not _answer(cmds.get(1.0), stats):
+            return
+
+
+def _answer(got: str | None, stats: Any = None) -> bool:
+    """Answer one command; False for ``EXIT``."""
+    if got == "EXIT":
+        return False
+    if got == "THREADS":
+        emit("THREADS", thread_names())
+    elif got == "STATS" and stats is not None:
+        emit("STATS", stats())
+    return True
+
+
+def _pwrite_all(fd: int, data: Any, offset: int) -> int:
+    view = memoryview(data).cast("B")
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)
+    return done
+
+
+# ---------------------------------------------------------------- child side: objdl
+
+
+def _objdl_owner(url: str, path: str, chunk: int) -> None:
+    from objdl.cell import Cell
+    from objdl.objects import offer_file
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cmds = Commands()
+    with Cell(_OWNER, url) as cell:
+        ref = offer_file(cell, path, chunk_size=chunk, timeout=_LIFETIME)
+        emit("READY", {"pid": os.getpid(), "ref": ref})
+        _hold(cmds, lambda: dict(cell.stats))
+
+
+def _seed_consumer(dest: str) -> Any:
+    """A seed-style Consumer: pwrite each chunk at its offset, hand the owner's state back."""
+    from objdl.downloader import Consumer
+
+    class FileSink(Consumer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.pos = 0
+            self.ok: bool | None = None
+            self.reason = ""
+
+        def consume(self, ref_id: str, state: dict, data: Any) -> dict:
+            n = _pwrite_all(self.fd, data, self.pos) if data is not None else 0
+            self.pos += n
+            if "size" in state:  # the first reply: the object's description and chunk 0
+                os.ftruncate(self.fd, state["size"])
+                return {"offset": self.pos}
+            if state.get("offset") != self.pos:
+                raise ValueError(f"owner's offset {state.get('offset')} is not ours, {self.pos}")
+            return state  # {"offset": next}, as the owner gave it
+
+        def download_completed(self, ref_id: str) -> None:
+            os.close(self.fd)
+            self.ok = True
+
+        def download_failed(self, ref_id: str, reason: str) -> None:
+            os.close(self.fd)
+            self.ok, self.reason = False, reason
+
+    return FileSink()
+
+
+def _objdl_site(
+    url: str, name: str, ref: str, dest: str, chunk: int, window: int, mode: str, timeout: float
+) -> None:
+    from objdl.cell import Cell
+    from objdl.downloader import download_object
+    from objdl.objects import DownloadError, download_file
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cmds = Commands()
+    with Cell(name, url) as cell:
+        emit("READY", {"pid": os.getpid()})
+        cmds.expect("GO", _LIFETIME)
+        ok, reason = True, ""
+        t0 = time.monotonic()
+        if mode == "windowed":
+            try:
+                download_file(
+                    cell,
+                    _OWNER,
+                    ref,
+                    dest,
+                    window=window,
+                    chunk_size=chunk,
+                    per_request_timeout=timeout,
+                )
+            except DownloadError as exc:
+                ok, reason = False, exc.reason
+        else:
+            sink = _seed_consumer(dest)
+            download_object(_OWNER, ref, timeout, cell, sink)
+            ok, reason = sink.ok is True, sink.reason
+        t1 = time.monotonic()
+        emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
+        _hold(cmds)
+
+
+# ---------------------------------------------------------------- child side: raw pyzmq
+
+
+def _raw_socket(ctx: Any, kind: int, identity: bytes | None = None) -> Any:
+    sock = ctx.socket(kind)
+    sock.linger = 0
+    if identity is not None:
+        sock.routing_id = identity
+    return sock
+
+
+def _raw_hello(sock: Any, timeout: float = 10.0) -> None:
+    """Make sure the relay knows this DEALER's routing id before anyone sends to it."""
+    import zmq
+
+    sock.send_multipart([b""])
+    if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+        raise RuntimeError(f"the raw relay did not answer hello within {timeout:g}s")
+    sock.recv_multipart()
+
+
+def _raw_relay() -> None:
+    import zmq
+
+    stop = [False]
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    cmds = Commands()
+    ctx = zmq.Context()
+    sock = _raw_socket(ctx, zmq.ROUTER)
+    try:
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.bind("tcp://127.0.0.1:*")
+        emit("READY", {"url": sock.getsockopt_string(zmq.LAST_ENDPOINT), "pid": os.getpid()})
+        deadline = time.monotonic() + _LIFETIME
+        while not stop[0] and time.monotonic() < deadline:
+            if not sock.poll(200, zmq.POLLIN):
+                if not _answer(cmds.get(0)):
+                    return
+                continue
+            for _ in range(256):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                if len(frames) < 2:
+                    continue
+                src, dest = frames[0].bytes, frames[1].bytes
+                # [dest, ...] from src goes out as [src, ...] to dest; b"" is hello.
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send_multipart([dest or src, src, *frames[2:]], zmq.NOBLOCK, copy=False)
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _raw_owner(url: str, path: str) -> None:
+    import zmq
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cmds = Commands()
+    ctx = zmq.Context()
+    sock = _raw_socket(ctx, zmq.DEALER, _RAW_OWNER)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        sock.connect(url)
+        _raw_hello(sock)
+        emit("READY", {"pid": os.getpid()})
+        deadline = time.monotonic() + _LIFETIME
+        while time.monotonic() < deadline:
+            if not sock.poll(200, zmq.POLLIN):
+                if not _answer(cmds.get(0)):
+                    return
+                continue
+            for _ in range(256):
+                try:
+                    src, hdr = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except ValueError:
+                    continue
+                offset, length = _HDR.unpack(hdr)
+                data = os.pread(fd, length, offset)
+                sock.send_multipart([src, hdr, data], copy=False)
+    finally:
+        os.close(fd)
+        sock.close(linger=0)
+        ctx.term()
+
+
+def _raw_site(
+    url: str, name: str, dest: str, size: int, chunk: int, window: int, timeout: float
+) -> None:
+    import zmq
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    cmds = Commands()
+    ctx = zmq.Context()
+    sock = _raw_socket(ctx, zmq.DEALER, name.encode())
+    sock.rcvtimeo = int(timeout * 1000)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        sock.connect(url)
+        _raw_hello(sock)
+        emit("READY", {"pid": os.getpid()})
+        cmds.expect("GO", _LIFETIME)
+        ok, reason = True, ""
+        t0 = time.monotonic()
+        os.ftruncate(fd, size)
+        nxt = got = 0
+        inflight = 0
+        try:
+            while got < size:
+                while inflight < window and nxt < size:
+                    n = min(chunk, size - nxt)
+                    sock.send_multipart([_RAW_OWNER, _HDR.pack(nxt, n)])
+                    nxt += n
+                    inflight += 1
+                _, hdr, data = sock.recv_multipart(copy=False)
+                offset, length = _HDR.unpack(hdr.bytes)
+                if len(data) != length:
+                    raise RuntimeError(f"got {len(data)} bytes at {offset}, asked {length}")
+                got += _pwrite_all(fd, data.buffer, offset)
+                inflight -= 1
+        except (zmq.Again, RuntimeError, ValueError) as exc:
+            ok, reason = False, f"{type(exc).__name__}: {exc}"
+        t1 = time.monotonic()
+        emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
+        _hold(cmds)
+    finally:
+        os.close(fd)
+        sock.close(linger=0)
+        ctx.term()
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def child_argv(script: str, role: str, **kwargs: Any) -> list[str]:
+    """The command line that runs `role` of `script` with `kwargs` as its json arguments."""
+    return [sys.executable, script, "--role", role, "--args", json.dumps(kwargs)]
+
+
+def end_child(child: Child, timeout: float = 5.0) -> None:
+    """Ask a child to exit (``EXIT`` on stdin), give it `timeout` s, then end it by its pid."""
+    if child.proc.poll() is None and child.proc.stdin is not None and child.send("EXIT"):
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.proc.wait(timeout)
+    child.stop()
+
+
+def write_source(path: str, size: int) -> str:
+    """Write `size` random bytes to `path`; return their sha256 (hex)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    block = 16 * 1024 * 1024
+    with open(path, "wb") as f:
+        left = size
+        while left:
+            data = os.urandom(min(block, left))
+            f.write(data)
+            h.update(data)
+            left -= len(data)
+    return h.hexdigest()
+
+
+@dataclass
+class Plan:
+    """One transfer to run: which way, to how many sites, of which file, how."""
+
+    mode: str
+    sites: int
+    src: str
+    size: int
+    digest: str
+    chunk: int
+    window: int
+    workdir: str
+    delay: float | None = None  # one-way delay of a proxy between sites and broker
+    profile_dir: str | None = None  # py-spy the owner, broker and first site into here
+    profile_rate: int = 250
+    profile_roles: tuple[str, ...] = ("owner", "broker", "site")
+    profile_gil: bool = False  # sample only the thread holding the GIL (pure Python time)
+    request_timeout: float = 30.0
+    tag: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _budget(plan: Plan) -> float:
+    """A bound on the transfer: generous (5 MiB/s), so only a real hang trips it."""
+    return 120.0 + plan.sites * plan.size / (5 * 1024 * 1024)
+
+
+def _start_pyspy(plan: Plan, role: str, pid: int) -> subprocess.Popen[bytes] | None:
+    assert plan.profile_dir is not None
+    out = os.path.join(plan.profile_dir, f"{plan.tag or plan.mode}-{role}.txt")
+    argv = ["py-spy", "record", "-p", str(pid), "-f", "raw", "-o", out, "--threads"]
+    argv += ["--nonblocking", "-r", str(plan.profile_rate)]
+    if plan.profile_gil:
+        argv.append("--gil")
+    try:
+        return subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError as exc:
+        print(f"  (py-spy not started for {role}: {exc})", file=sys.stderr)
+        return None
+
+
+def _stop_pyspy(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+    for p in procs:
+        try:
+            p.wait(20.0)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            p.wait(5.0)
+
+
+def run_transfer(plan: Plan) -> dict[str, Any]:
+    """Run one transfer; return its measurements (see the module docstring)."""
+    if plan.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {plan.mode!r}")
+    children: list[Child] = []
+    spies: list[subprocess.Popen[bytes]] = []
+    dests = [
+        os.path.join(plan.workdir, f"dst-{plan.mode}-{i}-{os.getpid()}.bin")
+        for i in range(plan.sites)
+    ]
+    result: dict[str, Any] = {"mode": plan.mode, "sites": plan.sites, "size": plan.size}
+    try:
+        if plan.mode == "raw":
+            broker = Child("raw-relay", child_argv(_THIS, "raw-relay"), stdin=True)
+            children.append(broker)
+            url = broker.expect("READY", 30.0)["url"]
+        else:
+            broker, url = start_objdl_broker()
+            children.append(broker)
+        site_url = url
+        proxy = None
+        if plan.delay is not None:
+            argv = [sys.executable, _PROXY, "--upstream", url, "--delay", str(plan.delay)]
+            proxy = Child("proxy", argv, stdin=True)
+            children.append(proxy)
+            site_url = proxy.expect("READY", 30.0)["url"]
+
+        hash_time = 60.0 + plan.size / (20 * 1024 * 1024)
+        if plan.mode == "raw":
+            owner = Child(
+                "raw-owner", child_argv(_THIS, "raw-owner", url=url, path=plan.src), stdin=True
+            )
+            children.append(owner)
+            owner.expect("READY", 30.0)
+        else:
+            argv = child_argv(_THIS, "objdl-owner", url=url, path=plan.src, chunk=plan.chunk)
+            owner = Child("objdl-owner", argv, stdin=True)
+            children.append(owner)
+            ref = owner.expect("READY", hash_time)["ref"]
+
+        sites: list[Child] = []
+        for i, dest in enumerate(dests):
+            name = f"site-{i + 1}"
+            if plan.mode == "raw":
+                argv = child_argv(
+                    _THIS,
+                    "raw-site",
+                    url=site_url,
+                    name=name,
+                    dest=dest,
+                    size=plan.size,
+                    chunk=plan.chunk,
+                    window=plan.window,
+                    timeout=plan.request_timeout,
+                )
+            else:
+                argv = child_argv(
+                    _THIS,
+                    "objdl-site",
+                    url=site_url,
+                    name=name,
+                    ref=ref,
+                    dest=dest,
+                    chunk=plan.chunk,
+                    window=plan.window,
+                    mode=plan.mode,
+                    timeout=plan.request_timeout,
+                )
+            site = Child(name, argv, stdin=True)
+            children.append(site)
+            sites.append(site)
+        for site in sites:
+            site.expect("READY", 60.0)
+
+        roles = {"owner": owner, "broker": broker}
+        roles.update({s.name: s for s in sites})
+        time.sleep(_SETTLE)
+        idle = {r: rss_kib(c.pid) for r, c in roles.items()}
+        peak_reset = all(reset_peak_rss(c.pid) for c in roles.values())
+        cpu0 = {r: cpu_seconds_fine(c.pid) for r, c in roles.items()}
+        if proxy is not None:
+            cpu0["proxy"] = cpu_seconds_fine(proxy.pid)
+        threads0 = {r: thread_cpu(c.pid) for r, c in roles.items()}
+        busy0, wall0 = system_busy_seconds(), time.monotonic()
+        if plan.profile_dir:
+            for role, child in (("owner", owner), ("broker", broker), ("site", sites[0])):
+                if role not in plan.profile_roles:
+                    continue
+                spy = _start_pyspy(plan, role, child.pid)
+                if spy is not None:
+                    spies.append(spy)
+            time.sleep(1.0)  # let py-spy attach before the transfer starts
+
+        started = time.monotonic()
+        for site in sites:
+            site.send("GO")
+        budget = _budget(plan)
+        done = []
+        for site in sites:
+            left = max(1.0, started + budget - time.monotonic())
+            done.append(site.expect("DONE", left))
+        cpu1 = {r: cpu_seconds_fine(c.pid) for r, c in roles.items()}
+        if proxy is not None:
+            cpu1["proxy"] = cpu_seconds_fine(proxy.pid)
+        busy1, wall1 = system_busy_seconds(), time.monotonic()
+        threads1 = {r: thread_cpu(c.pid) for r, c in roles.items()}
+        peak = {r: peak_rss_kib(c.pid) for r, c in roles.items()}
+        _stop_pyspy(spies)
+        spies = []
+        names: dict[str, dict[str, str]] = {}
+        for role, child in roles.items():
+            if child.proc.stdin is not None and child.send("THREADS"):
+                with contextlib.suppress(ChildError):
+                    names[role] = child.expect("THREADS", 10.0)
+        result["threads_s"] = _by_thread(roles, threads0, threads1, names)
+
+        result["ok"] = [d["ok"] for d in done]
+        result["reasons"] = [d["reason"] for d in done if not d["ok"]]
+        result["t0"] = [d["t0"] for d in done]
+        result["t1"] = [d["t1"] for d in done]
+        result["idle_kib"] = idle
+        result["peak_kib"] = peak
+        result["peak_reset"] = peak_reset
+        result["others_share"] = others_share(busy0, busy1, wall1 - wall0, cpu0, cpu1)
+        result["cpu_s"] = {
+            r: (None if cpu1.get(r) is None or cpu0.get(r) is None else cpu1[r] - cpu0[r])  # type: ignore[operator]
+            for r in cpu0
+        }
+    finally:
+        _stop_pyspy(spies)
+        for child in reversed(children):  # sites first, the broker last
+            end_child(child)
+
+    try:
+        digests_ok = 0
+        for dest in dests:
+            if os.path.exists(dest) and file_sha256(dest) == plan.digest:
+                digests_ok += 1
+        result["digests_ok"] = digests_ok
+    finally:
+        for dest in dests:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(dest)
+        for leftover in os.listdir(plan.workdir):  # an objdl part file of a failed run
+            if leftover.endswith(".objdl-part"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(plan.workdir, leftover))
+    return _derive(result)
+
+
+def _thread_label(tid: int, pid: int, comm: str, names: dict[str, str]) -> str:
+    name = names.get(str(tid))
+    if name is None:
+        if comm.startswith("ZMQbg"):
+            name = comm
+        elif tid == pid:
+            name = "MainThread"
+        else:
+            name = "other thread"  # e.g. the objdl broker's I/O thread (it takes no commands)
+    name = re.sub(r"^objdl-broker .*", "broker io", name)
+    name = re.sub(r"^objdl-.*-(io|handler-\d+|txmonitor)$", r"cell \1", name)
+    return re.sub(r"-\d+$", "-N", name)
+
+
+def _by_thread(
+    roles: dict[str, Child],
+    before: dict[str, dict[int, tuple[str, float]]],
+    after: dict[str, dict[int, tuple[str, float]]],
+    names: dict[str, dict[str, str]],
+) -> dict[str, dict[str, float]]:
+    """CPU seconds per thread kind per role ("sites" sums every site), during the transfer."""
+    out: dict[str, dict[str, float]] = {}
+    for role, child in roles.items():
+        group = out.setdefault("sites" if role.startswith("site-") else role, {})
+        for tid, (comm, sec) in after[role].items():
+            base = before[role].get(tid, (comm, 0.0))[1]
+            label = _thread_label(tid, child.pid, comm, names.get(role, {}))
+            group[label] = group.get(label, 0.0) + sec - base
+    return out
+
+
+def others_share(
+    busy0: float | None,
+    busy1: float | None,
+    wall: float,
+    cpu0: dict[str, float | None],
+    cpu1: dict[str, float | None],
+) -> float | None:
+    """Share of the machine's CPUs busy with other work (not ours) during the transfer."""
+    if busy0 is None or busy1 is None or wall <= 0:
+        return None
+    ours = sum((cpu1[r] or 0.0) - (cpu0[r] or 0.0) for r in cpu0)
+    return max(0.0, (busy1 - busy0 - ours) / (wall * (os.cpu_count() or 1)))
+
+
+def _derive(r: dict[str, Any]) -> dict[str, Any]:
+    mib = r["size"] / (1024 * 1024)
+    spans = [t1 - t0 for t0, t1 in zip(r["t0"], r["t1"], strict=True)]
+    whole = max(r["t1"]) - min(r["t0"])
+    r["seconds"] = whole
+    r["agg_mibps"] = mib * r["sites"] / whole if whole > 0 else float("inf")
+    r["site_mibps"] = [mib / s if s > 0 else float("inf") for s in spans]
+    total = mib * r["sites"]
+    cpu = r["cpu_s"]
+    site_cpu = [v for k, v in cpu.items() if k.startswith("site-")]
+    r["cpu_ms_per_mib"] = {
+        "owner": None if cpu.get("owner") is None else cpu["owner"] * 1000 / total,
+        "broker": None if cpu.get("broker") is None else cpu["broker"] * 1000 / total,
+        "sites": None if None in site_cpu else sum(site_cpu) * 1000 / total,
+    }
+    if "proxy" in cpu and cpu["proxy"] is not None:
+        r["cpu_ms_per_mib"]["proxy"] = cpu["proxy"] * 1000 / total
+    r["thread_ms_per_mib"] = {
+        role: {label: sec * 1000 / total for label, sec in threads.items()}
+        for role, threads in r.get("threads_s", {}).items()
+    }
+    return r
+
+
+# ---------------------------------------------------------------- child entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="a child role of the download benchmarks")
+    p.add_argument(
+        "--role",
+        required=True,
+        choices=["objdl-owner", "objdl-site", "raw-relay", "raw-owner", "raw-site"],
+    )
+    p.add_argument("--args", type=json.loads, default={})
+    args = p.parse_args(argv)
+    kw = args.args
+    try:
+        if args.role == "objdl-owner":
+            _objdl_owner(**kw)
+        elif args.role == "objdl-site":
+            _objdl_site(**kw)
+        elif args.role == "raw-relay":
+            _raw_relay()
+        elif args.role == "raw-owner":
+            _raw_owner(**kw)
+        else:
+            _raw_site(**kw)
+    except (KeyboardInterrupt, ChildError):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
