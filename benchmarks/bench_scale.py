@@ -118,6 +118,7 @@ def _cells_site(
     signal.signal(signal.SIGTERM, _interrupt)
     cmds = Commands()
     cells: list[Cell] = []
+    release = threading.Event()
     try:
         for name in names:
             cell = Cell(name, url, start_timeout=30.0)
@@ -125,12 +126,22 @@ def _cells_site(
             cells.append(cell)
         go = threading.Barrier(len(cells) + 1, timeout=_LIFETIME)
         results: list[dict[str, Any]] = [{} for _ in cells]
+        finished = threading.Semaphore(0)
+        # The fetch threads stay alive until EXIT (`release`), so that the CPU they used
+        # still counts when the parent reads this process's per-thread CPU times.
 
         def fetch(i: int, cell: Cell) -> None:
             try:
                 go.wait()
             except threading.BrokenBarrierError:
                 return
+            try:
+                results[i] = one(cell)
+            finally:
+                finished.release()
+                release.wait(_LIFETIME)
+
+        def one(cell: Cell) -> dict[str, Any]:
             t0 = time.monotonic()
             try:
                 got = download_bytes(
@@ -142,12 +153,10 @@ def _cells_site(
                     per_request_timeout=timeout,
                 )
             except DownloadError as exc:
-                results[i] = {"t0": t0, "t1": time.monotonic(), "ok": False, "why": exc.reason}
-                return
+                return {"t0": t0, "t1": time.monotonic(), "ok": False, "why": exc.reason}
             t1 = time.monotonic()
             ok = hashlib.sha256(got).hexdigest() == digest
-            del got
-            results[i] = {"t0": t0, "t1": t1, "ok": ok, "why": "" if ok else "digest"}
+            return {"t0": t0, "t1": t1, "ok": ok, "why": "" if ok else "digest"}
 
         threads = [
             threading.Thread(target=fetch, args=(i, c), name=f"fetch-{i}", daemon=True)
@@ -163,13 +172,18 @@ def _cells_site(
             raise
         go.wait()
         deadline = time.monotonic() + _LIFETIME
-        for t in threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+        for _ in threads:
+            if not finished.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                break
         emit("DONE", {"results": results})
         deadline = time.monotonic() + _LIFETIME
         while time.monotonic() < deadline and cmds.get(1.0) != "EXIT":
             pass
+        release.set()
+        for t in threads:
+            t.join(10.0)
     finally:
+        release.set()
         for cell in cells:
             cell.stop()
 
@@ -274,6 +288,22 @@ def _run_cells(
     }
 
 
+def _quiet_cells(n: int, args: argparse.Namespace, tries: int = 3) -> dict[str, Any]:
+    """As :func:`benchmarks.bench_download.quiet_run`, for one many-cells run."""
+    best: dict[str, Any] | None = None
+    for _ in range(tries):
+        wait_quiet(args.quiet, _QUIET_WAIT)
+        r = _run_cells(n, args.procs, args.cell_size, args.chunk, args.window, args.timeout)
+        if best is None or (r["others"] or 0.0) < (best["others"] or 0.0):
+            best = r
+        if r["others"] is None or r["others"] <= args.max_others:
+            break
+        share = 100 * r["others"]
+        print(f"  (other work took {share:.0f}% of the CPUs: run again)", file=sys.stderr)
+    assert best is not None
+    return best
+
+
 def _cells_part(args: argparse.Namespace) -> bool:
     print()
     print(
@@ -288,8 +318,7 @@ def _cells_part(args: argparse.Namespace) -> bool:
     for n in args.cells:
         reps = []
         for i in range(args.repeat):
-            wait_quiet(args.quiet, _QUIET_WAIT)
-            r = _run_cells(n, args.procs, args.cell_size, args.chunk, args.window, args.timeout)
+            r = _quiet_cells(n, args)
             reps.append(r)
             print(
                 f"  cells {n} repeat {i + 1}/{args.repeat}: {r['agg_mibps']:.0f} MiB/s, "
@@ -499,7 +528,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-others",
         type=float,
         default=0.2,
-        help="links: run a case again (3 tries, the quietest kept) while other work took "
+        help="run a case again (3 tries, the quietest kept) while other work took "
         "more than this share of the CPUs (0.2; 1 to never)",
     )
     p.add_argument("--role", choices=["cells-owner", "cells-site"], help=argparse.SUPPRESS)
