@@ -675,9 +675,10 @@ class Cell:
                 self._e2e.require_peer(t)  # all known, or nothing is sent
         return tlist
 
-    def _encode(
+    def _headers(
         self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
-    ) -> list[Any]:
+    ) -> dict[str, Any]:
+        """`msg`'s headers plus the routing headers every message carries."""
         headers = dict(msg.headers)
         headers[_H.CHANNEL] = channel
         headers[_H.TOPIC] = topic
@@ -686,6 +687,12 @@ class Cell:
         headers[_H.DESTINATION] = target
         if req_id:
             headers[_H.REQ_ID] = req_id
+        return headers
+
+    def _encode(
+        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
+    ) -> list[Any]:
+        headers = self._headers(msg, channel, topic, target, mtype, req_id)
         headers.pop(_H.SECURE, None)  # e.g. a received secure message sent on in plaintext
         return [wire.KIND_MSG, target.encode(), *wire.encode(Message(headers, msg.payload))]
 
@@ -693,14 +700,7 @@ class Cell:
         self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
     ) -> list[Any]:
         """The frames ``[headers, body, *buffers]`` of `msg`, marked secure, not yet sealed."""
-        headers = dict(msg.headers)
-        headers[_H.CHANNEL] = channel
-        headers[_H.TOPIC] = topic
-        headers[_H.MSG_TYPE] = mtype
-        headers[_H.ORIGIN] = self._fqcn
-        headers[_H.DESTINATION] = target
-        if req_id:
-            headers[_H.REQ_ID] = req_id
+        headers = self._headers(msg, channel, topic, target, mtype, req_id)
         headers[_H.SECURE] = True
         return wire.encode(Message(headers, msg.payload))
 
