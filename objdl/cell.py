@@ -394,6 +394,8 @@ class Cell:
         for _ in self._workers:
             self._jobs.put(None)
         for t in self._workers:
+            if t is threading.current_thread():
+                continue  # stop() called from a handler: it ends once the handler returns
             t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():
                 log.warning("cell %s: handler thread %s still busy after stop", self._fqcn, t.name)

@@ -395,3 +395,26 @@ def test_stop_lets_running_handlers_reply(make_cell: Callable[..., Cell]) -> Non
     t.join(10)
     assert replies and replies[0].get_header(RC) == ReturnCode.OK
     assert replies[0].payload == "finished"
+
+
+def test_a_handler_may_stop_its_own_cell(broker: Broker) -> None:
+    cell = Cell("server", broker.url, drain_timeout=0.2)
+    cell.start()
+    site = Cell("site-1", broker.url)
+    site.start()
+    try:
+        stopped = threading.Event()
+        cell.add_stop_callback(stopped.set)
+        cell.register_request_cb("ch", "quit", lambda req: cell.stop())
+        reply = site.send_request("ch", "server", "quit", Message(), 2.0)
+        # The reply may or may not make it out, but nothing raises or hangs.
+        assert reply.get_header(RC) in (
+            ReturnCode.OK,
+            ReturnCode.TIMEOUT,
+            ReturnCode.TARGET_UNREACHABLE,
+        )
+        wait_for(lambda: not cell.is_connected, timeout=5)
+        assert stopped.wait(5)  # stop() ran to its end, from the handler thread
+    finally:
+        site.stop()
+        cell.stop()
