@@ -51,6 +51,7 @@ from benchmarks._util import (
     emit,
     file_sha256,
     peak_rss_kib,
+    raw_hello,
     reset_peak_rss,
     rss_kib,
     start_objdl_broker,
@@ -208,16 +209,6 @@ def _raw_socket(ctx: Any, kind: int, identity: bytes | None = None) -> Any:
     return sock
 
 
-def _raw_hello(sock: Any, timeout: float = 10.0) -> None:
-    """Make sure the relay knows this DEALER's routing id before anyone sends to it."""
-    import zmq
-
-    sock.send_multipart([b""])
-    if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-        raise RuntimeError(f"the raw relay did not answer hello within {timeout:g}s")
-    sock.recv_multipart()
-
-
 def _raw_relay() -> None:
     import zmq
 
@@ -266,7 +257,7 @@ def _raw_owner(url: str, path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         sock.connect(url)
-        _raw_hello(sock)
+        raw_hello(sock)
         emit("READY", {"pid": os.getpid()})
         deadline = time.monotonic() + _LIFETIME
         while time.monotonic() < deadline:
@@ -303,7 +294,7 @@ def _raw_site(
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         sock.connect(url)
-        _raw_hello(sock)
+        raw_hello(sock)
         emit("READY", {"pid": os.getpid()})
         cmds.expect("GO", _LIFETIME)
         ok, reason = True, ""

@@ -38,6 +38,7 @@ __all__ = [
     "peak_rss_kib",
     "percentile",
     "print_table",
+    "raw_hello",
     "reset_peak_rss",
     "rss_kib",
     "start_objdl_broker",
@@ -599,3 +600,13 @@ class PeakRss:
     def pids(self, role: str) -> int:
         """How many processes have played `role`."""
         return len(self._pids.get(role, ()))
+
+
+def raw_hello(sock: Any, timeout: float = 10.0) -> None:
+    """Make sure a bare relay knows this DEALER's routing id before anyone sends to it."""
+    import zmq
+
+    sock.send_multipart([b""])
+    if not sock.poll(int(timeout * 1000), zmq.POLLIN):
+        raise RuntimeError(f"the raw relay did not answer hello within {timeout:g}s")
+    sock.recv_multipart()

@@ -45,6 +45,7 @@ from benchmarks._util import (
     peak_rss_kib,
     percentile,
     print_table,
+    raw_hello,
     start_objdl_broker,
 )
 
@@ -225,16 +226,6 @@ def _raw_socket(ctx: Any, kind: int, identity: bytes | None = None) -> Any:
     return sock
 
 
-def _raw_hello(sock: Any, timeout: float = 10.0) -> None:
-    """Make sure the relay knows this DEALER's routing id before anyone sends to it."""
-    import zmq
-
-    sock.send_multipart([b""])
-    if not sock.poll(int(timeout * 1000), zmq.POLLIN):
-        raise RuntimeError(f"the raw relay did not answer hello within {timeout:g}s")
-    sock.recv_multipart()
-
-
 def _raw_broker() -> None:
     import zmq
 
@@ -270,7 +261,7 @@ def _raw_server(url: str) -> None:
     sock = _raw_socket(ctx, zmq.DEALER, _SERVER.encode())
     try:
         sock.connect(url)
-        _raw_hello(sock)
+        raw_hello(sock)
         emit("READY", {"pid": os.getpid()})
         while not stop.is_set():
             try:
@@ -298,7 +289,7 @@ def _raw_client(
     errors = 0
     try:
         sock.connect(url)
-        _raw_hello(sock)
+        raw_hello(sock)
 
         def one() -> int:
             nonlocal errors
