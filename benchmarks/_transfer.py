@@ -529,7 +529,7 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
             if child.proc.stdin is not None and child.send("THREADS"):
                 with contextlib.suppress(ChildError):
                     names[role] = child.expect("THREADS", 10.0)
-        result["threads_s"] = _by_thread(roles, threads0, threads1, names)
+        result["threads_s"] = _by_thread(roles, threads0, threads1, names, cpu0, cpu1)
 
         result["ok"] = [d["ok"] for d in done]
         result["reasons"] = [d["reason"] for d in done if not d["ok"]]
@@ -584,15 +584,28 @@ def _by_thread(
     before: dict[str, dict[int, tuple[str, float]]],
     after: dict[str, dict[int, tuple[str, float]]],
     names: dict[str, dict[str, str]],
+    cpu0: dict[str, float | None],
+    cpu1: dict[str, float | None],
 ) -> dict[str, dict[str, float]]:
-    """CPU seconds per thread kind per role ("sites" sums every site), during the transfer."""
+    """CPU seconds per thread kind per role ("sites" sums every site), during the transfer.
+
+    Threads that ended before the end of the transfer (a download's hashing thread,
+    say) are no longer listed: what the process used beyond its live threads is
+    shown as "ended threads".
+    """
     out: dict[str, dict[str, float]] = {}
     for role, child in roles.items():
         group = out.setdefault("sites" if role.startswith("site-") else role, {})
+        live = 0.0
         for tid, (comm, sec) in after[role].items():
             base = before[role].get(tid, (comm, 0.0))[1]
             label = _thread_label(tid, child.pid, comm, names.get(role, {}))
             group[label] = group.get(label, 0.0) + sec - base
+            live += sec - base
+        c0, c1 = cpu0.get(role), cpu1.get(role)
+        # Below a few clock ticks, the difference is the coarser total's rounding.
+        if c0 is not None and c1 is not None and c1 - c0 - live > 3 / os.sysconf("SC_CLK_TCK"):
+            group["ended threads"] = group.get("ended threads", 0.0) + c1 - c0 - live
     return out
 
 

@@ -322,27 +322,27 @@ def cpu_seconds(pid: int) -> float | None:
 
 
 def cpu_seconds_fine(pid: int) -> float | None:
-    """CPU time of `pid`'s live threads, to the nanosecond (/proc/PID/task/*/schedstat).
+    """CPU time of `pid`: live threads to the nanosecond, ended ones to the clock tick.
 
-    Finer than :func:`cpu_seconds` for short phases, but a thread that ended during
-    the phase takes its time with it: use it where threads live as long as the
-    phase (falls back to :func:`cpu_seconds` when schedstat is not there).
+    The live threads' time comes from /proc/PID/task/*/schedstat, finer than
+    :func:`cpu_seconds` for short phases. Threads that already ended (a download's
+    hashing thread, say) are gone from there, so when the whole process's total
+    (/proc/PID/stat, one tick of resolution) is larger, the difference is added.
     """
-    total = 0
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
+    whole = cpu_seconds(pid)
+    if whole is None:
         return None
+    live_ns = 0
     try:
-        for tid in tids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
             try:
                 with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as f:
-                    total += int(f.read().split()[0])
+                    live_ns += int(f.read().split()[0])
             except FileNotFoundError:
                 continue  # the thread ended meanwhile
     except (OSError, ValueError, IndexError):
-        return cpu_seconds(pid)
-    return total / 1e9
+        return whole
+    return max(live_ns / 1e9, whole)
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
