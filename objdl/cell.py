@@ -128,7 +128,7 @@ class PendingRequest:
         req_id: int,
         target: str,
         deadline: float,
-        done_queue: queue.SimpleQueue[PendingRequest] | None = None,
+        done_queue: queue.SimpleQueue[Any] | None = None,
         secure: bool = False,
     ) -> None:
         self._cell = cell
@@ -520,7 +520,7 @@ class Cell:
         topic: str,
         request: Message,
         timeout: float,
-        done_queue: queue.SimpleQueue[PendingRequest] | None = None,
+        done_queue: queue.SimpleQueue[Any] | None = None,
         secure: bool = False,
         optional: bool = False,
     ) -> PendingRequest:
@@ -545,7 +545,7 @@ class Cell:
         timeout: float,
         secure: bool,
         optional: bool,
-        done_queue: queue.SimpleQueue[PendingRequest] | None,
+        done_queue: queue.SimpleQueue[Any] | None,
     ) -> list[PendingRequest]:
         tlist = self._check_send(channel, topic, targets, request, secure)
         if not isinstance(timeout, (int, float)) or timeout <= 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,33 @@ def test_bytes_with_blake2b_small_chunks_and_window(cells: tuple[Cell, Cell]) ->
     ref = offer_bytes(owner, memoryview(data), digest="blake2b", chunk_size=64 * 1024)
     got = download_bytes(site, "server", ref, chunk_size=100_000, window=3)  # clipped to 64 KiB
     assert got == data
+
+
+def _digest_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "objdl-digest"]
+
+
+def test_hashing_thread_ends_with_the_download(cells: tuple[Cell, Cell]) -> None:
+    # 2 MiB in 64 KiB chunks with a window of 4 is hashed on a thread of its own.
+    owner, site = cells
+    data = os.urandom(2 * MiB)
+    ref = offer_bytes(owner, data, digest="sha256", chunk_size=64 * 1024)
+    assert download_bytes(site, "server", ref, window=4) == data
+    assert _digest_threads() == []
+    withdrawn = offer_bytes(owner, data, digest="sha256", chunk_size=64 * 1024)
+    seen: list[int] = []
+
+    def withdraw_midway(ref_id: str, done: int, total: int | None, rate: float) -> None:
+        seen.append(done)
+        if len(seen) == 1:
+            ObjDownloader.withdraw(withdrawn, "test")
+
+    with pytest.raises(DownloadError, match="withdrawn"):
+        download_bytes(
+            site, "server", withdrawn, window=4, progress_cb=withdraw_midway,
+            progress_interval=0.0,
+        )  # fmt: skip
+    assert _digest_threads() == []
 
 
 def test_file_zero_bytes(cells: tuple[Cell, Cell], tmp_path: Path) -> None:

@@ -701,6 +701,73 @@ def test_ordered_digest_in_any_order_equals_hashing_the_whole(
     assert d.hexdigest() == hashlib.new(algo, data).hexdigest()
 
 
+@PROPERTY
+@given(
+    data=st.binary(max_size=600),
+    cuts=st.lists(st.integers(0, 600), max_size=20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_background_digest_equals_hashing_inline(data: bytes, cuts: list[int], seed: int) -> None:
+    bounds = sorted({0, len(data), *(c for c in cuts if c <= len(data))})
+    chunks = [(a, [memoryview(data)[a:b]]) for a, b in itertools.pairwise(bounds)]
+    random.Random(seed).shuffle(chunks)
+    steps: list[int] = []
+    d = OrderedDigest("sha256", background=True, on_hashed=lambda: steps.append(1))
+    try:
+        for off, pieces in chunks:
+            d.add(off, pieces)
+        assert d.upto == len(data)
+        assert d.hexdigest(5.0) == hashlib.sha256(data).hexdigest()
+        assert d.hashed == len(data)
+    finally:
+        d.close()
+    assert len(steps) == len(chunks)  # close() let the thread finish its queue
+
+
+def test_background_digest_thread_ends_on_close() -> None:
+    d = OrderedDigest("sha256", background=True)
+    d.add(0, [memoryview(b"x" * 100_000)])
+    assert d.wait(5.0) and d.hashed == 100_000
+    d.close()
+    d.close()  # idempotent
+    assert not [t for t in threading.enumerate() if t.name == "objdl-digest"]
+
+
+class _BrokenHash:
+    def update(self, data: Any) -> None:
+        raise OSError("simulated hashing failure")
+
+
+def test_background_digest_reports_a_hashing_error() -> None:
+    d = OrderedDigest("sha256", background=True)
+    d._h = _BrokenHash()  # type: ignore[assignment]
+    try:
+        d.add(0, [memoryview(b"abc")])
+        with pytest.raises(RuntimeError, match="hashing failed"):
+            d.hexdigest(5.0)
+        assert isinstance(d.error, OSError)
+    finally:
+        d.close()
+
+
+def test_background_digest_wait_is_bounded() -> None:
+    gate = threading.Event()
+    d = OrderedDigest("sha256", background=True, on_hashed=lambda: gate.wait(5.0))
+    try:
+        d.add(0, [memoryview(b"a")])
+        d.add(1, [memoryview(b"b")])  # queued behind the first step, whose callback blocks
+        t0 = time.monotonic()
+        assert d.wait(0.2) is False
+        assert 0.15 <= time.monotonic() - t0 < 2.0
+        with pytest.raises(TimeoutError, match="did not catch up"):
+            d.hexdigest(0.05)
+        gate.set()
+        assert d.hexdigest(5.0) == hashlib.sha256(b"ab").hexdigest()
+    finally:
+        gate.set()
+        d.close()
+
+
 # --- whole downloads: producer -> consumer ------------------------------------------------
 
 

@@ -170,7 +170,7 @@ class _Requester:
             return self.timeout
         return max(0.001, min(self.timeout, self.deadline - time.monotonic()))
 
-    def submit(self, state: dict | None, done: queue.SimpleQueue[PendingRequest]) -> PendingRequest:
+    def submit(self, state: dict | None, done: queue.SimpleQueue[Any]) -> PendingRequest:
         return self.cell.request_async(
             OBJ_DOWNLOADER_CHANNEL,
             self.owner,
@@ -375,7 +375,8 @@ class _Window:
         self.consumer = consumer
         self.window = window
         self.chunk = chunk
-        self.done: queue.SimpleQueue[PendingRequest] = queue.SimpleQueue()
+        # Replies, and None each time the background hashing has moved on.
+        self.done: queue.SimpleQueue[PendingRequest | None] = queue.SimpleQueue()
         self.inflight: dict[
             int, tuple[PendingRequest, int, int, int]
         ] = {}  # req_id -> p, off, n, try
@@ -393,7 +394,13 @@ class _Window:
             if isinstance(owner_chunk, int) and 0 < owner_chunk < self.chunk:
                 self.chunk = owner_chunk  # the owner serves no more than this per request
             try:
-                self.digest = OrderedDigest(algo)  # type: ignore[arg-type]
+                # Objects bigger than the window are hashed on a thread of their own,
+                # in parallel with writing; small ones are not worth a thread.
+                self.digest = OrderedDigest(
+                    algo,  # type: ignore[arg-type]
+                    background=size > self.window * self.chunk,
+                    on_hashed=self.wake,
+                )
                 start = self.consumer.resume_from(req.ref_id, desc)
                 if not 0 <= start <= size:
                     raise ValueError(f"resume point {start} is outside the object (size {size})")
@@ -410,7 +417,7 @@ class _Window:
                 self.store(0, pieces, expect=min(self.chunk, size))
             self.next = self.digest.upto
             self.loop()
-            got = self.digest.hexdigest()
+            got = self.digest.hexdigest(req.timeout)
             if got != digest:
                 reason = (
                     f"digest mismatch: owner's {algo} is {digest}, received bytes hash to {got}"
@@ -420,13 +427,22 @@ class _Window:
         finally:
             for p, *_ in self.inflight.values():
                 p.cancel()
+            if hasattr(self, "digest"):
+                self.digest.close()
         self.consumer_done()
+
+    def wake(self) -> None:
+        """Wake the loop: hashing made progress (called on the hashing thread)."""
+        self.done.put(None)
 
     def rehash(self, upto: int) -> None:
         """Hash the bytes a resumed download already has, so the full digest is checked."""
         step = 8 * self.chunk
         for off in range(0, upto, step):
             data = self.consumer.read(off, min(step, upto - off))
+            # At most one block waits for the hashing thread: memory stays bounded.
+            if not self.digest.wait(self.req.timeout):
+                raise TimeoutError(f"hashing the kept bytes stalled for {self.req.timeout:g}s")
             self.digest.add(off, [memoryview(data)])
         self.req.progress.done = upto
         log.info("download %s resumes at byte %d", self.req.ref_id, upto)
@@ -455,10 +471,7 @@ class _Window:
             raise _Failed(
                 f"could not write at offset {offset}: {type(exc).__name__}: {exc}"
             ) from exc
-        before = self.digest.upto
         self.digest.add(offset, pieces)
-        if self.digest.upto != before:
-            self.consumer.verified(self.digest.upto)
         self.req.progress.add(got)
 
     def submit(self, offset: int, n: int, attempt: int) -> None:
@@ -466,9 +479,19 @@ class _Window:
         self.inflight[p.req_id] = (p, offset, n, attempt)
 
     def loop(self) -> None:
+        """Until every byte is received and hashed: keep the window full, take replies."""
         req = self.req
         limit_span = self.window * self.chunk
-        while self.digest.upto < self.size:
+        verified = self.digest.hashed
+        while True:
+            hashed = self.digest.hashed
+            if hashed != verified:
+                verified = hashed
+                self.consumer.verified(hashed)  # written and hashed: a point to resume from
+            if hashed >= self.size:
+                return
+            if self.digest.error is not None:
+                raise _Failed(f"could not hash the received bytes: {self.digest.error!r}")
             req.check()
             if not self.inflight:
                 req.await_broker()
@@ -477,7 +500,9 @@ class _Window:
                 if self.retry_at and self.retry_at[0][0] <= now:
                     _, off, n, attempt = heapq.heappop(self.retry_at)
                     self.submit(off, n, attempt)
-                elif self.next < self.size and self.next < self.digest.upto + limit_span:
+                elif self.next < self.size and self.next < hashed + limit_span:
+                    # Bytes received but not yet hashed count against the window too,
+                    # so a site holds at most `window` chunks whatever is slow.
                     n = min(self.chunk, self.size - self.next)
                     self.submit(self.next, n, 1)
                     self.next += n
@@ -491,14 +516,12 @@ class _Window:
                 wait = min(wait, _ABORT_POLL)
             try:
                 p = self.done.get(timeout=max(0.0, wait))
-            except queue.Empty:
-                p = None
-            while p is not None:
-                self.handle(p)
-                try:
+                while True:
+                    if p is not None:
+                        self.handle(p)
                     p = self.done.get_nowait()
-                except queue.Empty:
-                    p = None
+            except queue.Empty:
+                pass
             now = time.monotonic()
             for p, *_ in [v for v in self.inflight.values() if v[0].deadline <= now]:
                 # Resolves it with a timeout reply; the copy this also puts on the

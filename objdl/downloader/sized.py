@@ -21,9 +21,11 @@ arrive and compares with the owner's digest before it reports success.
 from __future__ import annotations
 
 import hashlib
+import queue
 import threading
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from objdl.downloader._defs import Consumer, InvalidStateError, Producer, ProduceRC
@@ -48,6 +50,7 @@ DEFAULT_DIGEST = "sha256"
 DIGESTS = ("sha256", "blake2b")
 _RELEASED_MAX = 100_000
 _OPEN_WAIT = 600.0  # the longest a request waits for another thread to hash an object
+_HASH_WAIT = 60.0  # the longest hexdigest() waits for background hashing to catch up
 
 
 def _check_algo(algo: str) -> str:
@@ -223,28 +226,102 @@ class OrderedDigest:
 
     A chunk ahead of the next offset is kept (a view, not a copy) until the gap
     before it fills; the window bounds how many are kept.
+
+    With `background`, the hashing itself runs on a thread of its own, so a site
+    hashes one chunk while it writes the next (hashlib releases the GIL for large
+    buffers): on a 2-core machine this is what lets one download keep pace with the
+    network. ``upto`` counts the bytes received in order, ``hashed`` those hashed;
+    `on_hashed` (if given) is called on the hashing thread after each step. Call
+    :meth:`close` when done with a background digest; :meth:`hexdigest` waits for
+    the hashing to catch up.
     """
 
-    def __init__(self, algo: str) -> None:
+    def __init__(
+        self,
+        algo: str,
+        background: bool = False,
+        on_hashed: Callable[[], None] | None = None,
+    ) -> None:
         self._h = hashlib.new(_check_algo(algo))
         self.upto = 0
         self._held: dict[int, list[memoryview]] = {}
+        self._hashed = 0
+        self._on_hashed = on_hashed
+        self.error: BaseException | None = None
+        self._jobs: queue.SimpleQueue[list[memoryview] | None] | None = None
+        self._thread: threading.Thread | None = None
+        self._progress = threading.Condition()
+        if background:
+            self._jobs = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="objdl-digest", daemon=True)
+            self._thread.start()
+
+    @property
+    def hashed(self) -> int:
+        """Bytes hashed so far (equal to ``upto`` unless hashing in the background)."""
+        return self._hashed if self._jobs is not None else self.upto
 
     def add(self, offset: int, pieces: list[memoryview]) -> None:
         if offset != self.upto:
             self._held[offset] = pieces
             return
         while True:
-            for p in pieces:
-                self._h.update(p)
+            if self._jobs is not None:
+                self._jobs.put(pieces)
+            else:
+                for p in pieces:
+                    self._h.update(p)
             self.upto += _nbytes(pieces)
             nxt = self._held.pop(self.upto, None)
             if nxt is None:
                 return
             pieces = nxt
 
-    def hexdigest(self) -> str:
+    def _run(self) -> None:
+        assert self._jobs is not None
+        while True:
+            pieces = self._jobs.get()
+            if pieces is None:
+                return
+            if self.error is None:
+                try:
+                    for p in pieces:
+                        self._h.update(p)
+                except Exception as exc:  # surfaced by hexdigest() and wait()
+                    self.error = exc
+                with self._progress:
+                    self._hashed += _nbytes(pieces)
+                    self._progress.notify_all()
+            del pieces
+            if self._on_hashed is not None:
+                self._on_hashed()
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until every byte received in order is hashed."""
+        end = time.monotonic() + timeout
+        with self._progress:
+            while self.hashed < self.upto and self.error is None:
+                left = end - time.monotonic()
+                if left <= 0 or self._thread is None or not self._thread.is_alive():
+                    return False
+                self._progress.wait(min(left, 0.5))
+        if self.error is not None:
+            raise RuntimeError(f"hashing failed: {self.error!r}") from self.error
+        return self.hashed >= self.upto
+
+    def hexdigest(self, timeout: float = _HASH_WAIT) -> str:
+        """The digest of the bytes received in order (waits for background hashing)."""
+        if not self.wait(timeout):
+            raise TimeoutError(f"hashing did not catch up within {timeout:g}s")
         return self._h.hexdigest()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the hashing thread once it has hashed what it was given (idempotent, bounded)."""
+        if self._jobs is not None and self._thread is not None:
+            self._jobs.put(None)
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout)
+            self._thread = None
 
 
 class SizedConsumer(Consumer):
