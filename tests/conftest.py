@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import xxhash
+
+
+def reference_digest(algo: str, data: bytes) -> str:
+    """`data`'s digest computed straight from hashlib or xxhash, not through objdl."""
+    if algo == "xxh3_128":
+        return xxhash.xxh3_128(data).hexdigest()
+    return hashlib.new(algo, data).hexdigest()
 
 
 def wait_for(cond: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> object:

@@ -37,6 +37,7 @@ from objdl.downloader.sized import (
 from objdl.errors import ObjdlError
 from objdl.objects import BytesConsumer, BytesSource, FileSource, ObjectProducer
 from objdl.objects._dict import DictSource
+from tests.conftest import reference_digest
 
 PROPERTY = settings(max_examples=100, deadline=None)
 CHUNK = 7
@@ -187,8 +188,8 @@ def test_first_request_describes_the_object_and_sends_the_first_chunk(state: Any
         "offset": 0,
         "size": 20,
         "chunk": CHUNK,
-        "algo": "sha256",
-        "digest": hashlib.sha256(data).hexdigest(),
+        "algo": "xxh3_128",
+        "digest": reference_digest("xxh3_128", data),
         "meta": None,
     }
     want = min((state or {}).get("length", CHUNK), CHUNK)
@@ -199,7 +200,7 @@ def test_first_request_of_an_empty_object() -> None:
     p = ObjectProducer(chunk_size=CHUNK)
     rc, chunk, desc = p.produce("R1", b"", None, SITE)
     assert rc == ProduceRC.OK and joined(chunk) == b""
-    assert desc["size"] == 0 and desc["digest"] == hashlib.sha256(b"").hexdigest()
+    assert desc["size"] == 0 and desc["digest"] == reference_digest("xxh3_128", b"")
     assert p.produce("R1", b"", {"offset": 0}, SITE) == (ProduceRC.EOF, None, {})
 
 
@@ -209,7 +210,7 @@ def test_description_is_a_copy_each_time() -> None:
     desc["size"] = 999
     desc["digest"] = "forged"
     _, _, again = p.produce("R1", b"abcdef", None, SITE)
-    assert again["size"] == 6 and again["digest"] == hashlib.sha256(b"abcdef").hexdigest()
+    assert again["size"] == 6 and again["digest"] == reference_digest("xxh3_128", b"abcdef")
 
 
 @pytest.mark.parametrize("length", [1, 2, CHUNK - 1, CHUNK, CHUNK + 1, 1000])
@@ -340,7 +341,7 @@ def test_prepare_opens_and_hashes_once_per_ref() -> None:
     p = TrackedProducer()
     data = payload(30)
     desc = p.prepare("R1", data)
-    assert desc["digest"] == hashlib.sha256(data).hexdigest()
+    assert desc["digest"] == reference_digest("xxh3_128", data)
     assert desc["meta"] == {"kind": "tracked"}
     assert p.prepare("R1", data) == desc
     for off in range(0, 30, 3):
@@ -465,7 +466,7 @@ def test_default_digest_reads_in_chunks_and_pieces(monkeypatch: pytest.MonkeyPat
     data = payload(45)
     src = TrackedSource(data)
     for algo in sized.DIGESTS:
-        assert src.digest(algo) == hashlib.new(algo, data).hexdigest()
+        assert src.digest(algo) == reference_digest(algo, data)
 
 
 # --- ObjectProducer: which source for which object ----------------------------------------
@@ -698,7 +699,7 @@ def test_ordered_digest_in_any_order_equals_hashing_the_whole(
     for off, pieces in chunks:
         d.add(off, pieces)
     assert d.upto == len(data)
-    assert d.hexdigest() == hashlib.new(algo, data).hexdigest()
+    assert d.hexdigest() == reference_digest(algo, data)
 
 
 @PROPERTY

@@ -19,15 +19,20 @@ from objdl.downloader._owner import ObjDownloader
 from objdl.downloader._site import download_object
 from objdl.downloader.sized import (
     DEFAULT_CHUNK_SIZE,
+    DEFAULT_DIGEST,
     DEFAULT_WINDOW,
+    DIGESTS,
     SizedConsumer,
     SizedProducer,
     SizedSource,
+    new_hash,
 )
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "DEFAULT_DIGEST",
     "DEFAULT_WINDOW",
+    "DIGESTS",
     "OBJ_DOWNLOADER_CHANNEL",
     "OBJ_DOWNLOADER_TOPIC",
     "Consumer",
@@ -45,4 +50,5 @@ __all__ = [
     "TransferOutcome",
     "TransferStatus",
     "download_object",
+    "new_hash",
 ]

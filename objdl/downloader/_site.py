@@ -32,6 +32,7 @@ from objdl.downloader._defs import (
 from objdl.downloader.sized import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
+    INLINE_DIGESTS,
     MAX_CHUNK_SIZE,
     OrderedDigest,
     SizedConsumer,
@@ -394,11 +395,11 @@ class _Window:
             if isinstance(owner_chunk, int) and 0 < owner_chunk < self.chunk:
                 self.chunk = owner_chunk  # the owner serves no more than this per request
             try:
-                # Objects bigger than the window are hashed on a thread of their own,
-                # in parallel with writing; small ones are not worth a thread.
+                # A costly digest of an object bigger than the window is computed on
+                # a thread of its own, in parallel with writing.
                 self.digest = OrderedDigest(
                     algo,  # type: ignore[arg-type]
-                    background=size > self.window * self.chunk,
+                    background=algo not in INLINE_DIGESTS and size > self.window * self.chunk,
                     on_hashed=self.wake,
                 )
                 start = self.consumer.resume_from(req.ref_id, desc)

@@ -28,6 +28,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import xxhash
+
 from objdl.downloader._defs import Consumer, InvalidStateError, Producer, ProduceRC
 
 __all__ = [
@@ -35,19 +37,24 @@ __all__ = [
     "DEFAULT_DIGEST",
     "DEFAULT_WINDOW",
     "DIGESTS",
+    "INLINE_DIGESTS",
     "MAX_CHUNK_SIZE",
     "OrderedDigest",
     "SizedConsumer",
     "SizedProducer",
     "SizedSource",
     "as_pieces",
+    "new_hash",
 ]
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 DEFAULT_WINDOW = 8
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
-DEFAULT_DIGEST = "sha256"
-DIGESTS = ("sha256", "blake2b")
+DEFAULT_DIGEST = "xxh3_128"
+DIGESTS = ("xxh3_128", "sha256", "blake2b")
+# Cheap enough (about 20 us per MiB) to hash on the receiving thread; the others
+# cost 0.6 ms (sha256 with SHA-NI) to 1.1 ms (blake2b) per MiB and get a thread.
+INLINE_DIGESTS = frozenset({"xxh3_128"})
 _RELEASED_MAX = 100_000
 _OPEN_WAIT = 600.0  # the longest a request waits for another thread to hash an object
 _HASH_WAIT = 60.0  # the longest hexdigest() waits for background hashing to catch up
@@ -57,6 +64,20 @@ def _check_algo(algo: str) -> str:
     if algo not in DIGESTS:
         raise ValueError(f"digest must be one of {DIGESTS}, got {algo!r}")
     return algo
+
+
+def new_hash(algo: str) -> Any:
+    """A fresh hash object for one of :data:`DIGESTS` (``update``, ``hexdigest``).
+
+    ``xxh3_128`` (the default) is a 128-bit non-cryptographic hash from the xxhash
+    library, about 30 times cheaper than sha256: it catches corruption (any change
+    goes undetected with odds of 2**-128), not tampering, which the transport's
+    CurveZMQ and ``secure=True`` messages guard against (see docs/SECURITY.md).
+    Choose ``sha256`` to compare with a digest published elsewhere.
+    """
+    if _check_algo(algo) == "xxh3_128":
+        return xxhash.xxh3_128()
+    return hashlib.new(algo)
 
 
 def as_pieces(data: Any) -> list[memoryview]:
@@ -87,7 +108,7 @@ class SizedSource(ABC):
 
     def digest(self, algo: str) -> str:
         """Hex digest of all the bytes, read in chunks (override if known already)."""
-        h = hashlib.new(algo)
+        h = new_hash(algo)
         for off in range(0, self.size, DEFAULT_CHUNK_SIZE):
             for piece in as_pieces(self.read(off, min(DEFAULT_CHUNK_SIZE, self.size - off))):
                 h.update(piece)
@@ -107,7 +128,8 @@ class SizedProducer(Producer):
 
     Args:
         chunk_size: the largest chunk served (a site may ask for less).
-        digest: ``"sha256"`` (default) or ``"blake2b"``.
+        digest: ``"xxh3_128"`` (default), ``"sha256"`` or ``"blake2b"`` (see
+            :func:`new_hash`).
     """
 
     def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, digest: str = DEFAULT_DIGEST) -> None:
@@ -242,7 +264,7 @@ class OrderedDigest:
         background: bool = False,
         on_hashed: Callable[[], None] | None = None,
     ) -> None:
-        self._h = hashlib.new(_check_algo(algo))
+        self._h = new_hash(algo)
         self.upto = 0
         self._held: dict[int, list[memoryview]] = {}
         self._hashed = 0

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from objdl.cell import Cell
-from objdl.downloader import SizedConsumer, SizedSource
+from objdl.downloader import SizedConsumer, SizedSource, new_hash
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
 __all__ = ["BytesConsumer", "BytesSource", "download_bytes"]
@@ -26,7 +25,9 @@ class BytesSource(SizedSource):
         return self._view[offset : offset + length]
 
     def digest(self, algo: str) -> str:
-        return hashlib.new(algo, self._view).hexdigest()
+        h = new_hash(algo)
+        h.update(self._view)
+        return h.hexdigest()
 
     def close(self) -> None:
         self._view.release()

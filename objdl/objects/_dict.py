@@ -13,13 +13,12 @@ Stream layout: ``u32 count``, ``count`` x ``u64 length`` (big-endian), then the 
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import Any
 
 from objdl import wire
 from objdl.cell import Cell
-from objdl.downloader import SizedSource
+from objdl.downloader import SizedSource, new_hash
 from objdl.errors import WireError
 from objdl.message import Message
 from objdl.objects._bytes import BytesConsumer
@@ -64,7 +63,7 @@ class DictSource(SizedSource):
         return out
 
     def digest(self, algo: str) -> str:
-        h = hashlib.new(algo)
+        h = new_hash(algo)
         for seg in self._segments:
             h.update(seg)
         return h.hexdigest()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from objdl.cell import Cell
-from objdl.downloader import SizedConsumer, SizedSource
+from objdl.downloader import SizedConsumer, SizedSource, new_hash
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
 __all__ = ["FileConsumer", "FileSource", "download_file"]
@@ -59,7 +59,7 @@ class FileSource(SizedSource):
         return data
 
     def digest(self, algo: str) -> str:
-        h = hashlib.new(algo)
+        h = new_hash(algo)
         step = 8 * 1024 * 1024
         for off in range(0, self.size, step):
             h.update(self.read(off, min(step, self.size - off)))
