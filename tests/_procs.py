@@ -119,12 +119,12 @@ def memory_owner_main(url: str, path: str, results: Any, stop: Any) -> None:
         results.put(("owner", rss_kib("VmHWM") - base))
 
 
-def memory_site_main(url: str, ref: str, dest: str, results: Any) -> None:
+def memory_site_main(url: str, ref: str, dest: str, results: Any, name: str = "site-1") -> None:
     """Download `ref` to `dest`; report how much the peak RSS grew during it (KiB)."""
     from objdl.cell import Cell
     from objdl.objects import download_file
 
-    with Cell("site-1", url) as cell:
+    with Cell(name, url) as cell:
         reset_peak_rss()
         base = rss_kib()
         download_file(cell, "server", ref, dest)

@@ -15,6 +15,7 @@ import json
 import os
 import stat
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from objdl.cell import Cell
 from objdl.downloader import SizedConsumer, SizedSource, new_hash
+from objdl.objects._buffers import BufferPool
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
 __all__ = ["FileConsumer", "FileSource", "download_file"]
@@ -30,9 +32,21 @@ PART_SUFFIX = ".objdl-part"
 STATE_SUFFIX = ".objdl-state"
 SAVE_INTERVAL = 0.5  # seconds between records of a resumable download's progress
 
+# How long serving a chunk waits for a pooled buffer when all are on their way to
+# the socket, before it reads into a one-off buffer instead.
+POOL_WAIT = 0.5
+_pool = BufferPool()
+_pool_lock = threading.Lock()
+_serving = 0  # FileSources open; the pool is cleared when the last one closes
+
 
 class FileSource(SizedSource):
-    """A regular file, opened once and read at offsets by every site that asks."""
+    """A regular file, opened once and read at offsets by every site that asks.
+
+    Chunks are read into buffers from a pool shared by every file served (see
+    :class:`~objdl.objects._buffers.BufferPool`), released when the last file
+    being served is closed.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
@@ -43,32 +57,55 @@ class FileSource(SizedSource):
             raise ValueError(f"{self.path} is not a regular file")
         self.size = st.st_size
         self.meta = {"name": self.path.name}
+        global _serving
+        with _pool_lock:
+            _serving += 1
 
-    def read(self, offset: int, length: int) -> bytes:
+    def _check_size(self) -> None:
         now = os.fstat(self._fd).st_size
         if now != self.size:
             raise ValueError(
                 f"file {self.path} changed size while being served "
                 f"(was {self.size} bytes, now {now}); offer it again once it is complete"
             )
-        data = os.pread(self._fd, length, offset)
-        if len(data) != length:
-            raise ValueError(
-                f"file {self.path} returned {len(data)} bytes at {offset}, not {length}"
-            )
-        return data
+
+    def _short(self, got: int, offset: int, length: int) -> ValueError:
+        return ValueError(f"file {self.path} returned {got} bytes at {offset}, not {length}")
+
+    def read(self, offset: int, length: int) -> bytes | memoryview:
+        self._check_size()
+        view = _pool.take(length, wait=POOL_WAIT)
+        if view is None:
+            data = os.pread(self._fd, length, offset)
+            if len(data) != length:
+                raise self._short(len(data), offset, length)
+            return data
+        got = os.preadv(self._fd, [view], offset)
+        if got != length:
+            raise self._short(got, offset, length)
+        return view
 
     def digest(self, algo: str) -> str:
         h = new_hash(algo)
         step = 8 * 1024 * 1024
         for off in range(0, self.size, step):
-            h.update(self.read(off, min(step, self.size - off)))
+            self._check_size()
+            n = min(step, self.size - off)
+            data = os.pread(self._fd, n, off)
+            if len(data) != n:
+                raise self._short(len(data), off, n)
+            h.update(data)
         return h.hexdigest()
 
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+            global _serving
+            with _pool_lock:
+                _serving -= 1
+                if _serving == 0:
+                    _pool.clear()  # nothing served any more: give the memory back
 
 
 class FileConsumer(SizedConsumer):
