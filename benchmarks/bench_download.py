@@ -52,6 +52,7 @@ from benchmarks._util import (
     print_table,
     wait_quiet,
 )
+from objdl.downloader import DEFAULT_CHUNK_SIZE
 
 __all__ = ["main", "print_threads", "quiet_run", "summarize", "table_rows"]
 
@@ -337,7 +338,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--sites", type=_int_list, default=[1, 4], help="site counts (1,4)")
     p.add_argument("--size", type=_size_list, default=[256 << 20], help="object sizes (256MiB)")
-    p.add_argument("--chunk", type=_size_list, default=[1 << 20], help="chunk sizes (1MiB)")
+    p.add_argument(
+        "--chunk",
+        type=_size_list,
+        default=[DEFAULT_CHUNK_SIZE],
+        help=f"chunk sizes ({DEFAULT_CHUNK_SIZE >> 20}MiB, the library's default)",
+    )
     p.add_argument("--window", type=_int_list, default=[8], help="requests in flight (8)")
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians shown (3)")
     p.add_argument("--modes", type=_mode_list, default=list(MODES), help="windowed,seed,raw (all)")
@@ -444,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print("(peak RSS could not be reset before the transfer: peaks are the whole life's)")
     if args.by_thread:
         print_threads(groups)
-    ok = _targets(groups, args.chunk[0] if len(args.chunk) == 1 else 1 << 20)
+    ok = _targets(groups, args.chunk[0] if len(args.chunk) == 1 else DEFAULT_CHUNK_SIZE)
     _best(groups)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"\n(took {time.monotonic() - started:.1f} s; load avg now {load}; a shared 2-core")

@@ -69,6 +69,7 @@ from benchmarks._util import (
     wait_quiet,
 )
 from benchmarks.bench_download import quiet_run, summarize, table_rows
+from objdl.downloader import DEFAULT_CHUNK_SIZE
 
 __all__ = ["main"]
 
@@ -512,7 +513,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-size", type=_size, default=64 << 20, help="object for links (64MiB)")
     p.add_argument("--link-sites", type=int, default=1, help="sites for links (1)")
     p.add_argument("--modes", default=",".join(MODES), help="for links: windowed,seed,raw")
-    p.add_argument("--chunk", type=_size, default=1 << 20, help="chunk size (1MiB)")
+    p.add_argument(
+        "--chunk",
+        type=_size,
+        default=DEFAULT_CHUNK_SIZE,
+        help=f"chunk size ({DEFAULT_CHUNK_SIZE >> 20}MiB, the library's default)",
+    )
     p.add_argument("--window", type=int, default=8, help="requests in flight (8)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, s (60)")
     p.add_argument("--repeat", type=int, default=1, help="repeats; medians shown (1)")

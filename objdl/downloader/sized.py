@@ -47,7 +47,10 @@ __all__ = [
     "new_hash",
 ]
 
-DEFAULT_CHUNK_SIZE = 1024 * 1024
+# Chosen by benchmarks/bench_download.py (docs/PERFORMANCE.md): 2 MiB x 8 in flight
+# was the fastest, and the closest to the bare relay, on 1 to 8 sites; it bounds a
+# download's data in flight to 16 MiB.
+DEFAULT_CHUNK_SIZE = 2 * 1024 * 1024
 DEFAULT_WINDOW = 8
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
 DEFAULT_DIGEST = "xxh3_128"
