@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from objdl.cell import Cell
-from objdl.downloader import ObjDownloader, TransferStatus
+from objdl.downloader import DEFAULT_DIGEST, ObjDownloader, TransferStatus
 from objdl.objects import DownloadError, download_file
 from tests import _procs
 from tests.conftest import wait_for
@@ -87,8 +87,10 @@ def open_files() -> set[str]:
     return found
 
 
-def offer_throttled(owner: Cell, path: Path, delay: float = 0.02) -> str:
-    producer = _procs.throttled_producer(delay, chunk_size=64 * 1024)
+def offer_throttled(
+    owner: Cell, path: Path, delay: float = 0.02, digest: str = DEFAULT_DIGEST
+) -> str:
+    producer = _procs.throttled_producer(delay, chunk_size=64 * 1024, digest=digest)
     tx = ObjDownloader.new_transaction(owner, producer, 60.0)
     return ObjDownloader.add_download_object(tx, path)
 
@@ -252,13 +254,16 @@ def test_stalled_site_does_not_slow_others(tmp_path: Path, mp: Any, broker: Any)
             ObjDownloader.shutdown()
 
 
-def test_resume_after_site_restart(src: Path, tmp_path: Path, mp: Any, broker: Any) -> None:
+@pytest.mark.parametrize("digest", ["xxh3_128", "sha256"])  # sha256: hashed on its own thread
+def test_resume_after_site_restart(
+    src: Path, tmp_path: Path, mp: Any, broker: Any, digest: str
+) -> None:
     """A site process dies mid-download; a new one resumes from its partial file and
     recorded progress, and the whole file is still checked against the full digest."""
     results = mp.Queue()
     dest = tmp_path / "copy.bin"
     with Cell("server", broker.url, **FAST) as owner:
-        ref = offer_throttled(owner, src, delay=0.02)
+        ref = offer_throttled(owner, src, delay=0.02, digest=digest)
         first = mp.Process(
             target=_procs.fetch_file_progress_main,
             args=("site-1", broker.url, ref, str(dest), results, {"window": 2, "resume": True}),
