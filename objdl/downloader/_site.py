@@ -7,8 +7,11 @@ past the overall deadline) and turns everything else into a failure reason. A pl
 :class:`SizedConsumer` gets a sliding window: up to ``window`` chunk requests in
 flight, chunks written where they belong as they arrive, hashed in order, and the
 next chunk asked for only while it lies within ``window`` chunks of the first byte
-not yet hashed (so memory stays bounded when one chunk is slow). Every download
-ends in exactly one call of ``download_completed`` or ``download_failed``.
+not yet hashed (so memory stays bounded when one chunk, or the hashing, is slow). A
+costly digest (sha256, blake2b) of an object larger than the window is computed on
+a thread of its own beside the writes, which wakes the loop as it moves on; the
+download ends once every byte is hashed. Every download ends in exactly one call of
+``download_completed`` or ``download_failed``.
 """
 
 from __future__ import annotations

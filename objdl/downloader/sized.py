@@ -254,11 +254,11 @@ class OrderedDigest:
 
     With `background`, the hashing itself runs on a thread of its own, so a site
     hashes one chunk while it writes the next (hashlib releases the GIL for large
-    buffers): on a 2-core machine this is what lets one download keep pace with the
-    network. ``upto`` counts the bytes received in order, ``hashed`` those hashed;
-    `on_hashed` (if given) is called on the hashing thread after each step. Call
-    :meth:`close` when done with a background digest; :meth:`hexdigest` waits for
-    the hashing to catch up.
+    buffers): worth it for the costly digests (sha256, blake2b), whose hashing would
+    otherwise hold up the writes. ``upto`` counts the bytes received in order,
+    ``hashed`` those hashed; `on_hashed` (if given) is called on the hashing thread
+    after each step. Call :meth:`close` when done with a background digest;
+    :meth:`hexdigest` waits for the hashing to catch up.
     """
 
     def __init__(
