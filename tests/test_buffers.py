@@ -64,13 +64,13 @@ def test_a_zmq_frame_keeps_its_buffer_busy() -> None:
 
 
 def test_the_pool_stays_within_its_limit() -> None:
-    pool = BufferPool(limit=2 * MiB)
-    held = [pool.take(MiB), pool.take(MiB)]
+    pool = BufferPool(limit=4 * MiB)
+    held = [pool.take(MiB) for _ in range(4)]
     assert all(v is not None for v in held)
     t0 = time.monotonic()
     assert pool.take(MiB, wait=0.1) is None and pool.misses == 1
     assert 0.08 <= time.monotonic() - t0 < 2.0
-    assert pool.nbytes == 2 * MiB
+    assert pool.nbytes == 4 * MiB
     held.pop()
     assert pool.take(MiB) is not None  # one came back
     pool.clear()
@@ -78,10 +78,10 @@ def test_the_pool_stays_within_its_limit() -> None:
 
 
 def test_a_waiting_taker_gets_the_buffer_as_soon_as_it_is_free() -> None:
-    pool = BufferPool(limit=MiB)
-    held = [pool.take(MiB)]
-    buf_id = buffer_id(held[0])
-    timer = threading.Timer(0.2, held.clear)
+    pool = BufferPool(limit=4 * MiB)
+    held = [pool.take(MiB) for _ in range(4)]
+    buf_id = buffer_id(held[-1])
+    timer = threading.Timer(0.2, held.pop)
     timer.start()
     try:
         t0 = time.monotonic()
@@ -91,6 +91,35 @@ def test_a_waiting_taker_gets_the_buffer_as_soon_as_it_is_free() -> None:
         timer.cancel()
     assert buffer_id(got) == buf_id and pool.waits >= 1
     assert 0.15 <= waited < 2.0
+
+
+def test_a_size_too_big_to_reuse_is_refused_at_once() -> None:
+    pool = BufferPool(limit=8 * MiB)  # sizes above a quarter of the limit are not pooled
+    t0 = time.monotonic()
+    assert pool.take(4 * MiB, wait=5.0) is None
+    assert time.monotonic() - t0 < 1.0 and pool.waits == 0 and pool.nbytes == 0
+    assert pool.take(2 * MiB) is not None
+
+
+def test_idle_buffers_of_another_size_make_room() -> None:
+    pool = BufferPool(limit=4 * MiB)
+    views = [pool.take(MiB) for _ in range(4)]  # the pool is full of 1 MiB buffers
+    assert all(v is not None for v in views) and pool.nbytes == 4 * MiB
+    busy = views.pop()  # three become idle, one stays in use
+    views.clear()
+    t0 = time.monotonic()
+    tail = pool.take(300 * KiB, wait=5.0)  # a short last chunk: 512 KiB class
+    assert tail is not None and time.monotonic() - t0 < 1.0 and pool.waits == 0
+    assert pool.nbytes == MiB + 512 * KiB  # the busy 1 MiB buffer kept, the idle ones gone
+    assert busy is not None and busy.nbytes == MiB
+
+
+def test_a_new_size_waits_only_when_every_buffer_is_busy() -> None:
+    pool = BufferPool(limit=2 * MiB)
+    held = [pool.take(512 * KiB) for _ in range(4)]
+    assert all(v is not None for v in held)
+    assert pool.take(512 * KiB, wait=0.05) is None  # busy: waited, then gave up
+    assert pool.waits >= 1 and pool.misses == 1
 
 
 def test_concurrent_takers_never_share_a_buffer() -> None:

@@ -28,6 +28,7 @@ __all__ = ["BufferPool"]
 MIN_POOLED = 64 * 1024  # smaller reads are copied into the message anyway
 DEFAULT_LIMIT = 32 * 1024 * 1024
 _RECHECK = 0.05  # a view's death is only a hint (copies of it may live on): look again
+_MIN_PER_SIZE = 4  # a buffer size is pooled only if this many fit within the limit
 
 
 def _refcounts(bufs: list[bytearray]) -> list[int]:
@@ -40,6 +41,10 @@ _IDLE_REFS = _refcounts([bytearray(1)])[0]
 
 class BufferPool:
     """Buffers of power-of-two sizes, reused once nothing refers to them.
+
+    Sizes above a quarter of the limit are not pooled (the caller reads into a
+    one-off buffer at once); when a new size needs room, idle buffers of other sizes
+    make way.
 
     Args:
         limit: the most bytes the pool keeps (busy and idle together).
@@ -65,9 +70,9 @@ class BufferPool:
         The buffer is the caller's while the view (or anything made from it) lives;
         dropping every reference gives it back.
         """
-        if length < MIN_POOLED:
-            return None
         size = self.size_class(length)
+        if length < MIN_POOLED or size > self.limit // _MIN_PER_SIZE:
+            return None  # too small to matter, or too big to reuse: no wait either way
         deadline = time.monotonic() + wait
         with self._cond:
             while True:
@@ -85,16 +90,29 @@ class BufferPool:
         return view
 
     def _free_buffer(self, size: int) -> bytearray | None:
+        """An idle buffer of `size`, or a new one if the limit allows (lock held)."""
         bufs = self._classes.setdefault(size, [])
         for i, refs in enumerate(_refcounts(bufs)):
             if refs <= _IDLE_REFS:
                 return bufs[i]
         if self._bytes + size > self.limit:
-            return None
+            self._evict_idle(size)
+        if self._bytes + size > self.limit:
+            return None  # every buffer is busy: worth waiting for
         buf = bytearray(size)
         bufs.append(buf)
         self._bytes += size
         return buf
+
+    def _evict_idle(self, keep: int) -> None:
+        """Free idle buffers of sizes other than `keep`, so the room goes where it is needed."""
+        for size, bufs in self._classes.items():
+            if size == keep:
+                continue
+            idle = [i for i, refs in enumerate(_refcounts(bufs)) if refs <= _IDLE_REFS]
+            for i in reversed(idle):
+                del bufs[i]
+                self._bytes -= size
 
     def _released(self) -> None:
         with self._cond:
@@ -106,7 +124,11 @@ class BufferPool:
         return self._bytes
 
     def clear(self) -> None:
-        """Forget every buffer (those still in use are freed when their users let go)."""
+        """Forget every buffer.
+
+        Those still in use are freed when their users let go; until then the pool
+        may hold up to twice its limit.
+        """
         with self._cond:
             self._classes.clear()
             self._bytes = 0
