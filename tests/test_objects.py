@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from objdl.cell import Cell
-from objdl.downloader import DownloadStatus, ObjDownloader
+from objdl.downloader import DownloadStatus, ObjDownloader, sized
 from objdl.objects import (
     DownloadError,
     ObjectProducer,
@@ -80,6 +80,38 @@ def test_hashing_thread_ends_with_the_download(cells: tuple[Cell, Cell]) -> None
             site, "server", withdrawn, window=4, progress_cb=withdraw_midway,
             progress_interval=0.0,
         )  # fmt: skip
+    assert _digest_threads() == []
+
+
+def test_a_hashing_failure_fails_the_download_cleanly(
+    cells: tuple[Cell, Cell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The hash breaks on the very last piece, on the hashing thread: the download must
+    # still end in download_failed (no part file left, no thread left), not raise.
+    owner, site = cells
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(MiB))
+    ref = offer_file(owner, src, digest="sha256", chunk_size=64 * 1024)  # hashed now
+    real = sized.new_hash
+
+    class BreaksAtTheEnd:
+        def __init__(self) -> None:
+            self.h = real("sha256")
+            self.fed = 0
+
+        def update(self, data: Any) -> None:
+            self.fed += memoryview(data).nbytes
+            if self.fed >= MiB:
+                raise OSError("simulated failure while hashing")
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return str(self.h.hexdigest())
+
+    monkeypatch.setattr(sized, "new_hash", lambda algo: BreaksAtTheEnd())
+    with pytest.raises(DownloadError, match="could not hash the received bytes"):
+        download_file(site, "server", ref, tmp_path / "copy.bin", window=4)
+    assert leftovers(tmp_path) == [] and not (tmp_path / "copy.bin").exists()
     assert _digest_threads() == []
 
 

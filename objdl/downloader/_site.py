@@ -421,7 +421,10 @@ class _Window:
                 self.store(0, pieces, expect=min(self.chunk, size))
             self.next = self.digest.upto
             self.loop()
-            got = self.digest.hexdigest(req.timeout)
+            try:
+                got = self.digest.hexdigest(req.timeout)
+            except (RuntimeError, TimeoutError) as exc:
+                raise _Failed(f"could not hash the received bytes: {exc}") from exc
             if got != digest:
                 reason = (
                     f"digest mismatch: owner's {algo} is {digest}, received bytes hash to {got}"
@@ -488,17 +491,17 @@ class _Window:
         limit_span = self.window * self.chunk
         verified = self.digest.hashed
         while True:
+            if self.digest.error is not None:
+                raise _Failed(f"could not hash the received bytes: {self.digest.error!r}")
             hashed = self.digest.hashed
             if hashed != verified:
                 verified = hashed
                 self.consumer.verified(hashed)  # written and hashed: a point to resume from
             if hashed >= self.size:
                 return
-            if self.digest.error is not None:
-                raise _Failed(f"could not hash the received bytes: {self.digest.error!r}")
             req.check()
-            if not self.inflight:
-                req.await_broker()
+            if not self.inflight and (self.next < self.size or self.retry_at):
+                req.await_broker()  # (not when all is here and only the hashing is left)
             now = time.monotonic()
             while len(self.inflight) < self.window:
                 if self.retry_at and self.retry_at[0][0] <= now:
