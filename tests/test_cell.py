@@ -6,6 +6,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -418,3 +419,22 @@ def test_a_handler_may_stop_its_own_cell(broker: Broker) -> None:
     finally:
         site.stop()
         cell.stop()
+
+
+def test_outbox_wake_after_close_writes_nowhere(tmp_path: Path) -> None:
+    # A handler still running after stop() may queue a reply: its wake-up must not
+    # land in a file that reused the closed pipe's descriptor number.
+    from objdl.cell._io import Outbox
+
+    box = Outbox()
+    box.open()
+    box.close()
+    files = [open(tmp_path / f"f{i}", "wb") for i in range(2)]  # noqa: SIM115
+    try:
+        box.put([[b"late reply"]])
+        box.wake()
+        box.close()  # idempotent
+    finally:
+        for f in files:
+            f.close()
+    assert all((tmp_path / f"f{i}").read_bytes() == b"" for i in range(2))

@@ -62,6 +62,9 @@ class Outbox:
         self.read_fd, self._write_fd = -1, -1
         self._pending = False
         self.io_ident = -1  # the I/O thread flushes before it polls: it never wakes itself
+        # Held while writing to and closing the pipe: a handler still running after
+        # stop() must not write into whatever file reuses the closed descriptor.
+        self._fd_lock = threading.Lock()
 
     def open(self) -> None:
         self.read_fd, self._write_fd = os.pipe()
@@ -69,9 +72,12 @@ class Outbox:
         os.set_blocking(self._write_fd, False)
 
     def close(self) -> None:
-        for fd in (self.read_fd, self._write_fd):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        with self._fd_lock:
+            fds, (self.read_fd, self._write_fd) = (self.read_fd, self._write_fd), (-1, -1)
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def put(self, batch: list[list[Any]]) -> None:
         self.queue.extend(batch)
@@ -81,8 +87,9 @@ class Outbox:
         if self._pending or threading.get_ident() == self.io_ident:
             return  # already signalled, or the I/O thread itself flushes before it polls
         self._pending = True
-        with contextlib.suppress(BlockingIOError, OSError):
-            os.write(self._write_fd, b"x")
+        with self._fd_lock, contextlib.suppress(BlockingIOError, OSError):
+            if self._write_fd >= 0:
+                os.write(self._write_fd, b"x")
 
     def woken(self) -> None:
         """The I/O thread saw the pipe: let the next put() signal again."""
