@@ -11,7 +11,7 @@ from typing import Any
 
 from objdl.message import Message, ReturnCode, make_reply
 
-__all__ = ["PendingRequest", "Waiters"]
+__all__ = ["PendingRequest", "Sealed", "Waiters"]
 
 
 class PendingRequest:
