@@ -30,6 +30,16 @@ def start_broker_process(
     return proc, line.rsplit(" ", 1)[-1].strip()
 
 
+def end_children(procs: list[Any], results: Any) -> None:
+    """Kill the multiprocessing children still alive, reap them all, close their queue."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(10)
+    results.close()
+    results.join_thread()
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 10.0) -> None:
     """Terminate a process we started, by its pid, and reap it; kill if it lingers."""
     if proc.poll() is None:

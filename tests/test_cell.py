@@ -354,12 +354,7 @@ def test_broker_and_three_cells_in_separate_processes() -> None:
             assert p.exitcode == 0
     finally:
         stop.set()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-        results.close()
-        results.join_thread()
+        _procs.end_children(procs, results)
         _procs.stop_process(bproc)
 
 

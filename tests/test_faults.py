@@ -164,11 +164,7 @@ def test_owner_killed_mid_download_sites_fail_cleanly(src: Path, tmp_path: Path,
             ), d.error
             assert not (tmp_path / "copy.bin").exists() and parts(tmp_path) == []
     finally:
-        if owner.is_alive():
-            owner.kill()
-        owner.join(10)
-        results.close()
-        results.join_thread()
+        _procs.end_children([owner], results)
         _procs.stop_process(bproc)
 
 
@@ -204,11 +200,7 @@ def test_site_killed_mid_download_owner_cleans_up(
             assert producer._prepared == {}  # and closed the file
             assert str(src) not in open_files()
         finally:
-            if site.is_alive():
-                site.kill()
-            site.join(10)
-            results.close()
-            results.join_thread()
+            _procs.end_children([site], results)
 
 
 def test_stalled_site_does_not_slow_others(tmp_path: Path, mp: Any, broker: Any) -> None:
@@ -246,11 +238,8 @@ def test_stalled_site_does_not_slow_others(tmp_path: Path, mp: Any, broker: Any)
         finally:
             for p in procs:
                 if p.is_alive():
-                    os.kill(p.pid, signal.SIGCONT)
-                    p.kill()
-                p.join(10)
-            results.close()
-            results.join_thread()
+                    os.kill(p.pid, signal.SIGCONT)  # a stopped site: let it take the kill
+            _procs.end_children(procs, results)
             ObjDownloader.shutdown()
 
 
@@ -289,9 +278,5 @@ def test_resume_after_site_restart(
             # It resumed: its first progress report already counted the recorded bytes.
             assert d.first_bytes >= recorded
         finally:
-            if first.is_alive():
-                first.kill()
-            first.join(10)
-            results.close()
-            results.join_thread()
+            _procs.end_children([first], results)
             ObjDownloader.shutdown()

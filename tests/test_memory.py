@@ -63,12 +63,7 @@ def run(tmp_path: Path, size: int, sites: int) -> tuple[int, list[int]]:
         return owner_growth, site_growths
     finally:
         stop.set()
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-        results.close()
-        results.join_thread()
+        _procs.end_children(procs, results)
         _procs.stop_process(bproc)
 
 

@@ -299,10 +299,5 @@ def test_three_site_processes_fetch_one_file(tmp_path: Path) -> None:
             p.join(10)
             assert p.exitcode == 0
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-            p.join(10)
-        results.close()
-        results.join_thread()
+        _procs.end_children(procs, results)
         _procs.stop_process(bproc)
