@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,15 +107,25 @@ def test_real_deployment_end_to_end(deployment: Deployment) -> None:
         assert plain.returncode == 1
         assert not (d.root / "plain.json").exists()
 
-        # Step 4: each site gets both files, sealed end to end.
+        # Step 4: site-1 sets its keys in the environment and runs the lines serve printed;
+        # site-2 gives them as options.
+        site_env = {
+            "OBJDL_BROKER": d.url, "OBJDL_KEY": d.key("site-1"),
+            "OBJDL_BROKER_KEY": d.broker_key, "OBJDL_PEER_KEYS": str(d.allowed),
+        }  # fmt: skip
         for site in ("site-1", "site-2"):
             out = d.root / site
             out.mkdir()
             for name, ev in offered.items():
-                got = run_cli(
-                    ["get", ev["ref"], "--from", "owner", *d.cell_args(site), "--secure",
-                     "-o", str(out / name), "--json"]
-                )  # fmt: skip
+                if site == "site-1":
+                    words = shlex.split(ev["get"])
+                    assert words[:2] == ["objdl", "get"] and "--secure" in words
+                    got = run_cli([*words[1:-2], "--json", *words[-2:]], cwd=out, env=site_env)
+                else:
+                    got = run_cli(
+                        ["get", ev["ref"], "--from", "owner", *d.cell_args(site), "--secure",
+                         "-o", str(out / name), "--json"]
+                    )  # fmt: skip
                 assert got.returncode == 0, got.stderr
                 done = _events(got.stdout.splitlines())[-1]
                 assert done["event"] == "done" and done["digest_verified"] is True, done
