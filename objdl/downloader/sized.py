@@ -357,7 +357,13 @@ class SizedConsumer(Consumer):
     SizedConsumer a window of requests in flight and checks the digest before
     ``download_completed``; :meth:`consume` also supports the seed's one-at-a-time
     exchange, checking the digest when the last byte arrives.
+
+    :meth:`write` gets the received frames themselves, as read-only memoryviews
+    (``accepts_views`` is True): a chunk goes from the socket to its destination
+    without a copy.
     """
+
+    accepts_views = True
 
     def __init__(self) -> None:
         super().__init__()
