@@ -18,6 +18,7 @@ known to use. So every operation here:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -174,8 +175,6 @@ def write_replace(dirfd: int, name: str, tmp: str, data: bytes) -> None:
             os.close(fd)
         os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp, dir_fd=dirfd)
-        except OSError:
-            pass
         raise
