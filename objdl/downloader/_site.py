@@ -500,7 +500,9 @@ class _Window:
                 try:  # written and hashed: a point to resume from
                     self.consumer.verified(hashed)
                 except Exception as exc:
-                    raise _Failed(f"could not record progress: {type(exc).__name__}: {exc}") from exc
+                    raise _Failed(
+                        f"could not record progress: {type(exc).__name__}: {exc}"
+                    ) from exc
             if hashed >= self.size:
                 return
             req.check()
