@@ -482,6 +482,7 @@ class _Window:
                     f"digest mismatch: owner's {algo} is {digest}, received bytes hash to {got}"
                 )
                 self.tell_owner(False, reason)
+                _end(self.consumer.data_rejected, req.ref_id)
                 raise _Failed(reason)
         finally:
             for p, *_ in self.inflight.values():
@@ -548,7 +549,12 @@ class _Window:
             hashed = self.digest.hashed
             if hashed != verified:
                 verified = hashed
-                self.consumer.verified(hashed)  # written and hashed: a point to resume from
+                try:  # written and hashed: a point to resume from
+                    self.consumer.verified(hashed)
+                except Exception as exc:
+                    raise _Failed(
+                        f"could not record progress: {type(exc).__name__}: {exc}"
+                    ) from exc
             if hashed >= self.size:
                 return
             req.check()
