@@ -9,13 +9,15 @@ The parent then reads every process's CPU time and peak memory again, ends every
 process by its pid (``finally``, bounded waits), checks the sha256 of every
 destination file against the source, and deletes them.
 
-The three ways (``mode``):
+The ways (``mode``):
 
 - ``windowed``: objdl, :func:`objdl.objects.offer_file` / :func:`download_file`
   (a window of chunk requests in flight, digest checked on the site);
 - ``seed``: objdl, the seed's exchange: :func:`objdl.downloader.download_object` with
   a plain :class:`~objdl.downloader.Consumer` that ``pwrite``s each chunk (one request
-  at a time, no digest on the site);
+  at a time, no digest on the site), taking each chunk as ``bytes`` as the seed did;
+- ``seed-views``: the same, with a consumer that sets ``accepts_views``: each chunk as a
+  read-only view of the received frame, no copy (``seed`` against it is the copy's cost);
 - ``raw``: bare pyzmq with the same chunk size and window: a ROUTER relay forwarding by
   a destination frame, an owner DEALER answering ``(offset, length)`` with ``os.pread``,
   site DEALERs keeping `window` requests in flight and ``pwrite``-ing each chunk. No
@@ -61,6 +63,7 @@ from benchmarks._util import (
 )
 
 __all__ = [
+    "DEFAULT_MODES",
     "MODES",
     "Plan",
     "child_argv",
@@ -70,7 +73,8 @@ __all__ = [
     "write_source",
 ]
 
-MODES = ("windowed", "seed", "raw")
+MODES = ("windowed", "seed", "seed-views", "raw")
+DEFAULT_MODES = ("windowed", "seed", "raw")  # seed-views only when asked for
 _THIS = os.path.abspath(__file__)
 _PROXY = os.path.join(os.path.dirname(_THIS), "_proxy.py")
 _OWNER = "server"
@@ -129,11 +133,17 @@ def _objdl_owner(url: str, path: str, chunk: int) -> None:
         _hold(cmds, lambda: dict(cell.stats))
 
 
-def _seed_consumer(dest: str) -> Any:
-    """A seed-style Consumer: pwrite each chunk at its offset, hand the owner's state back."""
+def _seed_consumer(dest: str, views: bool = False) -> Any:
+    """A seed-style Consumer: pwrite each chunk at its offset, hand the owner's state back.
+
+    With `views`, it opts in to read-only views of the received frames (no copy);
+    without, it gets ``bytes``, as seed-era consumers do.
+    """
     from objdl.downloader import Consumer
 
     class FileSink(Consumer):
+        accepts_views = views
+
         def __init__(self) -> None:
             super().__init__()
             self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -190,7 +200,7 @@ def _objdl_site(
             except DownloadError as exc:
                 ok, reason = False, exc.reason
         else:
-            sink = _seed_consumer(dest)
+            sink = _seed_consumer(dest, views=mode == "seed-views")
             download_object(_OWNER, ref, timeout, cell, sink)
             ok, reason = sink.ok is True, sink.reason
         t1 = time.monotonic()

@@ -9,6 +9,9 @@ deleted after its run; the folder goes at the end. One table, medians over repea
 
 - ``windowed``: ``offer_file`` / ``download_file`` (window of requests, site-side digest);
 - ``seed``: ``download_object`` with a plain ``Consumer`` that ``pwrite``s (one at a time);
+- ``seed-views`` (only when asked for): the same consumer with ``accepts_views = True``,
+  so each chunk arrives as a view of the received frame instead of a ``bytes`` copy; with
+  both, a last line gives what the seed's ``bytes`` cost against views;
 - ``raw``: a bare pyzmq DEALER -> ROUTER -> DEALER relay, same chunk and window, no
   digest: the ceiling that ``vs raw`` compares with.
 
@@ -22,6 +25,7 @@ Usage::
     python benchmarks/bench_download.py --sites 1,4,8 --size 256MiB,1GiB --repeat 1  # full
     python benchmarks/bench_download.py --sites 1 --chunk 256KiB,1MiB,2MiB,4MiB \\
         --window 4,8,16 --modes windowed,raw                  # chunk/window sweep
+    python benchmarks/bench_download.py --sites 1 --modes seed,seed-views  # bytes vs views
 
 ``--profile DIR`` also records the owner, the broker and the first site with py-spy
 (raw format, ``--threads``) into DIR; throughput of such runs is not comparable.
@@ -43,7 +47,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._transfer import MODES, Plan, run_transfer, write_source
+from benchmarks._transfer import DEFAULT_MODES, MODES, Plan, run_transfer, write_source
 from benchmarks._util import (
     fmt_size,
     machine_line,
@@ -281,6 +285,28 @@ def _targets(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]], chunk: in
     return all_ok
 
 
+def _copy_cost(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
+    """What handing a plain Consumer ``bytes`` (the seed's types) costs against views."""
+    lines = []
+    for key, by_mode in groups.items():
+        b, v = by_mode.get("seed"), by_mode.get("seed-views")
+        if b is None or v is None or v["agg"] <= 0:
+            continue
+        sites, size, chunk = key[:3]
+        cpu_b, cpu_v = b["cpu"]["sites"], v["cpu"]["sites"]
+        cpu = f"{cpu_b - cpu_v:+.2f}" if cpu_b == cpu_b and cpu_v == cpu_v else "-"
+        lines.append(
+            f"{sites} site(s), {fmt_size(size)}, chunk {fmt_size(chunk)}: bytes "
+            f"{b['agg']:.0f} MiB/s, views {v['agg']:.0f} MiB/s ({b['agg'] / v['agg']:.2f}x); "
+            f"sites' CPU {cpu} ms/MiB for the copy"
+        )
+    if lines:
+        print()
+        print("seed exchange, bytes (the default) vs views (accepts_views = True):")
+        for line in lines:
+            print(f"  {line}")
+
+
 def _best(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
     combos = {(k[2], k[3]) for k in groups}
     if len(combos) < 2:
@@ -346,7 +372,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--window", type=_int_list, default=[8], help="requests in flight (8)")
     p.add_argument("--repeat", type=int, default=3, help="repeats; medians shown (3)")
-    p.add_argument("--modes", type=_mode_list, default=list(MODES), help="windowed,seed,raw (all)")
+    p.add_argument(
+        "--modes",
+        type=_mode_list,
+        default=list(DEFAULT_MODES),
+        help="some of windowed,seed,seed-views,raw (windowed,seed,raw)",
+    )
     p.add_argument("--tmpdir", default=None, help="where the files go (the system's temp dir)")
     p.add_argument("--profile", metavar="DIR", default=None, help="py-spy recordings into DIR")
     p.add_argument(
@@ -451,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.by_thread:
         print_threads(groups)
     ok = _targets(groups, args.chunk[0] if len(args.chunk) == 1 else DEFAULT_CHUNK_SIZE)
+    _copy_cost(groups)
     _best(groups)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"\n(took {time.monotonic() - started:.1f} s; load avg now {load}; a shared 2-core")

@@ -43,6 +43,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks._transfer import (
+    DEFAULT_MODES,
     MODES,
     Plan,
     child_argv,
@@ -512,7 +513,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--link-size", type=_size, default=64 << 20, help="object for links (64MiB)")
     p.add_argument("--link-sites", type=int, default=1, help="sites for links (1)")
-    p.add_argument("--modes", default=",".join(MODES), help="for links: windowed,seed,raw")
+    p.add_argument(
+        "--modes", default=",".join(DEFAULT_MODES), help="for links: windowed,seed,seed-views,raw"
+    )
     p.add_argument(
         "--chunk",
         type=_size,

@@ -83,7 +83,7 @@ _MAX_TOKEN_BYTES = 64
 _MAX_NAME_BYTES = fqcn.MAX_FQCN_LENGTH
 _FRAMES = {
     wire.KIND_REG: (3, 3),
-    wire.KIND_MSG: (4, math.inf),
+    wire.KIND_MSG: (3, math.inf),  # kind, destination, headers[, body, buffers...]
     wire.KIND_HB: (1, 1),
     wire.KIND_LIST: (3, 3),
     wire.KIND_BYE: (1, 1),
@@ -442,7 +442,7 @@ class RoutingTable:
     def _too_big(
         self, act: Actions[F], peer: bytes, cell: _Cell | None, kind: bytes, frames: Sequence[F]
     ) -> None:
-        if kind == wire.KIND_MSG and cell is not None and len(frames) >= 4:
+        if kind == wire.KIND_MSG and cell is not None and len(frames) >= 3:
             dest = _name(frames[1])
             if dest is not None and fqcn.is_valid(dest):
                 self._nack(act, peer, dest.encode(), wire.NACK_TOO_BIG, frames[2])

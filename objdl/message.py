@@ -22,7 +22,16 @@ __all__ = [
 
 
 class MessageHeaderKey:
-    """Names of the headers objdl itself reads or writes."""
+    """Names of headers: those objdl itself reads or writes, and the seed's
+    application-level ones.
+
+    ``MSG_ROOT_ID`` and ``MSG_ROOT_TTL`` are the seed framework's names for the id of
+    the message that carried some refs (a job's task, say) and how long, in seconds,
+    that message and what hangs off it stay relevant; its "via file" serialisers use
+    them to tie a download transaction's lifetime to that message. objdl neither sets
+    nor reads them: like any header a caller sets, they travel end to end unchanged,
+    on requests, replies and fire-and-forget messages alike.
+    """
 
     ORIGIN = "origin"
     DESTINATION = "destination"
@@ -34,6 +43,8 @@ class MessageHeaderKey:
     ERROR = "error"
     SECURE = "secure"
     OPTIONAL = "optional"
+    MSG_ROOT_ID = "msg_root_id"
+    MSG_ROOT_TTL = "msg_root_ttl"
 
 
 class MessageType:
@@ -45,7 +56,14 @@ class MessageType:
 
 
 class ReturnCode:
-    """Values of the ``RETURN_CODE`` header of a reply."""
+    """Values of the ``RETURN_CODE`` header of a reply.
+
+    objdl itself never sends ``FILTER_ERROR`` (it has no message filters) or
+    ``INVALID_SESSION`` (a cell whose session the broker does not know gets
+    ``COMM_ERROR``); they keep the seed's names so seed-era code that names them, in
+    a table that maps return codes for instance, runs unchanged, and a handler may
+    answer with them.
+    """
 
     OK = "ok"
     TIMEOUT = "timeout"
@@ -59,6 +77,8 @@ class ReturnCode:
     SERVICE_UNAVAILABLE = "service_unavailable"
     ABORT_RUN = "abort_run"
     UNAUTHENTICATED = "unauthenticated"
+    FILTER_ERROR = "filter_error"
+    INVALID_SESSION = "invalid_session"
 
 
 class Message:

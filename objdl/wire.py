@@ -100,6 +100,8 @@ _MAX_DEPTH = 256
 _SCAN_MIN = 16
 
 _U32 = struct.Struct(">I")
+# How msgpack starts a timestamp (ext -1 as fixext 4, fixext 8 or ext 8 of 12 bytes).
+_TIMESTAMP_TAG = re.compile(rb"\xd6\xff|\xd7\xff|\xc7\x0c\xff")
 _INT_MIN = -(2**63)
 _INT_MAX = 2**64 - 1
 
@@ -191,6 +193,8 @@ def decode(frames: Iterable[Any]) -> Message:
     except Exception as exc:
         raise WireError(f"body frame does not decode: {_describe(exc)}") from exc
     refs.check_all_used()
+    if _TIMESTAMP_TAG.search(views[1]):  # a cheap scan first: rarely there
+        _refuse_timestamps(payload, 0)
     return Message(headers, payload)
 
 
@@ -488,6 +492,20 @@ class _Refs:
                 f"{math.prod(shape) * dtype.itemsize} bytes, got {len(buffer)}"
             )
         return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def _refuse_timestamps(obj: Any, depth: int) -> None:
+    """msgpack decodes ext -1 itself, without the ext hook: refuse it as any other ext."""
+    if isinstance(obj, msgpack.Timestamp):
+        raise WireError("unknown msgpack ext type -1 (timestamp)")
+    if depth < _MAX_DEPTH * 2:  # msgpack itself refuses deeper nesting
+        if type(obj) is dict:
+            for key, value in obj.items():
+                _refuse_timestamps(key, depth + 1)
+                _refuse_timestamps(value, depth + 1)
+        elif type(obj) is list:
+            for value in obj:
+                _refuse_timestamps(value, depth + 1)
 
 
 def _numpy() -> Any:

@@ -197,6 +197,15 @@ def test_msg_is_forwarded_with_origin_stamped_and_payload_untouched() -> None:
     assert t.counters()["routed"] == 1
 
 
+def test_msg_without_a_body_frame_is_forwarded() -> None:
+    # The destination cell, not the broker, answers it invalid_request (PROTOCOL.md).
+    t = registered()
+    assert out(t.handle(A, [wire.KIND_MSG, b"server", HEADERS], 0.1)) == [
+        (B, [wire.KIND_MSG, b"site-1", HEADERS])
+    ]
+    only_counted(t, routed=1)
+
+
 def test_origin_is_the_registered_name_not_what_the_sender_wrote() -> None:
     t = registered()
     frames = [wire.KIND_MSG, b"server", b"origin=server", b"server"]
@@ -384,7 +393,7 @@ def test_unknown_kind_is_dropped(frames: list[bytes]) -> None:
         [wire.KIND_REG, wire.PROTOCOL_VERSION],
         [wire.KIND_REG, wire.PROTOCOL_VERSION, b"a", b"b"],
         [wire.KIND_LIST, b"t"],
-        [wire.KIND_MSG, b"server", HEADERS],
+        [wire.KIND_MSG, b"server"],
         [wire.KIND_MSG],
     ],
 )

@@ -56,7 +56,8 @@ class ChunkConsumer(Consumer):
         self.error = None
 
     def consume(self, ref_id, state, data):
-        self.parts.append(bytes(data))
+        assert isinstance(data, bytes)
+        self.parts.append(data)
         return state
 
     def download_completed(self, ref_id):
@@ -87,7 +88,7 @@ def test_seed_style_owner_and_sites(broker: Any) -> None:
 
         model = bytes(range(256)) * 1000
         tx_id = ObjDownloader.new_transaction(
-            server, ChunkProducer(10_000), 5.0, None, tx_timeout, note="bye"
+            server, ChunkProducer(100_000), 5.0, None, tx_timeout, note="bye"
         )
         ref_id = ObjDownloader.add_download_object(tx_id, model, None, obj_downloaded, expected=2)
 

@@ -811,3 +811,23 @@ def test_wrong_ext_index_is_wire_error() -> None:
     frames[1] = _rewrite_refs(frames[1], 5)
     with pytest.raises(WireError, match="reference to buffer 5"):
         wire.decode(frames)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        msgpack.packb(msgpack.Timestamp(5)),  # fixext 4
+        msgpack.packb({"a": [1, msgpack.Timestamp(5, 7)]}),  # fixext 8, nested
+        msgpack.packb([msgpack.Timestamp(2**40, 1)]),  # ext 8 of 12 bytes
+        msgpack.packb({msgpack.Timestamp(1): 1}),  # as a map key
+    ],
+)
+def test_msgpack_timestamp_ext_is_refused_like_any_unknown_ext(body: bytes) -> None:
+    # msgpack decodes ext -1 without calling the ext hook; PROTOCOL.md allows ext 1 and 2 only.
+    with pytest.raises(WireError, match="ext type -1"):
+        wire.decode([msgpack.packb({}), body])
+
+
+def test_timestamp_like_bytes_inside_a_bin_still_decode() -> None:
+    body = msgpack.packb({"x": b"\xd6\xff\xd7\xff\xc7\x0c\xff"})
+    assert wire.decode([msgpack.packb({}), body]).payload == {"x": b"\xd6\xff\xd7\xff\xc7\x0c\xff"}

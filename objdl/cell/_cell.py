@@ -466,7 +466,7 @@ class Cell:
             self._log_failure(optional, "fire_and_forget on %s/%s: not connected", channel, topic)
             return dict.fromkeys(tlist, ReturnCode.COMM_ERROR)
         encode = self._encode_secure if secure else self._encode
-        batch = [encode(message, channel, topic, t, MessageType.FIRE, 0) for t in tlist]
+        batch = [encode(message, channel, topic, t, MessageType.FIRE, None) for t in tlist]
         if not secure:
             self._outbox.put(batch)
             return dict.fromkeys(tlist, ReturnCode.OK)
@@ -533,7 +533,7 @@ class Cell:
         return tlist
 
     def _headers(
-        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
+        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: Any
     ) -> dict[str, Any]:
         """`msg`'s headers plus the routing headers every message carries."""
         headers = dict(msg.headers)
@@ -542,19 +542,19 @@ class Cell:
         headers[_H.MSG_TYPE] = mtype
         headers[_H.ORIGIN] = self._fqcn
         headers[_H.DESTINATION] = target
-        if req_id:
+        if req_id is not None:  # a reply echoes the request's req_id, whatever its type
             headers[_H.REQ_ID] = req_id
         return headers
 
     def _encode(
-        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
+        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: Any
     ) -> list[Any]:
         headers = self._headers(msg, channel, topic, target, mtype, req_id)
         headers.pop(_H.SECURE, None)  # e.g. a received secure message sent on in plaintext
         return [wire.KIND_MSG, target.encode(), *wire.encode(Message(headers, msg.payload))]
 
     def _encode_secure(
-        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: int
+        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: Any
     ) -> list[Any]:
         """The frames ``[headers, body, *buffers]`` of `msg`, marked secure, not yet sealed."""
         headers = self._headers(msg, channel, topic, target, mtype, req_id)

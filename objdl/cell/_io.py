@@ -357,7 +357,7 @@ class IOThread:
                 self._drop("control", "oversized control frame %r", kind[:16])
 
     def _on_msg(self, frames: list[zmq.Frame]) -> None:
-        if len(frames) < 4:
+        if len(frames) < 3:
             self._drop("short", "MSG with %d frames", len(frames))
             return
         raw_origin = frames[1].bytes
@@ -428,9 +428,8 @@ class IOThread:
             headers = wire.decode_headers(frames[2])
         except WireError:
             return
-        if headers.get(_H.MSG_TYPE) == MessageType.REQUEST and isinstance(
-            headers.get(_H.REQ_ID), int
-        ):
+        # Any req_id the headers hold (int, str, bytes...) is echoed as it came.
+        if headers.get(_H.MSG_TYPE) == MessageType.REQUEST:
             req = Message(headers)
             self._send_reply(
                 make_reply(ReturnCode.INVALID_REQUEST, f"request did not decode: {exc}"),

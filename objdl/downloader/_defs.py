@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from objdl.errors import ObjdlError
 
@@ -115,14 +115,39 @@ class Producer(ABC):
 
 
 class Consumer(ABC):
-    """Site side: takes in the small pieces and ends the download."""
+    """Site side: takes in the small pieces and ends the download.
+
+    What :meth:`consume` receives is what the seed gave: ``data`` and ``state`` hold
+    ``bytes`` (never a ``memoryview``) inside plain dicts and lists (a tuple the
+    producer sent arrives as a list, as in the seed), and numpy arrays arrive
+    writable, whatever their size. Getting them so costs one copy of each received
+    buffer.
+
+    A consumer that can work on the received memory itself sets the class attribute
+    :attr:`accepts_views` to True: then every bytes-like of at least
+    :data:`objdl.wire.BULK_THRESHOLD` bytes (64 KiB) arrives as a read-only
+    ``memoryview`` over the received frame (smaller ones stay ``bytes``) and arrays as
+    read-only views, with no copy. A view stays valid for as long as it is referenced;
+    ``bytes(view)`` makes a copy to keep or change.
+    """
+
+    accepts_views: ClassVar[bool] = False
+    """True: take received buffers as read-only memoryviews (no copy); False (the
+    seed's behaviour, the default): as ``bytes``."""
 
     def __init__(self) -> None:
         self.logger = logging.getLogger(f"{type(self).__module__}.{type(self).__name__}")
 
     @abstractmethod
     def consume(self, ref_id: str, state: dict, data: Any) -> dict:
-        """Process received data; return the new state to send back to the owner."""
+        """Process received data; return the new state to send back to the owner.
+
+        Args:
+            ref_id: the ref id of the object being downloaded.
+            state: the state the producer returned with this piece (None if none).
+            data: the piece; ``bytes`` and containers of them, or read-only views
+                when the class sets :attr:`accepts_views`.
+        """
 
     @abstractmethod
     def download_completed(self, ref_id: str) -> None:

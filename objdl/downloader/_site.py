@@ -3,7 +3,8 @@
 How it works: every request goes through :func:`_Requester`, which retries a request
 that timed out or could not reach the owner (same state, growing back-off, never
 past the overall deadline) and turns everything else into a failure reason. A plain
-:class:`Consumer` gets the seed's exchange, one request at a time. A
+:class:`Consumer` gets the seed's exchange, one request at a time, and the seed's
+types: ``bytes``, not views of the received frames, unless it sets ``accepts_views``. A
 :class:`SizedConsumer` gets a sliding window: up to ``window`` chunk requests in
 flight, chunks written where they belong as they arrive, hashed in order, and the
 next chunk asked for only while it lies within ``window`` chunks of the first byte
@@ -19,6 +20,7 @@ from __future__ import annotations
 import heapq
 import logging
 import queue
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -288,6 +290,8 @@ def download_object(
         per_request_timeout: seconds to wait for each reply.
         cell: the (started) cell to talk through.
         consumer: takes the data; a :class:`SizedConsumer` gets a window of requests.
+            A plain Consumer's ``consume`` gets ``bytes``, as in the seed, unless its
+            class sets ``accepts_views = True`` (read-only memoryviews, no copy).
         secure, optional, abort_signal: as for :meth:`Cell.send_request`.
         tries, backoff, backoff_max: retries of a request that timed out or could not
             reach the owner (see :class:`RetryPolicy`).
@@ -359,16 +363,64 @@ def _consume(consumer: Consumer, ref_id: str, state: Any, data: Any) -> dict:
 
 
 def _seed_exchange(req: _Requester, consumer: Consumer) -> None:
-    """The seed's exchange: one request, one reply, consume, repeat until EOF."""
+    """The seed's exchange: one request, one reply, consume, repeat until EOF.
+
+    Unless the consumer sets ``accepts_views``, the reply's data and state are first
+    turned into what the seed handed a consumer (see :func:`_as_seed_values`).
+    """
+    views = bool(consumer.accepts_views)
     state: dict | None = None
     while True:
         payload = req.call(state)
         if payload[_PropKey.STATUS] == ProduceRC.EOF:
             return
-        state = _consume(
-            consumer, req.ref_id, payload.get(_PropKey.STATE), payload.get(_PropKey.DATA)
-        )
+        data, got_state = payload.get(_PropKey.DATA), payload.get(_PropKey.STATE)
+        if not views:
+            data, got_state = _as_seed_values(data), _as_seed_values(got_state)
+        state = _consume(consumer, req.ref_id, got_state, data)
         req.check()
+
+
+_PLAIN = frozenset({bytes, str, int, float, bool, type(None)})
+
+
+def _as_seed_values(value: Any) -> Any:
+    """`value` as the seed's consumers got it: ``bytes`` where the wire gave a view.
+
+    The wire hands out bytes-likes of 64 KiB or more as read-only memoryviews over
+    the received frames, and numpy arrays as read-only views; seed-era code expects
+    ``bytes`` (``isinstance(data, bytes)``, libraries that take only bytes) and
+    writable arrays. Each is copied once. Decoded dicts and lists are fresh objects
+    of our own, so they are changed in place; the walk uses a stack of its own, as
+    an owner may nest a payload deeper than Python's recursion limit.
+    """
+    kind = type(value)
+    if kind is memoryview:
+        return value.tobytes()
+    if kind is not dict and kind is not list:
+        return _as_seed_leaf(value)
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        items = node.items() if type(node) is dict else enumerate(node)
+        for key, item in items:  # values are replaced, never added: safe while iterating
+            kind = type(item)
+            if kind in _PLAIN:
+                continue
+            if kind is memoryview:
+                node[key] = item.tobytes()
+            elif kind is dict or kind is list:
+                stack.append(item)
+            else:
+                node[key] = _as_seed_leaf(item)
+    return value
+
+
+def _as_seed_leaf(value: Any) -> Any:
+    np = sys.modules.get("numpy")  # an array in a payload means numpy is imported
+    if np is not None and isinstance(value, np.ndarray) and not value.flags.writeable:
+        return value.copy()
+    return value
 
 
 class _Window:
@@ -430,6 +482,7 @@ class _Window:
                     f"digest mismatch: owner's {algo} is {digest}, received bytes hash to {got}"
                 )
                 self.tell_owner(False, reason)
+                _end(self.consumer.data_rejected, req.ref_id)
                 raise _Failed(reason)
         finally:
             for p, *_ in self.inflight.values():
@@ -496,7 +549,12 @@ class _Window:
             hashed = self.digest.hashed
             if hashed != verified:
                 verified = hashed
-                self.consumer.verified(hashed)  # written and hashed: a point to resume from
+                try:  # written and hashed: a point to resume from
+                    self.consumer.verified(hashed)
+                except Exception as exc:
+                    raise _Failed(
+                        f"could not record progress: {type(exc).__name__}: {exc}"
+                    ) from exc
             if hashed >= self.size:
                 return
             req.check()

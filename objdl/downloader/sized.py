@@ -357,7 +357,13 @@ class SizedConsumer(Consumer):
     SizedConsumer a window of requests in flight and checks the digest before
     ``download_completed``; :meth:`consume` also supports the seed's one-at-a-time
     exchange, checking the digest when the last byte arrives.
+
+    :meth:`write` gets the received frames themselves, as read-only memoryviews
+    (``accepts_views`` is True): a chunk goes from the socket to its destination
+    without a copy.
     """
+
+    accepts_views = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -386,7 +392,18 @@ class SizedConsumer(Consumer):
         raise NotImplementedError(f"{type(self).__name__} cannot resume")
 
     def verified(self, upto: int) -> None:
-        """Every byte before `upto` is stored and hashed: a point to resume from."""
+        """Every byte before `upto` is stored and hashed: a point to resume from.
+
+        An exception raised here ends the download in ``download_failed``.
+        """
+
+    def data_rejected(self, ref_id: str) -> None:
+        """The bytes stored for `ref_id` failed the digest check: none may be kept.
+
+        Called just before ``download_failed`` when the download knows the stored
+        data is bad (a digest mismatch), so a consumer that keeps partial data to
+        resume from discards it rather than resume from it. Default: nothing.
+        """
 
     def consume(self, ref_id: str, state: dict, data: Any) -> dict:
         pieces = as_pieces(data)
@@ -403,6 +420,7 @@ class SizedConsumer(Consumer):
         if end == self._seed_desc["size"]:
             got = self._seed_digest.hexdigest()
             if got != self._seed_desc["digest"]:
+                self.data_rejected(ref_id)
                 raise ValueError(
                     f"digest mismatch: owner's {self._seed_desc['algo']} is "
                     f"{self._seed_desc['digest']}, received bytes hash to {got}"

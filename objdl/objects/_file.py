@@ -12,17 +12,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import secrets
 import stat
 import tempfile
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from objdl.cell import Cell
 from objdl.downloader import SizedConsumer, SizedSource, new_hash
+from objdl.objects import _folder
 from objdl.objects._buffers import BufferPool
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
@@ -30,6 +32,10 @@ __all__ = ["FileConsumer", "FileSource", "download_file"]
 
 PART_SUFFIX = ".objdl-part"
 STATE_SUFFIX = ".objdl-state"
+TMP_SUFFIX = ".objdl-tmp"
+# The longest ending after ".{name}.{tag}": a temporary's ".{8 hex}.objdl-tmp" (the
+# part's and state's suffixes are shorter), so every derived name fits once this does.
+TMP_EXTRA = max(len(PART_SUFFIX), len(STATE_SUFFIX), 1 + 8 + len(TMP_SUFFIX))
 SAVE_INTERVAL = 0.5  # seconds between records of a resumable download's progress
 
 # How long serving a chunk waits for a pooled buffer when all are on their way to
@@ -38,6 +44,7 @@ POOL_WAIT = 0.5
 _pool = BufferPool()
 _pool_lock = threading.Lock()
 _serving = 0  # FileSources open; the pool is cleared when the last one closes
+log = logging.getLogger("objdl.objects")
 
 
 class FileSource(SizedSource):
@@ -114,15 +121,25 @@ class FileConsumer(SizedConsumer):
     The temporary file becomes `dest` (atomically, by rename) only once every byte
     has arrived and the digest matched; on any failure it is removed.
 
-    With `resume`, the temporary file's name comes from the ref id and a small
-    ``.objdl-state`` file beside it records how far the data is complete and
-    verified. A download that fails for any reason but a digest mismatch keeps both,
-    and a later download of the same ref (in this or a new process) continues from
-    there; all bytes, old and new, are still checked against the full digest.
+    With `resume`, the temporary file's name comes from `dest`'s name and the ref id
+    (see :meth:`resume_paths`) and a small ``.objdl-state`` file beside it records how
+    far the data is complete and verified. A download that fails for any reason but
+    bad data (see :meth:`data_rejected`) keeps both, and a later download of the same
+    ref to the same `dest` (in this or a new process) continues from there; all
+    bytes, old and new, are still checked against the full digest.
+
+    The folder may be shared with users we do not trust (see ``_folder``): every file
+    is created with ``O_EXCL | O_NOFOLLOW`` relative to a descriptor of the folder
+    opened once, a kept file is reused only if it is a regular file of ours with no
+    other name, and `dest` itself must be absent or a regular file (a symlink, FIFO,
+    device or directory there is refused, never replaced or written through). Names
+    fit the file system's NAME_MAX whatever the length of `dest`'s name. Free space
+    is checked as soon as the size is known.
 
     Args:
         dest: where the file goes; its folder must exist.
-        fsync: flush the data to disk before the rename (slower, survives power loss).
+        fsync: flush the data (and the rename) to disk before reporting success
+            (slower, survives power loss).
         resume: keep and reuse partial downloads, as above.
     """
 
@@ -131,53 +148,132 @@ class FileConsumer(SizedConsumer):
     ) -> None:
         super().__init__()
         self.dest = Path(dest)
+        if self.dest.name in ("", ".", ".."):
+            raise IsADirectoryError(f"destination {self.dest} is a directory; give a file path")
         self.fsync = fsync
         self.resume = resume
-        self.part: Path | None = None
-        self.state_file: Path | None = None
         self._fd = -1
+        self._dirfd = -1
+        self._dir_id: tuple[int, int] = (0, 0)
+        self._name_max = _folder.DEFAULT_NAME_MAX
+        self._part_name = ""  # ours in the folder while set: removed on failure
+        self._state_name = ""
+        self._rejected = False
         self._desc: dict[str, Any] = {}
         self._ref_id = ""
         self._saved_at = 0.0
         self.outcome = Outcome()
 
-    def _names(self, ref_id: str) -> tuple[Path, Path]:
-        if self.resume:
-            tag = hashlib.sha256(ref_id.encode()).hexdigest()[:16]
+    @property
+    def part(self) -> Path | None:
+        """The temporary file being written, while there is one."""
+        return self.dest.parent / self._part_name if self._part_name else None
+
+    @property
+    def state_file(self) -> Path | None:
+        """The progress record of a resumable download, while there is one."""
+        return self.dest.parent / self._state_name if self._state_name else None
+
+    def resume_paths(self, ref_id: str) -> tuple[Path, Path]:
+        """The part and state files a resumable download of `ref_id` to `dest` keeps.
+
+        The same in every process (so a restarted one finds them), different for
+        every (dest, ref) pair, and short enough for the file system.
+        """
+        if self._dirfd >= 0:
+            limit = self._name_max
         else:
-            tag = uuid.uuid4().hex[:12]
-        part = self.dest.with_name(f".{self.dest.name}.{tag}{PART_SUFFIX}")
-        return part, part.with_name(part.name + STATE_SUFFIX)
+            fd = _folder.open_folder(self.dest.parent)
+            try:
+                limit = _folder.name_max(fd)
+            finally:
+                os.close(fd)
+        part, state = _kept_names(self.dest.name, _resume_tag(self.dest.name, ref_id), limit)
+        return self.dest.parent / part, self.dest.parent / state
+
+    def _open_folder(self) -> int:
+        if self._dirfd < 0:
+            self._dirfd = _folder.open_folder(self.dest.parent)
+            st = os.fstat(self._dirfd)
+            self._dir_id = (st.st_dev, st.st_ino)
+            self._name_max = _folder.name_max(self._dirfd)
+        return self._dirfd
+
+    def _names(self, ref_id: str) -> tuple[str, str]:
+        name = self.dest.name
+        tag = _resume_tag(name, ref_id) if self.resume else secrets.token_hex(8)
+        return _kept_names(name, tag, self._name_max)
+
+    def _tmp_name(self, of: str) -> str:
+        stem = of.rsplit(".", 1)[0]  # a kept name without its suffix fits with TMP_EXTRA
+        return f"{stem}.{secrets.token_hex(4)}{TMP_SUFFIX}"
 
     def resume_from(self, ref_id: str, desc: dict[str, Any]) -> int:
         self._desc = {k: desc.get(k) for k in ("size", "algo", "digest")}
         self._ref_id = ref_id
         if not self.resume:
             return 0
-        part, state_file = self._names(ref_id)
+        dirfd = self._open_folder()
+        part, state = self._names(ref_id)
+        upto = self._reopen(dirfd, part, state, desc.get("size"))
+        if not upto:
+            return 0
+        self._part_name, self._state_name = part, state
+        kept = os.fstat(self._fd).st_blocks * 512
+        _folder.check_space(dirfd, max(0, desc["size"] - kept), self.dest.parent)
+        return upto
+
+    def _reopen(self, dirfd: int, part: str, state: str, size: Any) -> int:
+        """Reopen a kept part file and return how far it is verified (0: nothing usable)."""
         try:
-            saved = json.loads(state_file.read_text())
-            upto = int(saved["verified"])
-            same = saved.get("ref_id") == ref_id and all(
-                saved.get(k) == v for k, v in self._desc.items()
-            )
-            if not same or not 0 < upto <= desc["size"] or part.stat().st_size != desc["size"]:
-                return 0
-            self._fd = os.open(part, os.O_RDWR)
-        except (OSError, ValueError, KeyError, TypeError):
-            return 0  # nothing usable kept: start afresh
-        self.part, self.state_file = part, state_file
+            fd = _folder.open_own(dirfd, state, os.O_RDONLY)
+            try:
+                saved = json.loads(_folder.read_small(fd))
+            finally:
+                os.close(fd)
+            if not isinstance(saved, dict) or saved.get("ref_id") != self._ref_id:
+                raise ValueError("the record is for another object")
+            if any(saved.get(k) != v for k, v in self._desc.items()):
+                raise ValueError("the object changed since")
+            upto = saved.get("verified")
+            if not isinstance(size, int) or type(upto) is not int or not 0 < upto <= size:
+                raise ValueError(f"verified {upto!r} is outside the object")
+            fd = _folder.open_own(dirfd, part, os.O_RDWR)
+            if os.fstat(fd).st_size != size:
+                os.close(fd)
+                raise ValueError("the part file has the wrong size")
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, RecursionError) as exc:
+            log.warning("download %s: not resuming from %s: %s", self._ref_id, part, exc)
+            return 0  # start afresh: begin() replaces both names
+        self._fd = fd
         return upto
 
     def begin(self, ref_id: str, size: int, meta: Any) -> None:
-        if self.dest.is_dir():
-            raise IsADirectoryError(f"destination {self.dest} is a directory; give a file path")
-        self.part, self.state_file = self._names(ref_id)
-        flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if self.resume else os.O_EXCL)
-        self._fd = os.open(self.part, flags, 0o644)
-        os.ftruncate(self._fd, size)
+        dirfd = self._open_folder()
+        _folder.check_replaceable(dirfd, self.dest.name, self.dest)
+        _folder.check_space(dirfd, size, self.dest.parent)
+        part, state = self._names(ref_id)
         if self.resume:
-            self._save(ref_id, 0)
+            # Created afresh under a random name, then renamed over whatever is at
+            # the known name (a planted link or file is replaced, never opened).
+            tmp = self._tmp_name(part)
+            fd = _folder.create(dirfd, tmp)
+            try:
+                os.ftruncate(fd, size)
+                os.rename(tmp, part, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dirfd)
+                raise
+            self._fd, self._part_name, self._state_name = fd, part, state
+            self._save(0)  # a stale record must not vouch for the new, empty part
+        else:
+            self._fd = _folder.create(dirfd, part)
+            self._part_name = part
+            os.ftruncate(self._fd, size)
 
     def read(self, offset: int, length: int) -> bytes:
         return os.pread(self._fd, length, offset)
@@ -190,20 +286,22 @@ class FileConsumer(SizedConsumer):
             offset += p.nbytes
 
     def verified(self, upto: int) -> None:
-        if self.resume and self.state_file is not None:
+        if self.resume and self._state_name:
             now = time.monotonic()
             if now >= self._saved_at + SAVE_INTERVAL:
                 self._saved_at = now
-                self._save(self._ref_id, upto)
+                self._save(upto)
 
-    def _save(self, ref_id: str, upto: int) -> None:
+    def data_rejected(self, ref_id: str) -> None:
+        """The bytes failed the digest check: the part is removed even with `resume`."""
+        self._rejected = True
+
+    def _save(self, upto: int) -> None:
         # Written only after the bytes it vouches for were written, and replaced
         # atomically, so a crash leaves either the old or the new record.
-        assert self.state_file is not None
-        record = {"ref_id": ref_id, "verified": upto, **self._desc}
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.state_file)
+        record = {"ref_id": self._ref_id, "verified": upto, **self._desc}
+        name = self._state_name
+        _folder.write_replace(self._dirfd, name, self._tmp_name(name), json.dumps(record).encode())
 
     def download_completed(self, ref_id: str) -> None:
         try:
@@ -211,36 +309,78 @@ class FileConsumer(SizedConsumer):
                 raise RuntimeError("download completed without any data")
             if self.fsync:
                 os.fsync(self._fd)
-            self._close()
-            assert self.part is not None
-            os.replace(self.part, self.dest)
-            self.part = None
+            self._check_folder()
+            dirfd, part = self._dirfd, self._part_name
+            _folder.check_replaceable(dirfd, self.dest.name, self.dest)
+            mine, there = os.fstat(self._fd), os.stat(part, dir_fd=dirfd, follow_symlinks=False)
+            if (there.st_dev, there.st_ino) != (mine.st_dev, mine.st_ino):
+                self._part_name = ""  # not ours any more: leave it alone
+                raise FileExistsError(f"{part} was replaced by another file during the download")
+            os.rename(part, self.dest.name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            self._part_name = ""
+            if self.fsync:
+                os.fsync(dirfd)  # the rename itself
             self._remove_state()
             self.outcome.ok = True
         except Exception as exc:
             self.download_failed(ref_id, f"could not move the file into place: {exc}")
+        finally:
+            self._close()
+
+    def _check_folder(self) -> None:
+        """Fail if `dest`'s folder is no longer the one written into (moved or swapped)."""
+        try:
+            st = os.stat(self.dest.parent)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"the folder {self.dest.parent} was removed during the download"
+            ) from None
+        if (st.st_dev, st.st_ino) != self._dir_id:
+            raise FileExistsError(
+                f"the folder {self.dest.parent} was moved or replaced during the download"
+            )
 
     def download_failed(self, ref_id: str, reason: str) -> None:
-        self._close()
-        keep = self.resume and "digest mismatch" not in reason
-        if self.part is not None and not keep:
-            with contextlib.suppress(FileNotFoundError):
-                self.part.unlink()
-            self.part = None
-            self._remove_state()
         self.outcome.ok = False
         self.outcome.reason = reason
+        try:
+            if not (self.resume and not self._rejected):
+                self._remove(self._part_name)
+                self._part_name = ""
+                self._remove_state()
+        finally:
+            self._close()
+
+    def _remove(self, name: str) -> None:
+        if name and self._dirfd >= 0:
+            try:
+                os.unlink(name, dir_fd=self._dirfd)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:  # the reason for the failure matters more
+                log.warning("could not remove %s: %s", self.dest.parent / name, exc)
 
     def _remove_state(self) -> None:
-        if self.state_file is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.state_file.unlink()
-            self.state_file = None
+        self._remove(self._state_name)
+        self._state_name = ""
 
     def _close(self) -> None:
-        fd, self._fd = self._fd, -1
-        if fd >= 0:
-            os.close(fd)
+        for attr in ("_fd", "_dirfd"):
+            fd = getattr(self, attr)
+            setattr(self, attr, -1)
+            if fd >= 0:
+                os.close(fd)
+
+
+def _resume_tag(name: str, ref_id: str) -> str:
+    key = f"{name}\0{ref_id}".encode("utf-8", "surrogateescape")
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
+def _kept_names(name: str, tag: str, limit: int) -> tuple[str, str]:
+    """Part and state file names for `name`, cut so that every name derived fits `limit`."""
+    stem = _folder.fit_name(name, limit - len(f"..{tag}") - TMP_EXTRA)
+    return f".{stem}.{tag}{PART_SUFFIX}", f".{stem}.{tag}{STATE_SUFFIX}"
 
 
 def download_file(
@@ -266,17 +406,20 @@ def download_file(
         FileNotFoundError: `dest`'s folder does not exist.
         IsADirectoryError / PermissionError: `dest` is a folder, or its folder is not
             writable.
+        FileExistsError: `dest` is a symbolic link, a FIFO, a device or a socket:
+            objdl only creates or replaces regular files (never writes through a
+            link, never replaces a device such as ``/dev/null``).
     """
     dest = Path(dest)
     if not dest.parent.is_dir():
         raise FileNotFoundError(f"the folder of {dest} does not exist; create it first")
-    if dest.is_dir():
-        raise IsADirectoryError(f"destination {dest} is a directory; give a file path")
+    consumer = FileConsumer(dest, fsync=fsync, resume=resume)  # refuses "." and ".."
+    with contextlib.suppress(FileNotFoundError):
+        _folder.refuse_mode(os.lstat(dest).st_mode, dest)
     try:  # find out now, not after the owner has been asked for data
         with tempfile.TemporaryFile(dir=dest.parent):
             pass
     except OSError as exc:
         raise PermissionError(f"cannot write in {dest.parent}: {exc.strerror}") from exc
-    consumer = FileConsumer(dest, fsync=fsync, resume=resume)
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     return dest
