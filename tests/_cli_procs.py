@@ -22,26 +22,34 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "objdl.cli"]
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OBJDL_")}
+    env.update(extra or {})
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 def run(
-    args: list[str], timeout: float = 30.0, cwd: Path | None = None
+    args: list[str],
+    timeout: float = 30.0,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a command to its end (killed, by pid, if it outlives `timeout`)."""
+    """Run a command to its end (killed, by pid, if it outlives `timeout`); `env` adds
+    variables (the caller's OBJDL_* settings are never inherited)."""
     return subprocess.run(
-        args, capture_output=True, text=True, timeout=timeout, env=child_env(), cwd=cwd or ROOT
+        args, capture_output=True, text=True, timeout=timeout, env=child_env(env), cwd=cwd or ROOT
     )
 
 
 def run_cli(
-    args: list[str], timeout: float = 30.0, cwd: Path | None = None
+    args: list[str],
+    timeout: float = 30.0,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    return run([*CLI, *args], timeout, cwd)
+    return run([*CLI, *args], timeout, cwd, env)
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str) -> str:
@@ -59,13 +67,15 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], *expected: str
 class Child:
     """A child process whose stdout and stderr lines are collected as they come."""
 
-    def __init__(self, args: list[str], cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=child_env(),
+            env=child_env(env),
             cwd=cwd or ROOT,
         )
         self.out: list[str] = []

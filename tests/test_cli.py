@@ -54,7 +54,8 @@ def test_serve_and_get_end_to_end(broker: Any, tmp_path: Path) -> None:
         pastes = [line.strip() for line in serve.out if line.strip().startswith("objdl get ")]
         assert len(refs) == 2 and len(pastes) == 2, serve.out
         assert pastes[0] == (
-            f"objdl get {refs[0]} --from owner-e2e --name site-1 --broker {broker.url} -o model.bin"
+            f"objdl get --from owner-e2e --name site-1 --broker {broker.url} "
+            f"--output=model.bin -- {refs[0]}"
         )
         for paste in pastes:  # exactly what the owner printed, run in the output folder
             got = run_cli(shlex.split(paste)[1:], cwd=out)
@@ -173,7 +174,7 @@ def test_bad_destination(case: str, expected: str, dead_url: str, tmp_path: Path
 
 
 @pytest.mark.parametrize(
-    ("name", "expected"), [("missing.bin", "no such file"), (".", "not a regular file")]
+    ("name", "expected"), [("missing.bin", "no such file"), (".", "no regular files")]
 )
 def test_bad_source(name: str, expected: str, dead_url: str, tmp_path: Path) -> None:
     proc = run_cli(

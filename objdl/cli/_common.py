@@ -13,8 +13,7 @@ from types import FrameType
 from typing import Any
 
 from objdl import fqcn as _fqcn
-from objdl.cell import Cell
-from objdl.errors import BrokerUnavailableError, CellError, NameTakenError, ObjdlError
+from objdl.errors import ObjdlError
 
 __all__ = [
     "DEFAULT_BROKER",
@@ -32,7 +31,6 @@ __all__ = [
     "check_source",
     "human_size",
     "parse_size",
-    "start_cell",
     "stop_on_signals",
 ]
 
@@ -62,12 +60,16 @@ _SIZE_UNITS = {
 _TCP_URL = re.compile(r"tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
 
 
+_KINDS = {EXIT_USAGE: "usage", EXIT_INTERRUPTED: "interrupted"}
+
+
 class CliError(ObjdlError):
     """A user-facing failure: printed as one ``objdl: error: ...`` line, never a traceback."""
 
-    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+    def __init__(self, message: str, code: int = EXIT_FAILED, kind: str | None = None) -> None:
         super().__init__(" ".join(message.split()))  # one line, whatever the cause said
         self.code = code
+        self.kind = kind or _KINDS.get(code, "failed")
 
 
 # ---------------------------------------------------------------- input checks
@@ -140,19 +142,7 @@ def check_destination(dest: Path) -> None:
         ) from None
 
 
-# ---------------------------------------------------------------- cells and signals
-
-
-def start_cell(name: str, url: str, connect_timeout: float) -> Cell:
-    """A started cell, or a :class:`CliError` that says why not."""
-    cell = Cell(name, url, start_timeout=connect_timeout)
-    try:
-        cell.start()
-    except (BrokerUnavailableError, NameTakenError) as exc:
-        raise CliError(str(exc)) from None
-    except CellError as exc:
-        raise CliError(f"could not connect {name!r} to {url}: {exc}") from None
-    return cell
+# ---------------------------------------------------------------- signals
 
 
 class StopFlag:

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from objdl.cell import Cell
-from objdl.cli._common import CliError, StopFlag, start_cell, stop_on_signals
+from objdl.cli._common import CliError, StopFlag, stop_on_signals
+from objdl.cli._keys import start_cell
 from objdl.cli._progress import ProgressDisplay
 from objdl.errors import ObjdlError
 from objdl.message import Message, ReturnCode

@@ -1,10 +1,10 @@
-"""``objdl serve``, ``objdl get`` and ``objdl cells``."""
+"""``objdl get`` and ``objdl cells`` (``objdl serve`` is in :mod:`objdl.cli._serve`)."""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import secrets
-import shlex
 import threading
 import time
 from pathlib import Path
@@ -20,101 +20,21 @@ from objdl.cli._common import (
     check_destination,
     check_name,
     check_positive,
-    check_source,
     human_size,
-    start_cell,
     stop_on_signals,
 )
+from objdl.cli._events import Events
+from objdl.cli._keys import key_options, start_cell
 from objdl.cli._progress import ProgressDisplay
+from objdl.cli._serve import serve
 from objdl.errors import CellError
 
 __all__ = ["cells", "get", "serve"]
 
 
-def serve(args: argparse.Namespace) -> int:
-    from objdl.downloader import ObjDownloader, TransferStatus
-    from objdl.objects import new_transaction, offer_file
-
-    name = check_name("--name", args.name)
-    url = check_broker_url(args.broker)
-    check_positive("--timeout", args.timeout)
-    check_positive("--connect-timeout", args.connect_timeout)
-    if args.sites is not None and args.sites < 1:
-        raise CliError(f"--sites: must be at least 1, got {args.sites}", EXIT_USAGE)
-    paths = [Path(p) for p in args.paths]
-    for p in paths:
-        check_source(p)
-
-    progress = ProgressDisplay(enabled=not args.quiet)
-    labels: dict[str, str] = {}
-
-    def on_progress(ref_id: str, site: str, done: int, total: int | None, rate: float) -> None:
-        label = f"{site} {labels.get(ref_id, ref_id)}"
-        progress.update(f"{ref_id}|{site}", label, done, total, rate)
-
-    with stop_on_signals() as stop:
-        cell = start_cell(name, url, args.connect_timeout)
-        try:
-            tx = new_transaction(
-                cell, timeout=args.timeout, num_sites=args.sites, progress_cb=on_progress
-            )
-            outcome = ObjDownloader.get_outcome(tx)
-            assert outcome is not None
-            for p in paths:
-                try:
-                    ref = offer_file(cell, p, transaction_id=tx)
-                except OSError as exc:
-                    raise CliError(f"cannot serve {p}: {exc.strerror or exc}") from None
-                labels[ref] = p.name
-                get = (
-                    f"objdl get {ref} --from {shlex.quote(name)} --name site-1 "
-                    f"--broker {shlex.quote(url)} -o {shlex.quote(p.name)}"
-                )
-                print(f"ref {ref} {p} ({human_size(p.stat().st_size)})", flush=True)
-                print(f"  {get}", flush=True)
-            if args.sites is None:
-                goal = "until stopped"
-            else:
-                have = "sites have" if args.sites > 1 else "site has"
-                goal = f"until {args.sites} {have} every file"
-            print(
-                f"serving {len(paths)} file(s) as {name} on {url} {goal} "
-                f"(gives up after {args.timeout:g}s without a request; Ctrl-C stops)",
-                flush=True,
-            )
-            while outcome.wait(0.2).status == TransferStatus.RUNNING and not stop.is_set():
-                pass
-        finally:
-            progress.close()
-            cell.stop()
-    stopped = stop.is_set() and outcome.status != TransferStatus.FINISHED
-    _print_summary("stopped" if stopped else outcome.status, outcome, labels)
-    if outcome.status == TransferStatus.FINISHED:
-        return EXIT_OK
-    if stop.is_set():
-        if args.sites is None:
-            return EXIT_OK  # serving until stopped was the job
-        raise CliError(f"stopped before {args.sites} sites had every file", EXIT_INTERRUPTED)
-    got = min((len(r.finished) for r in outcome.refs.values()), default=0)
-    goal = f" {got} of {args.sites} sites have every file" if args.sites else ""
-    raise CliError(f"gave up after {args.timeout:g}s without a download request;{goal}")
-
-
-def _print_summary(status: str, outcome: Any, labels: dict[str, str]) -> None:
-    print(f"summary ({status}):", flush=True)
-    for ref_id, s in outcome.summary().items():
-        failed = "; ".join(f"{site} ({why})" for site, why in s["failed"].items())
-        print(
-            f"  {labels.get(ref_id, ref_id)} {ref_id}: finished: {', '.join(s['finished']) or '-'}"
-            + (f"; failed: {failed}" if failed else ""),
-            flush=True,
-        )
-
-
-def get(args: argparse.Namespace) -> int:
-    from objdl.message import Signal
-    from objdl.objects import DownloadError, download_file
-
+def _check_get(args: argparse.Namespace) -> tuple[str, str, str]:
+    if args.name is None:
+        raise CliError("--name: required (or set $OBJDL_NAME)", EXIT_USAGE)
     name = check_name("--name", args.name)
     owner = check_name("--from", args.from_)
     url = check_broker_url(args.broker)
@@ -126,14 +46,34 @@ def get(args: argparse.Namespace) -> int:
         ("--overall-timeout", args.overall_timeout),
     ):
         check_positive(opt, value)
-    if args.tries < 1:
-        raise CliError(f"--tries: must be at least 1, got {args.tries}", EXIT_USAGE)
+    for opt, n in (("--tries", args.tries), ("--window", args.window)):
+        if n is not None and n < 1:
+            raise CliError(f"{opt}: must be at least 1, got {n}", EXIT_USAGE)
+    return name, owner, url
+
+
+def get(args: argparse.Namespace) -> int:
+    from objdl.downloader.sized import MAX_CHUNK_SIZE
+    from objdl.message import Signal
+    from objdl.objects import DownloadError, download_file
+
+    name, owner, url = _check_get(args)
+    if args.chunk_size is not None and args.chunk_size > MAX_CHUNK_SIZE:
+        raise CliError(
+            f"--chunk-size: at most {human_size(MAX_CHUNK_SIZE)}, got {args.chunk_size}", EXIT_USAGE
+        )
+    keys = key_options(args, secure=args.secure)
     dest = Path(args.output)
     check_destination(dest)
 
-    progress = ProgressDisplay(enabled=not args.quiet)
+    events = Events(args.json)
+    progress = ProgressDisplay(enabled=not (args.quiet or args.json))
     abort = Signal()
     ended = threading.Event()
+
+    def on_progress(ref: str, done: int, total: int | None, rate: float) -> None:
+        progress.update(ref, dest.name, done, total, rate)
+        events.progress(ref, done, total, ref=ref, rate=round(rate))
 
     def watch(stop: StopFlag) -> None:  # turns a signal into the download's abort
         while not ended.wait(0.05):
@@ -141,8 +81,20 @@ def get(args: argparse.Namespace) -> int:
                 abort.trigger()
                 return
 
+    options: dict[str, Any] = {}
+    for opt in ("window", "chunk_size", "max_size"):
+        if getattr(args, opt) is not None:
+            options[opt] = getattr(args, opt)
+    if args.secure:
+        options["secure"] = True
+    if args.max_size is not None and "max_size" not in inspect.signature(download_file).parameters:
+        raise CliError(
+            "--max-size: this version of objdl.objects.download_file has no max_size=; "
+            "upgrade objdl",
+            EXIT_USAGE,
+        )
     with stop_on_signals() as stop:
-        cell = start_cell(name, url, args.connect_timeout)
+        cell = start_cell(name, url, args.connect_timeout, keys)
         watcher = threading.Thread(target=watch, args=(stop,), name="objdl-cli-abort")
         watcher.start()
         started = time.monotonic()
@@ -156,12 +108,18 @@ def get(args: argparse.Namespace) -> int:
                 overall_timeout=args.overall_timeout,
                 tries=args.tries,
                 abort_signal=abort,
-                progress_cb=lambda ref, done, total, rate: progress.update(
-                    ref, dest.name, done, total, rate
-                ),
+                resume=args.resume,
+                progress_cb=on_progress,
+                **options,
             )
         except DownloadError as exc:
+            events.emit("failed", ref=args.ref, reason=exc.reason, resume=args.resume)
             if abort.triggered:
+                if args.resume:
+                    raise CliError(
+                        "stopped; what arrived is kept: run the same command to continue",
+                        EXIT_INTERRUPTED,
+                    ) from None
                 raise CliError("stopped; nothing was written", EXIT_INTERRUPTED) from None
             raise CliError(str(exc)) from None
         except OSError as exc:
@@ -173,27 +131,44 @@ def get(args: argparse.Namespace) -> int:
             cell.stop()
     seconds = time.monotonic() - started
     size = dest.stat().st_size
-    print(
-        f"saved {dest} ({human_size(size)}, digest verified) in {seconds:.2f}s, "
-        f"{human_size(size / max(seconds, 1e-9))}/s",
-        flush=True,
+    rate = size / max(seconds, 1e-9)
+    events.emit(
+        "done",
+        ref=args.ref,
+        path=str(dest),
+        size=size,
+        seconds=round(seconds, 3),
+        rate=round(rate),
+        digest_verified=True,
     )
+    if not args.json:
+        print(
+            f"saved {dest} ({human_size(size)}, digest verified) in {seconds:.2f}s, "
+            f"{human_size(rate)}/s",
+            flush=True,
+        )
     return EXIT_OK
 
 
 def cells(args: argparse.Namespace) -> int:
     url = check_broker_url(args.broker)
     prefix = check_name("--prefix", args.prefix) if args.prefix else ""
+    me = check_name("--name", args.name) if args.name else f"objdl-cli-{secrets.token_hex(4)}"
     check_positive("--connect-timeout", args.connect_timeout)
-    me = f"objdl-cli-{secrets.token_hex(4)}"
-    cell = start_cell(me, url, args.connect_timeout)
+    keys = key_options(args)
+    cell = start_cell(me, url, args.connect_timeout, keys)
     try:
         names = cell.list_cells(prefix, timeout=args.connect_timeout)
     except CellError as exc:
         raise CliError(str(exc)) from None
     finally:
         cell.stop()
-    for n in names:
-        if n != me:
+    shown = [n for n in names if n != me]
+    events = Events(args.json)
+    for n in shown:
+        if args.json:
+            events.emit("cell", name=n)
+        else:
             print(n)
+    events.emit("summary", count=len(shown), prefix=prefix)
     return EXIT_OK
