@@ -135,6 +135,8 @@ class HandlerPool:
             request = opened
         else:
             request = job
+        # The one mark a handler can trust: True only for a request opened here.
+        request.headers[_H.SECURE] = secure
         channel = request.get_header(_H.CHANNEL)
         topic = request.get_header(_H.TOPIC)
         mtype = request.get_header(_H.MSG_TYPE)

@@ -4,6 +4,7 @@ An owner offers objects within a transaction and hands out their ref ids; each s
 pulls an object chunk by chunk with :func:`download_object`.
 """
 
+from objdl.downloader._budget import MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
     OBJ_DOWNLOADER_TOPIC,
@@ -33,6 +34,8 @@ __all__ = [
     "DEFAULT_DIGEST",
     "DEFAULT_WINDOW",
     "DIGESTS",
+    "MAX_INFLIGHT_PER_SITE",
+    "MAX_INFLIGHT_TOTAL",
     "OBJ_DOWNLOADER_CHANNEL",
     "OBJ_DOWNLOADER_TOPIC",
     "Consumer",

@@ -9,16 +9,75 @@ ends by inactivity (``timeout``) or by ``delete_transaction`` (``deleted``).
 
 Site states: ``in_progress`` -> ``finished`` | ``failed`` | ``cancelled``; a site that
 finished stays finished (a late error does not undo it).
+
+Delivery rule: for a sized object, each site's record keeps the byte ranges the
+owner served it (:class:`Ranges`, across its retries and resumes), and a site counts
+as having the object only once those cover every byte; a final "ok" request without
+that is recorded as a failed attempt, not a delivery.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RefOutcome", "SiteRecord", "Track", "TransferOutcome", "TransferStatus"]
+__all__ = [
+    "MAX_RANGES",
+    "Ranges",
+    "RefOutcome",
+    "SiteRecord",
+    "Track",
+    "TransferOutcome",
+    "TransferStatus",
+]
+
+MAX_RANGES = 1024  # separate byte ranges kept per (ref, site); beyond, new ones are not kept
+
+
+class Ranges:
+    """A small set of disjoint half-open byte ranges, merged as they are added.
+
+    Bounded: once it holds :data:`MAX_RANGES` separate ranges, a range that touches
+    none of them is not recorded, so a site that fragments its requests on purpose
+    can only under-count its own coverage, never grow the owner's memory.
+    """
+
+    __slots__ = ("_r",)
+
+    def __init__(self) -> None:
+        self._r: list[tuple[int, int]] = []  # sorted, disjoint, not touching
+
+    def add(self, start: int, end: int) -> None:
+        if end <= start:
+            return
+        r = self._r
+        i = bisect.bisect_left(r, (start, start))
+        if i and r[i - 1][1] >= start:
+            i -= 1
+        j = i
+        while j < len(r) and r[j][0] <= end:
+            start, end = min(start, r[j][0]), max(end, r[j][1])
+            j += 1
+        if i == j and len(r) >= MAX_RANGES:
+            return
+        r[i:j] = [(start, end)]
+
+    def covers(self, start: int, end: int) -> bool:
+        """True if every byte of ``[start, end)`` is in the set."""
+        if end <= start:
+            return True
+        i = bisect.bisect_right(self._r, (start, float("inf"))) - 1
+        return i >= 0 and self._r[i][0] <= start and self._r[i][1] >= end
+
+    def __len__(self) -> int:
+        return len(self._r)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e - s for s, e in self._r)
 
 
 class TransferStatus:
@@ -37,6 +96,7 @@ class SiteRecord:
     reason: str = ""
     started: float = 0.0
     ended: float | None = None
+    served: Ranges = field(default_factory=Ranges)  # bytes of a sized object served
 
 
 @dataclass
@@ -107,8 +167,10 @@ class TransferOutcome:
             if ref is not None:
                 ref.total = total
 
-    def served(self, ref_id: str, site: str, nbytes: int, now: float) -> SiteRecord | None:
-        """A request from `site` was answered with `nbytes` of data."""
+    def served(
+        self, ref_id: str, site: str, nbytes: int, now: float, offset: int | None = None
+    ) -> SiteRecord | None:
+        """A request from `site` was answered with `nbytes` of data (at `offset`, if sized)."""
         with self._lock:
             ref = self.refs.get(ref_id)
             if ref is None:
@@ -119,7 +181,18 @@ class TransferOutcome:
             elif rec.state != "in_progress" and rec.state != "finished":
                 rec.state, rec.reason, rec.ended = "in_progress", "", None  # trying again
             rec.bytes_sent += nbytes
+            if offset is not None:
+                rec.served.add(offset, offset + nbytes)
             return rec
+
+    def covered(self, ref_id: str, site: str, size: int) -> bool:
+        """Whether `site` was served every byte of `ref_id` (of `size` bytes)."""
+        with self._lock:
+            ref = self.refs.get(ref_id)
+            rec = ref.sites.get(site) if ref is not None else None
+            if rec is None:
+                return size == 0
+            return rec.served.covers(0, size)
 
     def ended(self, ref_id: str, site: str, state: str, reason: str, now: float) -> bool:
         """`site` finished, failed or cancelled `ref_id`; True if every goal is now met."""
@@ -216,6 +289,7 @@ class Track:
         done_cb: ``done_cb(tx_id, status, outcome)`` once, when the transaction ends.
         progress_cb: ``progress_cb(ref_id, site, bytes_done, bytes_total, rate)`` at
             most every `progress_interval` seconds per (ref, site), and at the end.
+        secure: serve only requests that came sealed end to end (``secure=True``).
     """
 
     def __init__(
@@ -225,12 +299,16 @@ class Track:
         done_cb: Callable[..., Any] | None = None,
         progress_cb: Callable[..., Any] | None = None,
         progress_interval: float = 0.5,
+        secure: bool = False,
     ) -> None:
+        if not isinstance(secure, bool):
+            raise TypeError(f"secure must be a bool, got {type(secure).__name__}")
         for name, cb in (("done_cb", done_cb), ("progress_cb", progress_cb)):
             if cb is not None and not callable(cb):
                 raise TypeError(f"{name} must be callable, got {type(cb).__name__}")
         self.outcome = outcome
         self.allowed = frozenset(allowed) if allowed is not None else None
+        self.secure = secure
         self.done_cb = done_cb
         self.progress_cb = progress_cb
         self.progress_interval = progress_interval

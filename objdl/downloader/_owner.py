@@ -20,6 +20,7 @@ from typing import Any
 from objdl import fqcn as _fqcn
 from objdl._logutil import RateLimitedLog
 from objdl.cell import Cell
+from objdl.downloader._budget import MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL, InFlight
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
     OBJ_DOWNLOADER_TOPIC,
@@ -31,9 +32,17 @@ from objdl.downloader._defs import (
 )
 from objdl.downloader._outcome import Track, TransferOutcome, TransferStatus
 from objdl.downloader._tables import Ref, Transaction, TransactionTable
+from objdl.downloader.sized import SizedProducer
 from objdl.message import Message, MessageHeaderKey, ReturnCode, make_reply
 
-__all__ = ["ObjDownloader", "producer_of"]
+__all__ = [
+    "MAX_INFLIGHT_PER_SITE",
+    "MAX_INFLIGHT_TOTAL",
+    "MAX_REF_ID",
+    "ObjDownloader",
+    "is_secure",
+    "producer_of",
+]
 
 log = logging.getLogger("objdl.downloader")
 _rlog = RateLimitedLog(log)
@@ -43,6 +52,7 @@ _states: dict[int, _OwnerState] = {}  # id(cell) -> its state
 _tx_index: dict[str, _OwnerState] = {}  # tx id -> the state that holds it
 
 _MONITOR_MAX_SLEEP = 1.0
+MAX_REF_ID = 256  # longer ref ids are refused unread (ours are 37 characters)
 
 
 def _run_cb(what: str, cb: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
@@ -59,6 +69,7 @@ class _OwnerState:
         self.cell = cell
         self.clock = clock
         self.table = TransactionTable()
+        self.inflight = InFlight(MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL)
         self._cond = threading.Condition()
         self._monitor: threading.Thread | None = None
         self._closing = False
@@ -136,32 +147,36 @@ class _OwnerState:
         requester = request.get_header(MessageHeaderKey.ORIGIN)
         payload = request.payload
         rid = payload.get(_PropKey.REF_ID) if isinstance(payload, dict) else None
-        if not isinstance(rid, str) or not rid:
+        if not isinstance(rid, str) or not rid or len(rid) > MAX_REF_ID:
             _rlog.log(
                 logging.WARNING, "badreq", "download request without a ref id from %s", requester
             )
             return make_reply(
                 ReturnCode.INVALID_REQUEST,
-                "download request needs a dict payload with a 'ref_id' str",
+                f"download request needs a dict payload with a 'ref_id' str of 1 to "
+                f"{MAX_REF_ID} characters",
             )
         state = payload.get(_PropKey.STATE)
         if state is not None and not isinstance(state, dict):
             return make_reply(ReturnCode.INVALID_REQUEST, "download request 'state' must be a dict")
         now = self.clock()
-        ref = self.table.touch(rid, now)
+        ref = self.table.get_ref(rid)
         if ref is None:
             return self._no_ref(rid, requester, state, now)
-        track = ref.tx.track
-        if not track.allows(requester):
-            _rlog.log(logging.WARNING, "denied", "%s may not download %s; refused", requester, rid)
-            return make_reply(
-                ReturnCode.UNAUTHENTICATED,
-                f"cell {requester} is not allowed to download {rid} from {self.cell.fqcn}",
-            )
+        refused = self._refuse(ref, requester, request)
+        if refused is not None:
+            return refused  # not activity: a refused cell cannot keep a transaction alive
+        if self.table.touch(rid, now) is None:  # withdrawn or ended meanwhile
+            return self._no_ref(rid, requester, state, now)
         cancel = payload.get(_PropKey.CANCEL)
         if cancel is not None:
-            self._ended(ref, requester, "cancelled", f"cancelled by the site: {cancel}"[:500], now)
+            why = cancel[:200] if isinstance(cancel, str) else f"({type(cancel).__name__})"
+            self._ended(ref, requester, "cancelled", f"cancelled by the site: {why}", now)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
+        if state is None or "ok" not in state:  # a final request carries no data: never held up
+            busy = self.inflight.full(requester)
+            if busy is not None:
+                return self._busy(rid, requester, busy)
         producer = ref.tx.producer
         try:
             rc, data, new_state = producer.produce(rid, ref.obj, state, requester)  # type: ignore[arg-type]
@@ -179,22 +194,83 @@ class _OwnerState:
                 f"producer {type(producer).__name__} raised {type(exc).__name__}: {exc}",
             )
         if rc == ProduceRC.OK:
+            data, busy = self.inflight.charge(requester, data)
+            if busy is not None:
+                return self._busy(rid, requester, busy)
             self._served(ref, requester, state, data, new_state, now)
             return make_reply(
                 ReturnCode.OK,
                 body={_PropKey.STATUS: rc, _PropKey.STATE: new_state, _PropKey.DATA: data},
             )
         if rc == ProduceRC.EOF:
+            short = self._not_delivered(ref, requester)
+            if short is not None:
+                track = ref.tx.track
+                track.outcome.ended(rid, requester, "failed", short, now)
+                _rlog.log(logging.WARNING, "undelivered", "%s", short)
+                return make_reply(ReturnCode.INVALID_REQUEST, short)
             if self.table.record_finished(rid, requester, now, state):
                 self._ended(ref, requester, "finished", "", now)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc})
         if rc == ProduceRC.ERROR:
-            error = data if isinstance(data, str) else ""
+            error = data[:500] if isinstance(data, str) else ""
             self._ended(ref, requester, "failed", error or "producer error", now)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: rc, _PropKey.ERROR: error})
         log.error("producer %s returned unknown code %r", type(producer).__name__, rc)
         return make_reply(
             ReturnCode.PROCESS_EXCEPTION, f"producer returned unknown return code {rc!r}"
+        )
+
+    def _refuse(self, ref: Ref, requester: str, request: Message) -> Message | None:
+        """The reply for a request the transaction does not accept, or None."""
+        track = ref.tx.track
+        if not track.allows(requester):
+            _rlog.log(
+                logging.WARNING, "denied", "%s may not download %s; refused", requester, ref.rid
+            )
+            return make_reply(
+                ReturnCode.UNAUTHENTICATED,
+                f"cell {requester} is not allowed to download {ref.rid} from {self.cell.fqcn}",
+            )
+        # The cell sets SECURE on every request it hands a handler: True only for one
+        # that arrived sealed and was opened and authenticated (a sender cannot forge it).
+        if track.secure and request.get_header(MessageHeaderKey.SECURE) is not True:
+            _rlog.log(
+                logging.WARNING,
+                "plaintext",
+                "plaintext request for %s from %s refused: its transaction is secure",
+                ref.rid,
+                requester,
+            )
+            return make_reply(
+                ReturnCode.AUTHENTICATION_ERROR,
+                f"{self.cell.fqcn} serves {ref.rid} only to sealed requests: download it "
+                "with secure=True (with end-to-end keys)",
+            )
+        return None
+
+    def _busy(self, rid: str, requester: str, reason: str) -> Message:
+        _rlog.log(
+            logging.INFO, "busy", "request for %s from %s held back: %s", rid, requester, reason
+        )
+        return make_reply(
+            ReturnCode.SERVICE_UNAVAILABLE, f"owner {self.cell.fqcn} is busy: {reason}"
+        )
+
+    def _not_delivered(self, ref: Ref, requester: str) -> str | None:
+        """Why `requester` may not count `ref` as delivered (not served every byte), or None."""
+        producer = ref.tx.producer
+        if not isinstance(producer, SizedProducer):
+            return None  # the generic exchange: the producer decides when it is done
+        try:
+            size = producer.prepare(ref.rid, ref.obj)["size"]
+        except Exception as exc:
+            return f"ref {ref.rid} cannot be checked for delivery to {requester}: {exc}"
+        if ref.tx.track.outcome.covered(ref.rid, requester, size):
+            return None
+        return (
+            f"{requester} claimed to have ref {ref.rid} ({size} bytes) but {self.cell.fqcn} "
+            "has not served it every byte; not counted as delivered"
         )
 
     def _no_ref(self, rid: str, requester: str, state: Any, now: float) -> Message:
@@ -220,7 +296,10 @@ class _OwnerState:
             size = new_state.get("size")
             if isinstance(size, int) and "digest" in new_state:  # a sized object's description
                 track.outcome.set_total(ref.rid, size)
-        rec = track.outcome.served(ref.rid, site, _nbytes(data), now)
+        offset = None
+        if isinstance(ref.tx.producer, SizedProducer):  # its producer checked the offset
+            offset = state.get("offset", 0) if state is not None else 0
+        rec = track.outcome.served(ref.rid, site, _nbytes(data), now, offset)
         if rec is not None and track.progress_due(ref.rid, site, now):
             self._progress(ref, site, rec.bytes_sent, rec.started, now)
 
@@ -292,6 +371,13 @@ def _state_for(cell: Cell) -> _OwnerState:
 def _state_of_tx(tx_id: str) -> _OwnerState | None:
     with _registry_lock:
         return _tx_index.get(tx_id)
+
+
+def is_secure(tx_id: str) -> bool:
+    """Whether a live transaction serves only sealed requests."""
+    state = _state_of_tx(tx_id)
+    tx = state.table.get_transaction(tx_id) if state is not None else None
+    return tx is not None and tx.track.secure
 
 
 def producer_of(tx_id: str) -> Producer | None:
@@ -397,6 +483,7 @@ class ObjDownloader:
         done_cb: Callable[..., Any] | None = None,
         progress_cb: Callable[..., Any] | None = None,
         progress_interval: float = 0.5,
+        secure: bool = False,
     ) -> TransferOutcome:
         """Give a transaction goals and observers (not in the seed); return its outcome.
 
@@ -412,6 +499,14 @@ class ObjDownloader:
                 (``finished``, ``timeout`` or ``deleted``).
             progress_cb: ``progress_cb(ref_id, site, bytes_done, bytes_total, rate)``,
                 at most every `progress_interval` s per (ref, site) and at the end.
+            secure: serve this transaction's objects only to requests that arrived
+                sealed end to end (the site's ``download_object(..., secure=True)``);
+                any other request gets ``authentication_error``. Needs the owner
+                cell's ``curve_keys`` and ``peer_keys``.
+
+        A sized object counts as delivered to a site (``finished``, SUCCESS
+        callbacks, `sites`/`num_sites` goals) only once this owner served that site
+        every byte of it; a final request without that is recorded as ``failed``.
 
         Raises:
             ValueError: no such transaction, or a bad site name or count.
@@ -425,8 +520,36 @@ class ObjDownloader:
         outcome = TransferOutcome(transaction_id, sites, num_sites, min_sites)
         for ref in list(tx.refs):
             outcome.add_ref(ref.rid)
-        tx.track = Track(outcome, allowed_sites, done_cb, progress_cb, progress_interval)
+        tx.track = Track(outcome, allowed_sites, done_cb, progress_cb, progress_interval, secure)
         return outcome
+
+    @classmethod
+    def set_inflight_limits(
+        cls,
+        cell: Cell,
+        per_site: int = MAX_INFLIGHT_PER_SITE,
+        total: int = MAX_INFLIGHT_TOTAL,
+    ) -> None:
+        """Cap the chunk data `cell` holds that has not yet left the process (bytes).
+
+        `per_site` bounds what is held for any one requesting cell, `total` what is
+        held for all of them; a request beyond either is answered
+        ``service_unavailable`` (objdl's own sites slow down and retry). Defaults:
+        :data:`MAX_INFLIGHT_PER_SITE` (64 MiB) and :data:`MAX_INFLIGHT_TOTAL`
+        (256 MiB), whatever window a site asks for.
+
+        Raises:
+            ValueError: a limit that is not a positive int.
+        """
+        if not isinstance(cell, Cell):
+            raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
+        _state_for(cell).inflight.set_limits(per_site, total)
+
+    @classmethod
+    def inflight_stats(cls, cell: Cell) -> dict[str, Any]:
+        """What `cell` holds now: ``held``, ``by_site``, ``peak``, ``peak_site``,
+        ``rejected`` (requests answered ``service_unavailable``) and the two limits."""
+        return _state_for(cell).inflight.stats()
 
     @classmethod
     def get_outcome(cls, transaction_id: str) -> TransferOutcome | None:

@@ -58,6 +58,7 @@ RETRYABLE = frozenset(
     }
 )
 _ABORT_POLL = 0.05
+_BUSY_DELAY = 0.05  # before asking again for a chunk the owner was too busy to serve
 
 
 class _Failed(Exception):
@@ -437,6 +438,10 @@ class _Window:
             int, tuple[PendingRequest, int, int, int]
         ] = {}  # req_id -> p, off, n, try
         self.retry_at: list[tuple[float, int, int, int]] = []  # heap of (when, off, n, try)
+        # The window the owner accepts now: shrunk when it answers service_unavailable
+        # (it caps the data it holds for us), grown back by one per window of chunks.
+        self.limit = window
+        self._grow = 0
 
     def run(self) -> None:
         req = self.req
@@ -561,7 +566,7 @@ class _Window:
             if not self.inflight and (self.next < self.size or self.retry_at):
                 req.await_broker()  # (not when all is here and only the hashing is left)
             now = time.monotonic()
-            while len(self.inflight) < self.window:
+            while len(self.inflight) < self.limit:
                 if self.retry_at and self.retry_at[0][0] <= now:
                     _, off, n, attempt = heapq.heappop(self.retry_at)
                     self.submit(off, n, attempt)
@@ -600,6 +605,14 @@ class _Window:
             return  # already handled (a timeout we resolved ourselves)
         _, offset, n, attempt = entry
         reply = p.result()
+        if reply.get_header(MessageHeaderKey.RETURN_CODE) == ReturnCode.SERVICE_UNAVAILABLE and (
+            self.inflight
+        ):
+            # The owner is busy with our other requests: ask again once one of them
+            # is answered, with a smaller window, and without spending a try.
+            self.limit = max(1, len(self.inflight))
+            heapq.heappush(self.retry_at, (time.monotonic() + _BUSY_DELAY, offset, n, attempt))
+            return
         delay = self.req.judge(reply, attempt)
         if delay is not None:
             heapq.heappush(self.retry_at, (time.monotonic() + delay, offset, n, attempt + 1))
@@ -608,3 +621,7 @@ class _Window:
         if payload[_PropKey.STATUS] != ProduceRC.OK:
             raise _Failed(f"owner {self.req.owner} ended the object early at offset {offset}")
         self.store(offset, as_pieces(payload.get(_PropKey.DATA)), expect=n)
+        if self.limit < self.window:
+            self._grow += 1
+            if self._grow >= self.limit:
+                self.limit, self._grow = self.limit + 1, 0

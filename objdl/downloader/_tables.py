@@ -1,7 +1,8 @@
 """The owner's tables of transactions and refs, with no threads and no sockets.
 
 How it works: a transaction holds refs (objects offered for download) and a
-producer. Every request on any of its refs restarts its inactivity clock; once
+producer. Every accepted request on any of its refs (from an allowed site, sealed if the
+transaction is secure) restarts its inactivity clock; once
 ``timeout`` seconds pass with no request, the transaction expires. All three tables
 (transactions, refs, finished downloads) are changed only under the table's lock;
 callers get removed transactions back and run callbacks outside the lock.
@@ -13,11 +14,14 @@ even after its transaction is gone.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
+
+import msgpack
 
 from objdl.downloader._defs import Producer
 from objdl.downloader._outcome import Track, TransferOutcome
@@ -31,6 +35,16 @@ FINISHED_MAX = 100_000
 def new_id(prefix: str) -> str:
     """A fresh, unguessable id: `prefix` and a random UUID (122 random bits)."""
     return prefix + str(uuid.uuid4())
+
+
+def _fingerprint(state: Any) -> bytes:
+    """A 16-byte stand-in for a request's state, so the finished table stays small
+    whatever a site puts in its final request."""
+    try:
+        packed = msgpack.packb(state, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):
+        packed = repr(state).encode()
+    return hashlib.blake2b(packed, digest_size=16).digest()
 
 
 class Ref:
@@ -143,8 +157,16 @@ class TransactionTable:
             tx.track.outcome.add_ref(ref.rid)
             return ref
 
+    def get_ref(self, ref_id: str) -> Ref | None:
+        """The ref, or None if unknown; its transaction's clock is left alone."""
+        with self._lock:
+            return self._refs.get(ref_id)
+
     def touch(self, ref_id: str, now: float) -> Ref | None:
-        """The ref, with its transaction marked active at `now`; None if unknown."""
+        """The ref, with its transaction marked active at `now`; None if unknown.
+
+        Call it only for a request the owner accepts (see :meth:`get_ref`).
+        """
         with self._lock:
             ref = self._refs.get(ref_id)
             if ref is not None:
@@ -207,7 +229,7 @@ class TransactionTable:
             self._finished.pop(key, None)  # re-insert at the end: the dict stays oldest-first
             if len(self._finished) >= FINISHED_MAX:
                 self._prune(now)
-            self._finished[key] = (now + FINISHED_TTL, state)
+            self._finished[key] = (now + FINISHED_TTL, _fingerprint(state))
             return True
 
     def finished(self, ref_id: str, requester: str, now: float, state: Any = None) -> bool:
@@ -218,7 +240,7 @@ class TransactionTable:
         """
         with self._lock:
             entry = self._finished.get((ref_id, requester))
-            return entry is not None and entry[0] > now and entry[1] == state
+            return entry is not None and entry[0] > now and entry[1] == _fingerprint(state)
 
     def _prune(self, now: float) -> None:
         for key in [k for k, (t, _) in self._finished.items() if t <= now]:

@@ -9,6 +9,7 @@ from typing import Any
 
 from objdl.cell import Cell
 from objdl.downloader import DEFAULT_CHUNK_SIZE, ObjDownloader, SizedProducer, SizedSource
+from objdl.downloader._owner import is_secure as _is_secure
 from objdl.downloader._owner import producer_of
 from objdl.downloader._tables import new_id
 from objdl.downloader.sized import DEFAULT_DIGEST
@@ -56,6 +57,7 @@ def new_transaction(
     allowed_sites: Iterable[str] | None = None,
     done_cb: Callable[..., Any] | None = None,
     progress_cb: Callable[..., Any] | None = None,
+    secure: bool = False,
     **cb_kwargs: Any,
 ) -> str:
     """Start a transaction that the ``offer_*`` helpers can join; return its id.
@@ -64,13 +66,17 @@ def new_transaction(
     share one inactivity timeout and one ``timeout_cb(tx_id, objs, **cb_kwargs)``.
     `sites`, `num_sites`, `min_sites`, `allowed_sites`, `done_cb` and `progress_cb`
     are as for :meth:`ObjDownloader.track_transaction`; read the outcome with
-    ``ObjDownloader.get_outcome(tx_id)``.
+    ``ObjDownloader.get_outcome(tx_id)``. With `secure`, its objects are served only
+    to sealed requests (sites download with ``secure=True``); others get
+    ``authentication_error``.
     """
+    if not isinstance(secure, bool):
+        raise TypeError(f"secure must be a bool, got {type(secure).__name__}")
     tx_id = ObjDownloader.new_transaction(
         cell, ObjectProducer(chunk_size, digest), timeout, timeout_cb=timeout_cb, **cb_kwargs
     )
     tracked = (sites, num_sites, min_sites, allowed_sites, done_cb, progress_cb)
-    if any(v is not None for v in tracked):
+    if secure or any(v is not None for v in tracked):
         try:
             ObjDownloader.track_transaction(
                 tx_id,
@@ -80,6 +86,7 @@ def new_transaction(
                 allowed_sites=allowed_sites,
                 done_cb=done_cb,
                 progress_cb=progress_cb,
+                secure=secure,
             )
         except BaseException:
             ObjDownloader.delete_transaction(tx_id)
@@ -97,7 +104,10 @@ def _offer(
     timeout_cb: Callable[..., Any] | None,
     obj_downloaded_cb: Callable[..., Any] | None,
     cb_kwargs: dict[str, Any],
+    secure: bool,
 ) -> tuple[str, str]:
+    if not isinstance(secure, bool):
+        raise TypeError(f"secure must be a bool, got {type(secure).__name__}")
     if transaction_id is None:
         transaction_id = new_transaction(
             cell,
@@ -105,7 +115,13 @@ def _offer(
             chunk_size=chunk_size,
             digest=digest,
             timeout_cb=timeout_cb,
+            secure=secure,
             **cb_kwargs,
+        )
+    elif secure and producer_of(transaction_id) is not None and not _is_secure(transaction_id):
+        raise ValueError(
+            f"transaction {transaction_id!r} is not secure: make it with "
+            "new_transaction(..., secure=True) to offer objects with secure=True"
         )
     producer = producer_of(transaction_id)
     if producer is None:
@@ -137,6 +153,7 @@ def offer_bytes(
     digest: str = DEFAULT_DIGEST,
     timeout_cb: Callable[..., Any] | None = None,
     obj_downloaded_cb: Callable[..., Any] | None = None,
+    secure: bool = False,
     **cb_kwargs: Any,
 ) -> str:
     """Offer `data` for download from `cell`; return its ref id.
@@ -144,7 +161,9 @@ def offer_bytes(
     Joins `transaction_id` if given (one made by an ``offer_*`` helper), otherwise
     starts a transaction that ends after `timeout` idle seconds. The callbacks and
     `cb_kwargs` are the seed's (see :class:`ObjDownloader`). `data` is served as
-    slices of itself: do not change it while it is offered.
+    slices of itself: do not change it while it is offered. With `secure`, it is
+    served only to sealed requests (a new transaction is made secure; a given one
+    must be).
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(
@@ -160,6 +179,7 @@ def offer_bytes(
         timeout_cb,
         obj_downloaded_cb,
         cb_kwargs,
+        secure,
     )[1]
 
 
@@ -173,6 +193,7 @@ def offer_file(
     digest: str = DEFAULT_DIGEST,
     timeout_cb: Callable[..., Any] | None = None,
     obj_downloaded_cb: Callable[..., Any] | None = None,
+    secure: bool = False,
     **cb_kwargs: Any,
 ) -> str:
     """Offer the file at `path` for download; return its ref id.
@@ -199,6 +220,7 @@ def offer_file(
         timeout_cb,
         obj_downloaded_cb,
         cb_kwargs,
+        secure,
     )[1]
 
 
@@ -212,6 +234,7 @@ def offer_dict(
     digest: str = DEFAULT_DIGEST,
     timeout_cb: Callable[..., Any] | None = None,
     obj_downloaded_cb: Callable[..., Any] | None = None,
+    secure: bool = False,
     **cb_kwargs: Any,
 ) -> str:
     """Offer a dict (str keys; values bytes, numpy arrays or msgpack-able) for download.
@@ -233,4 +256,5 @@ def offer_dict(
         timeout_cb,
         obj_downloaded_cb,
         cb_kwargs,
+        secure,
     )[1]
