@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import shlex
 import sys
 from typing import Any
@@ -123,14 +122,6 @@ def serve(args: argparse.Namespace) -> int:
 
     tx_kwargs: dict[str, Any] = {}
     if args.secure:
-        # new_transaction passes unknown keywords on to the callbacks: make sure this one
-        # is a real parameter, so --secure can never quietly serve plaintext.
-        if "secure" not in inspect.signature(new_transaction).parameters:
-            raise CliError(
-                "--secure: this version of objdl.objects.new_transaction cannot refuse "
-                "plaintext requests (no secure=); upgrade objdl",
-                EXIT_USAGE,
-            )
         tx_kwargs["secure"] = True
     if allowed is not None:
         tx_kwargs["allowed_sites"] = allowed
