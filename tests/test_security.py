@@ -199,6 +199,7 @@ class Pair:
         self.keys = {"site-1": self.a.public, "server": self.b.public}
         self.sender = end_to_end("site-1", self.a, self.keys)
         self.receiver = EndToEnd("server", self.b, PeerKeys(self.keys), **kw)
+        self.sender.outbound("server").learn(self.receiver.session)  # the handshake's result
 
     def seal(self, payload: Any = None, headers: dict[str, Any] | None = None) -> list[bytes]:
         frames = wire.encode(Message({"secure": True, **(headers or {})}, payload))
@@ -285,6 +286,9 @@ def test_unknown_peer_and_marked_but_unsealed() -> None:
         "unknown_peer": 1,
         "auth": 0,
         "replay": 0,
+        "unknown_session": 0,
+        "first_contact": 0,
+        "superseded": 0,
     }
 
 
@@ -327,6 +331,7 @@ def test_forgotten_sessions_cannot_be_replayed() -> None:
     def sender() -> list[bytes]:  # a restarted cell: a new session, a later clock
         clock[0] += 1
         e2e = EndToEnd("site-1", a, PeerKeys(keys), wall_clock=lambda: clock[0])
+        e2e.outbound("server").learn(receiver.session)
         return e2e.outbound("server").seal(wire.encode(Message({"secure": True}, clock[0])))
 
     first, second, third = sender(), sender(), sender()
@@ -679,6 +684,9 @@ def test_replayed_messages_are_rejected(
             return [send]
         return [send, dataclasses.replace(send, frames=list(send.frames))]
 
+    first = site.send_request("ch", "server", "t", Message(payload="first"), 5.0, secure=True)
+    assert first.get_header(RC) == ReturnCode.OK  # the session handshake is behind us
+    ran.remove("first")
     secure_broker.alter = twice
     site.fire_and_forget("ch", "t", "server", Message(payload="once"), secure=True)
     reply = site.send_request("ch", "server", "t", Message(payload="req"), 5.0, secure=True)
