@@ -175,9 +175,7 @@ class Opener:
             reason,
         )
 
-    def answer_rejected(
-        self, headers: dict[str, Any], origin: str, reason: str, code: str
-    ) -> None:
+    def answer_rejected(self, headers: dict[str, Any], origin: str, reason: str, code: str) -> None:
         """Tell a requester (in plaintext: there is nothing to protect) why its request failed.
 
         `code` goes in the :data:`AUTH_REASON` header. Each refused request gets one

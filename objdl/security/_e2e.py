@@ -198,9 +198,7 @@ class Outbound:
         with self._lock:
             if peer_session == self.peer_session or peer_session == NO_SESSION:
                 return False
-            if self.peer_session != NO_SESSION and _start(peer_session) < _start(
-                self.peer_session
-            ):
+            if self.peer_session != NO_SESSION and _start(peer_session) < _start(self.peer_session):
                 return False  # an older life of the peer (a late or replayed message)
             self.peer_session = peer_session
             return True
@@ -465,6 +463,14 @@ class EndToEnd:
         key, why = self._peers.lookup(origin)
         if key is None:
             raise Rejected("unknown_peer", f"cannot check a secure message from {origin!r}: {why}")
+        if to != self.session and in_reply_to:
+            # A reply to an earlier life of this cell (a restarted requester reuses
+            # req_ids): not for any request waiting now, and never answered.
+            raise Rejected(
+                "unknown_session",
+                f"a secure reply from {origin!r} was sealed for another session of "
+                f"cell {self.fqcn} (one before it restarted: a recorded reply)",
+            )
         if to != self.session:
             # Sealed before this cell's session began (it restarted), or before the
             # sender knew it. Authenticate it all the same, so that only a real peer
