@@ -1243,3 +1243,25 @@ def test_cell_and_e2e_agree_on_the_seal_length() -> None:
     from objdl.cell._pending import SEAL_BYTES
 
     assert SEAL_BYTES == SEAL_LEN
+
+
+def test_a_sealed_refusal_is_followed_even_if_the_peer_clock_stepped_back() -> None:
+    a, b = pair(), pair()
+    keys = {"site-1": a.public, "server": b.public}
+    sender = EndToEnd("site-1", a, PeerKeys(keys))
+    before = EndToEnd("server", b, PeerKeys(keys), wall_clock=lambda: 2000.0)
+    after = EndToEnd("server", b, PeerKeys(keys), wall_clock=lambda: 1000.0)  # restarted
+    out = sender.outbound("server")
+    out.learn(before.session)
+    frames = out.seal(wire.encode(Message({"secure": True}, "q")))
+    with pytest.raises(Rejected) as info:
+        after.open("site-1", frames)
+    assert info.value.peer_session == sender.session
+    refusal = after.outbound("site-1").seal(
+        wire.encode(Message({"secure": True}, None)), in_reply_to=seal_of(frames)
+    )
+    sender.open("server", refusal, seal_of(frames))  # authentic, bound to our request
+    assert out.peer_session == before.session  # an older-looking session is not learned...
+    sender.adopt("server", refusal)  # ...unless a bound refusal proves it current
+    again = out.seal(wire.encode(Message({"secure": True}, "q")))
+    assert wire.decode(after.open("site-1", again)).payload == "q"

@@ -11,6 +11,7 @@ reply came from, and a broker must not be able to trigger that resend.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -23,7 +24,7 @@ from objdl._logutil import RateLimitedLog
 from objdl.cell._pending import PendingRequest, Sealed, Waiters
 from objdl.errors import WireError
 from objdl.message import Message, MessageHeaderKey, MessageType, ReturnCode, make_reply
-from objdl.security import Rejected
+from objdl.security import Rejected, SecureUnavailableError
 
 if TYPE_CHECKING:
     from objdl.security._e2e import EndToEnd
@@ -154,9 +155,13 @@ class Opener:
             ):
                 waiter.resent = True
                 waiter.first_seal = waiter.seal
+                # Bound to the request just sent: that session is the current one. (A
+                # key that went away meanwhile is reported by the resend.)
+                with contextlib.suppress(SecureUnavailableError, ValueError):
+                    self.e2e.adopt(origin, frames[2:])
                 with self._stats_lock:
                     self._stats["resent_secure"] += 1
-                self._resend(waiter)  # opening it taught this cell the target's session
+                self._resend(waiter)
                 return
             msg.headers[_H.ORIGIN] = origin
             reply = msg

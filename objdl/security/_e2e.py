@@ -193,12 +193,20 @@ class Outbound:
         self._counter = 0
         self._lock = threading.Lock()
 
-    def learn(self, peer_session: bytes) -> bool:
-        """Address the receiver's `peer_session` from now on, unless a newer one is known."""
+    def learn(self, peer_session: bytes, force: bool = False) -> bool:
+        """Address the receiver's `peer_session` from now on, unless a newer one is known.
+
+        `force`: even if it looks older (the peer's clock stepped back): for a
+        session proven current, by a sealed refusal of a request just sent.
+        """
         with self._lock:
             if peer_session == self.peer_session or peer_session == NO_SESSION:
                 return False
-            if self.peer_session != NO_SESSION and _start(peer_session) < _start(self.peer_session):
+            if (
+                not force
+                and self.peer_session != NO_SESSION
+                and _start(peer_session) < _start(self.peer_session)
+            ):
                 return False  # an older life of the peer (a late or replayed message)
             self.peer_session = peer_session
             return True
@@ -406,6 +414,12 @@ class EndToEnd:
         with self._lock:
             out = self._out.get(dest)
         return out is not None and out.peer_session != NO_SESSION
+
+    def adopt(self, dest: str, sealed: Sequence[Any]) -> None:
+        """Address the session that sealed `sealed` (an opened refusal from `dest`) from now on."""
+        seal = seal_of(sealed)
+        if len(seal) == SEAL_LEN:
+            self.outbound(dest).learn(seal[1 : 1 + SESSION_LEN], force=True)
 
     def _learn(self, origin: str, key: bytes, peer_session: bytes) -> None:
         """`origin` (whose key is `key`) is alive in `peer_session`: address that from now on."""
