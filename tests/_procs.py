@@ -232,3 +232,29 @@ def netns_site_main(url: str, ref: str, dest: str, progress_file: str) -> int:
 
 if __name__ == "__main__":  # python -m tests._procs FUNCTION ARG... (for `ip netns exec`)
     raise SystemExit(globals()[sys.argv[1]](*sys.argv[2:]) or 0)
+
+
+def sealed_server_main(
+    tag: str, url: str, keys: dict[str, str], results: Any, stop: Any, seconds: float
+) -> None:
+    """Serve ``ch/count`` as a keyed cell 'server' that reports each call; report stats at stop.
+
+    `keys` holds the paths: ``secret`` (its key pair), ``broker`` (the broker's public
+    key) and ``peers`` (the allow-list directory used as peer_keys).
+    """
+    from objdl.cell import Cell
+
+    cell = Cell(
+        "server",
+        url,
+        curve_keys=keys["secret"],
+        broker_public_key=keys["broker"],
+        peer_keys=keys["peers"],
+    )
+    cell.register_request_cb(
+        "ch", "count", lambda req: results.put((tag, "ran", req.payload)) or None
+    )
+    with cell:
+        results.put((tag, "ready", os.getpid()))
+        stop.wait(seconds)
+        results.put((tag, "stats", cell.secure_stats, cell.stats))

@@ -47,7 +47,7 @@ from objdl.security import (
     load_public_key,
     zap_reply,
 )
-from objdl.security._e2e import EndToEnd, ReplayWindow
+from objdl.security._e2e import SEAL_LEN, EndToEnd, ReplayWindow, seal_of
 from tests.conftest import wait_for
 
 RC = MessageHeaderKey.RETURN_CODE
@@ -199,6 +199,7 @@ class Pair:
         self.keys = {"site-1": self.a.public, "server": self.b.public}
         self.sender = end_to_end("site-1", self.a, self.keys)
         self.receiver = EndToEnd("server", self.b, PeerKeys(self.keys), **kw)
+        self.sender.outbound("server").learn(self.receiver.session)  # the handshake's result
 
     def seal(self, payload: Any = None, headers: dict[str, Any] | None = None) -> list[bytes]:
         frames = wire.encode(Message({"secure": True, **(headers or {})}, payload))
@@ -285,6 +286,9 @@ def test_unknown_peer_and_marked_but_unsealed() -> None:
         "unknown_peer": 1,
         "auth": 0,
         "replay": 0,
+        "unknown_session": 0,
+        "first_contact": 0,
+        "superseded": 0,
     }
 
 
@@ -327,6 +331,7 @@ def test_forgotten_sessions_cannot_be_replayed() -> None:
     def sender() -> list[bytes]:  # a restarted cell: a new session, a later clock
         clock[0] += 1
         e2e = EndToEnd("site-1", a, PeerKeys(keys), wall_clock=lambda: clock[0])
+        e2e.outbound("server").learn(receiver.session)
         return e2e.outbound("server").seal(wire.encode(Message({"secure": True}, clock[0])))
 
     first, second, third = sender(), sender(), sender()
@@ -679,6 +684,9 @@ def test_replayed_messages_are_rejected(
             return [send]
         return [send, dataclasses.replace(send, frames=list(send.frames))]
 
+    first = site.send_request("ch", "server", "t", Message(payload="first"), 5.0, secure=True)
+    assert first.get_header(RC) == ReturnCode.OK  # the session handshake is behind us
+    ran.remove("first")
     secure_broker.alter = twice
     site.fire_and_forget("ch", "t", "server", Message(payload="once"), secure=True)
     reply = site.send_request("ch", "server", "t", Message(payload="req"), 5.0, secure=True)
@@ -857,3 +865,403 @@ def test_python_m_broker_with_curve(keys: Keys, tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+# ------------------------------------------------------------------ sessions across restarts
+
+
+def _sealed_kind(frames: list[bytes]) -> str | None:
+    """The msg_type of a sealed MSG as the broker sends it on ([MSG, origin, headers, ...])."""
+    if frames[0] != wire.KIND_MSG or len(frames) < 4:
+        return None
+    headers = wire.decode_headers(frames[2])
+    return str(headers.get("msg_type")) if headers.get("secure") else None
+
+
+class Recorder:
+    """A hostile broker's plan: record sealed MSGs to `dest`, replay them when armed.
+
+    Installed as a :class:`TapBroker`'s ``alter``; it runs on the broker's I/O thread.
+    While armed, every MSG for `dest` is preceded by all recorded frames, sent to the
+    connection that now holds the name (a restarted cell).
+    """
+
+    def __init__(self, dest: bytes, kinds: tuple[str, ...]) -> None:
+        self.dest = dest
+        self.kinds = kinds
+        self.recording = True
+        self.armed = False
+        self.recorded: list[list[bytes]] = []
+        self.replayed = 0
+
+    def __call__(self, send: Send[Any]) -> list[Send[Any]]:
+        if send.dest != self.dest:
+            return [send]
+        frames = [bytes(f) for f in send.frames]
+        if self.armed:
+            replays = [dataclasses.replace(send, frames=list(f)) for f in self.recorded]
+            self.replayed += len(replays)
+            return [*replays, send]
+        if self.recording and _sealed_kind(frames) in self.kinds:
+            self.recorded.append(frames)
+        return [send]
+
+
+def _server_keys(keys: Keys) -> dict[str, str]:
+    return {
+        "secret": str(keys.secret("server")),
+        "broker": str(keys.public("broker")),
+        "peers": str(keys.allowed),
+    }
+
+
+class Inbox:
+    """What child processes report, ``(tag, what, *data)``, kept in arrival order."""
+
+    def __init__(self, results: Any) -> None:
+        self.results = results
+        self.seen: list[tuple[Any, ...]] = []
+
+    def next(self, tag: str, what: str, timeout: float = 20.0) -> tuple[Any, ...]:
+        """The first report `what` from `tag` not yet taken, waiting up to `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for item in self.seen:
+                if item[0] == tag and item[1] == what:
+                    self.seen.remove(item)
+                    return item
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {what!r} from {tag!r} within {timeout}s"
+            self.seen.append(tuple(self.results.get(timeout=left)))
+
+    def ran(self, tag: str) -> list[Any]:
+        """Payloads `tag` reported running, taken so far."""
+        return [item[2] for item in self.seen if item[0] == tag and item[1] == "ran"]
+
+
+@pytest.mark.timeout(120)
+def test_requests_recorded_before_a_receiver_restart_never_run_again(
+    make_cell: Callable[..., Cell], secure_broker: TapBroker, keys: Keys
+) -> None:
+    """A recording broker replays sealed requests to the receiver's next process: refused."""
+    import multiprocessing
+
+    from tests import _procs
+
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    inbox = Inbox(results)
+    stop_a, stop_b = mp.Event(), mp.Event()
+    rec = Recorder(b"server", ("req", "fire"))
+    secure_broker.alter = rec
+    srv = _server_keys(keys)
+    a = mp.Process(
+        target=_procs.sealed_server_main,
+        args=("a", secure_broker.url, srv, results, stop_a, 60.0),
+    )
+    b = mp.Process(
+        target=_procs.sealed_server_main,
+        args=("b", secure_broker.url, srv, results, stop_b, 60.0),
+    )
+    try:
+        a.start()
+        inbox.next("a", "ready")
+        site = make_cell("site-1")
+        for i in range(3):
+            reply = site.send_request(
+                "ch", "server", "count", Message(payload=i), 10.0, secure=True
+            )
+            assert reply.get_header(RC) == ReturnCode.OK, reply.headers
+        assert site.fire_and_forget(
+            "ch", "count", "server", Message(payload="fire"), secure=True
+        ) == {"server": ReturnCode.OK}
+        ran_a = [inbox.next("a", "ran", 10.0)[2] for _ in range(4)]
+        assert sorted(map(str, ran_a)) == ["0", "1", "2", "fire"]
+        # the first try of request 0 (refused: first contact), 3 requests, 1 fire
+        assert len(rec.recorded) == 5
+        rec.recording = False
+        stop_a.set()
+        inbox.next("a", "stats")
+        a.join(20)
+        assert a.exitcode == 0
+        wait_for(lambda: "server" not in secure_broker.cells(), timeout=10)
+
+        b.start()  # the same name and keys, a new process
+        inbox.next("b", "ready")
+        rec.armed = True  # from now on every MSG to the server follows the recorded ones
+        resent = site.stats["resent_secure"]
+        t0 = time.monotonic()
+        reply = site.send_request(
+            "ch", "server", "count", Message(payload="fresh"), 10.0, secure=True
+        )
+        elapsed = time.monotonic() - t0
+        assert reply.get_header(RC) == ReturnCode.OK, reply.headers
+        assert elapsed < 3.0, elapsed  # the site noticed the restart and re-established
+        assert site.stats["resent_secure"] == resent + 1
+        # Again, now that the site addresses the new session: still refused.
+        reply = site.send_request(
+            "ch", "server", "count", Message(payload="again"), 10.0, secure=True
+        )
+        assert reply.get_header(RC) == ReturnCode.OK, reply.headers
+        assert rec.replayed >= 3 * len(rec.recorded)
+        stop_b.set()
+        _, _, e2e_stats, cell_stats = inbox.next("b", "stats")
+        ran_b = inbox.ran("b")  # the child reports a call before it reports its stats
+        assert ran_b == ["fresh", "again"]  # not one recorded message ran in the new process
+        # Every replay refused as sealed for another session (the recorded first try of
+        # request 0 was addressed to no session at all), and the first try of "fresh".
+        refused = e2e_stats["unknown_session"] + e2e_stats["first_contact"]
+        assert refused == rec.replayed + 1, e2e_stats
+        assert e2e_stats["opened"] == 2, e2e_stats  # the resent "fresh", "again": nothing else
+        assert cell_stats["rejected_secure"] == e2e_stats["unknown_session"]
+        b.join(20)
+        assert b.exitcode == 0
+    finally:
+        stop_a.set()
+        stop_b.set()
+        _procs.end_children([a, b], results)
+
+
+def test_replies_recorded_before_a_requester_restart_answer_nothing(
+    make_cell: Callable[..., Cell], secure_broker: TapBroker
+) -> None:
+    """A restarted requester reuses req_ids: a recorded reply must not answer its request."""
+    server = make_cell("server")
+    server.register_request_cb("ch", "echo", echo)
+    rec = Recorder(b"site-1", ("rep",))
+    secure_broker.alter = rec
+    first = make_cell("site-1")
+    for i in range(3):
+        reply = first.send_request("ch", "server", "echo", Message(payload=f"old-{i}"), 5.0, True)
+        assert reply.payload == f"old-{i}"
+    first.stop()
+    rec.recording, rec.armed = False, True
+    wait_for(lambda: "site-1" not in secure_broker.cells())
+    again = make_cell("site-1")  # its req_ids start from 1 again, as the recorded replies'
+    for i in range(3):
+        reply = again.send_request("ch", "server", "echo", Message(payload=f"new-{i}"), 5.0, True)
+        assert reply.get_header(RC) == ReturnCode.OK, reply.headers
+        assert reply.payload == f"new-{i}"
+    assert rec.replayed >= 3 * len(rec.recorded) > 0
+    # Each new request met a recorded reply with its req_id, and dropped it unanswered.
+    assert again.secure_stats["unknown_session"] >= 3
+
+
+def test_an_unsealed_unknown_session_refusal_makes_no_resend(broker: Broker) -> None:
+    """Only a sealed refusal bound to the request may trigger the resend (no forged rerun)."""
+    site_keys, server_keys = pair(), pair()
+    ctx = zmq.Context.instance()
+    fake = ctx.socket(zmq.DEALER)
+    fake.linger = 0
+    try:
+        fake.connect(broker.url)
+        fake.send_multipart(reg("server"))
+        assert fake.poll(5000) and fake.recv_multipart()[0] == wire.KIND_REG_OK
+        peers = {"server": server_keys.public}
+        with Cell("site-1", broker.url, curve_keys=site_keys, peer_keys=peers) as site:
+            results: list[Message] = []
+            t = threading.Thread(
+                target=lambda: results.append(
+                    site.send_request("ch", "server", "t", Message(), 5.0, secure=True)
+                )
+            )
+            t.start()
+            headers = wire.decode_headers(_recv_msg(fake)[2])
+            forged = Message(
+                {
+                    "msg_type": "rep",
+                    "req_id": headers["req_id"],
+                    RC: ReturnCode.AUTHENTICATION_ERROR,
+                    "auth_reason": "unknown_session",
+                }
+            )
+            fake.send_multipart([wire.KIND_MSG, b"site-1", *wire.encode(forged)])
+            t.join(10)
+            [reply] = results
+            assert reply.get_header(RC) == ReturnCode.AUTHENTICATION_ERROR
+            assert reply.get_header("auth_reason") == "unknown_session"  # passed on, not acted on
+            assert not fake.poll(300)  # the request was not sent again
+            assert site.stats["resent_secure"] == 0
+    finally:
+        fake.close(linger=0)
+
+
+# ------------------------------------------------------------------ every refusal is answered
+
+
+def _raw_request(
+    sock: zmq.Socket[Any], frames: list[Any], req_id: int, timeout: float = 3.0
+) -> dict[str, Any]:
+    sock.send_multipart([wire.KIND_MSG, b"server", *frames])
+    t0 = time.monotonic()
+    while True:
+        got = _recv_msg(sock, timeout)
+        headers = wire.decode_headers(got[2])
+        if headers.get("req_id") == req_id:
+            assert time.monotonic() - t0 < timeout
+            return {**headers, "_frames": got}
+
+
+def test_every_refused_secure_request_gets_a_prompt_reason(broker: Broker) -> None:
+    """Raw frames from a bare socket: each way a sealed request fails is answered at once."""
+    raw_keys, server_keys, stranger = pair(), pair(), pair()
+    ran: list[Any] = []
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    peers = {"raw": raw_keys.public}
+    try:
+        with Cell("server", broker.url, curve_keys=server_keys, peer_keys=peers) as server:
+            server.register_request_cb("ch", "t", lambda req: ran.append(req.payload))
+            sock.connect(broker.url)
+            sock.send_multipart(reg("raw"))
+            assert sock.poll(5000) and sock.recv_multipart()[0] == wire.KIND_REG_OK
+            mine = EndToEnd("raw", raw_keys, PeerKeys({"server": server_keys.public}))
+            theirs = EndToEnd("raw", stranger, PeerKeys({"server": server_keys.public}))
+
+            def request(req_id: int, payload: Any = "x") -> list[Any]:
+                return wire.encode(
+                    Message(
+                        {
+                            "msg_type": "req",
+                            "req_id": req_id,
+                            "channel": "ch",
+                            "topic": "t",
+                            "secure": True,
+                        },
+                        payload,
+                    )
+                )
+
+            def sealed(e2e: EndToEnd, req_id: int) -> list[bytes]:
+                return [bytes(memoryview(f)) for f in e2e.outbound("server").seal(request(req_id))]
+
+            cases: list[tuple[str, list[Any]]] = [("malformed", request(1))]
+            cases.append(("auth", sealed(theirs, 2)))  # not the key bound to 'raw'
+            bad = sealed(mine, 3)
+            bad[1] = bad[1][:-1] + bytes([bad[1][-1] ^ 1])
+            cases.append(("auth", bad))
+            # Addressed to no session / an old one: answered sealed, for the resend.
+            cases.append(("unknown_session", sealed(mine, 4)))
+            for code, frames in cases:
+                reply = _raw_request(sock, frames, int(wire.decode_headers(frames[0])["req_id"]))
+                assert reply[RC] == ReturnCode.AUTHENTICATION_ERROR, (code, reply)
+                assert reply["auth_reason"] == code, (code, reply)
+            assert reply["secure"] is True  # the last refusal is sealed, bound to the request
+            mine.open("server", reply["_frames"][2:], seal_of(frames))  # teaches the session
+            assert ran == []
+            ok = sealed(mine, 5)
+            answer = _raw_request(sock, ok, 5)["_frames"][2:]
+            opened = wire.decode(mine.open("server", answer, seal_of(ok)))
+            assert opened.headers[RC] == ReturnCode.OK and ran == ["x"]
+            replay = _raw_request(sock, ok, 5)
+            assert replay["auth_reason"] == "replay" and ran == ["x"]
+        # A cell with no keys at all: answered no_keys.
+        with Cell("server", broker.url) as bare:
+            bare.register_request_cb("ch", "t", lambda req: ran.append(req.payload))
+            for frames in (request(6), sealed(mine, 7)):
+                req_id = int(wire.decode_headers(frames[0])["req_id"])
+                reply = _raw_request(sock, frames, req_id)
+                assert reply["auth_reason"] == "no_keys" and ran == ["x"]
+    finally:
+        sock.close(linger=0)
+
+
+# ------------------------------------------------------------ attacks on the seal (no sockets)
+
+
+def test_a_recorded_message_does_not_open_in_the_receivers_next_life() -> None:
+    p = Pair()
+    frames = p.seal("once")
+    assert p.open(frames).payload == "once"
+    restarted = EndToEnd("server", p.b, PeerKeys(p.keys))  # same name, same keys
+    with pytest.raises(Rejected) as info:
+        restarted.open("site-1", frames)
+    assert info.value.kind == "unknown_session" and info.value.peer_session is not None
+    assert restarted.stats["opened"] == 0
+
+
+def test_a_reply_answers_only_the_request_it_was_sealed_for() -> None:
+    p = Pair()
+    back = p.receiver.outbound("site-1")
+    first, second = p.seal("q1", {"req_id": 1}), p.seal("q2", {"req_id": 1})
+    assert p.open(first).payload == "q1" and p.open(second).payload == "q2"
+    reply = back.seal(
+        wire.encode(Message({"secure": True, "req_id": 1}, "a1")), in_reply_to=seal_of(first)
+    )
+    with pytest.raises(Rejected, match="failed authentication"):  # to the same req_id, later
+        p.sender.open("server", reply, seal_of(second))
+    with pytest.raises(Rejected, match="failed authentication"):  # as a request
+        p.sender.open("server", reply)
+    assert wire.decode(p.sender.open("server", reply, seal_of(first))).payload == "a1"
+    # A reply sealed for the requester's earlier life is not even tried.
+    later = EndToEnd("site-1", p.a, PeerKeys(p.keys))
+    with pytest.raises(Rejected) as info:
+        later.open("server", reply, seal_of(first))
+    assert info.value.kind == "unknown_session"
+
+
+def test_headers_cannot_be_swapped_between_sealed_messages() -> None:
+    p = Pair()
+    one, two = p.seal("a", {"topic": "read"}), p.seal("b", {"topic": "delete"})
+    with pytest.raises(Rejected, match="failed authentication"):
+        p.open([two[0], *one[1:]])
+    assert p.open(one).payload == "a" and p.open(two).payload == "b"
+
+
+def test_readdressed_to_another_cell_with_the_same_keys() -> None:
+    p = Pair()
+    twin = EndToEnd("server-2", p.b, PeerKeys(p.keys))
+    p.sender.outbound("server").learn(twin.session)  # even addressed to the twin's session
+    frames = p.seal("for server")
+    with pytest.raises(Rejected, match="failed authentication"):
+        twin.open("site-1", frames)
+
+
+def test_truncated_frames_are_rejected() -> None:
+    p = Pair()
+    frames = p.seal({"blob": MARKER * 5000})
+    assert len(frames) == 3
+    cuts: list[list[bytes]] = [
+        frames[:1],
+        [frames[0], frames[1][:SEAL_LEN]],
+        [frames[0], frames[1][: SEAL_LEN + 15]],
+        [frames[0], frames[1][:-1], frames[2]],
+        [frames[0], frames[1], frames[2][:-1]],
+        [frames[0], frames[1], b""],
+        [b"", *frames[1:]],
+    ]
+    for bad in cuts:
+        with pytest.raises(Rejected) as info:
+            p.open(bad)
+        assert info.value.kind in ("malformed", "auth"), bad
+    assert p.open(frames).payload["blob"] == MARKER * 5000
+    assert p.receiver.stats["opened"] == 1
+
+
+def test_cell_and_e2e_agree_on_the_seal_length() -> None:
+    from objdl.cell._pending import SEAL_BYTES
+
+    assert SEAL_BYTES == SEAL_LEN
+
+
+def test_a_sealed_refusal_is_followed_even_if_the_peer_clock_stepped_back() -> None:
+    a, b = pair(), pair()
+    keys = {"site-1": a.public, "server": b.public}
+    sender = EndToEnd("site-1", a, PeerKeys(keys))
+    before = EndToEnd("server", b, PeerKeys(keys), wall_clock=lambda: 2000.0)
+    after = EndToEnd("server", b, PeerKeys(keys), wall_clock=lambda: 1000.0)  # restarted
+    out = sender.outbound("server")
+    out.learn(before.session)
+    frames = out.seal(wire.encode(Message({"secure": True}, "q")))
+    with pytest.raises(Rejected) as info:
+        after.open("site-1", frames)
+    assert info.value.peer_session == sender.session
+    refusal = after.outbound("site-1").seal(
+        wire.encode(Message({"secure": True}, None)), in_reply_to=seal_of(frames)
+    )
+    sender.open("server", refusal, seal_of(frames))  # authentic, bound to our request
+    assert out.peer_session == before.session  # an older-looking session is not learned...
+    sender.adopt("server", refusal)  # ...unless a bound refusal proves it current
+    again = out.seal(wire.encode(Message({"secure": True}, "q")))
+    assert wire.decode(after.open("site-1", again)).payload == "q"

@@ -26,6 +26,7 @@ from objdl import wire
 from objdl._logutil import RateLimitedLog
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread, Outbox
+from objdl.cell._pending import SEAL_BYTES as _SEAL_LEN
 from objdl.cell._pending import PendingRequest, Waiters
 from objdl.cell._secure import Opener
 from objdl.errors import BrokerUnavailableError, CellError, NameTakenError
@@ -58,6 +59,16 @@ log = logging.getLogger("objdl.cell")
 _H = MessageHeaderKey
 _ABORT_POLL = 0.02  # how often a waiting call looks at its abort signal
 _URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
+_E2E_CHANNEL = "objdl__e2e"  # reserved: requests objdl itself answers
+_E2E_HELLO = "hello"
+_HELLO_TIMEOUT = 5.0  # a first sealed fire to a peer waits at most this for its session
+
+
+def _hello(request: Message) -> None:
+    """Answer a session handshake: the sealed OK reply is what teaches the sender."""
+    return None
+
+
 _SECURE_MSG = (
     "secure=True needs end-to-end keys, which cell {} does not have: give it curve_keys= "
     "(its key pair) and peer_keys= (its peers' public keys); refusing rather than sending "
@@ -150,6 +161,7 @@ class Cell:
             "dropped_late_reply": 0,
             "reconnects": 0,
             "rejected_secure": 0,
+            "resent_secure": 0,
         }
         self._opener = Opener(
             self._fqcn,
@@ -159,6 +171,7 @@ class Cell:
             self._waiters,
             self._send_reply,
             self._drop,
+            self._resend,
         )
         self._pool = HandlerPool(
             self._fqcn, max_workers, max_pending, self._send_reply, self._opener.open_request
@@ -179,6 +192,8 @@ class Cell:
             send_reply=self._send_reply,
             drop=self._drop,
         )
+        if self._e2e is not None:  # the handshake a first sealed fire waits for
+            self._pool.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -194,7 +209,7 @@ class Cell:
     @property
     def secure_stats(self) -> dict[str, int]:
         """Counts of sealed messages opened, and rejected by kind (``auth``, ``replay``,
-        ``unknown_peer``, ``malformed``); empty without ``peer_keys``."""
+        ``unknown_peer``, ``malformed``, ``unknown_session``); empty without ``peer_keys``."""
         return dict(self._e2e.stats) if self._e2e is not None else {}
 
     def wait_connected(self, timeout: float) -> bool:
@@ -433,7 +448,8 @@ class Cell:
             return pending
         try:
             for p, frames in zip(pending, batch, strict=True):
-                self._queue_sealed(p.target, frames)
+                p.plain = frames  # kept until the reply, to resend if the target restarted
+                self._queue_sealed(p.target, frames, pending=p)
         except BaseException:
             for p in pending:
                 self._waiters.forget(p.req_id)
@@ -465,6 +481,10 @@ class Cell:
         if not self._io.registered:
             self._log_failure(optional, "fire_and_forget on %s/%s: not connected", channel, topic)
             return dict.fromkeys(tlist, ReturnCode.COMM_ERROR)
+        failed: dict[str, str] = {}
+        if secure:
+            failed = self._handshake(tlist, optional)
+            tlist = [t for t in tlist if t not in failed]
         encode = self._encode_secure if secure else self._encode
         batch = [encode(message, channel, topic, t, MessageType.FIRE, None) for t in tlist]
         if not secure:
@@ -475,7 +495,7 @@ class Cell:
                 self._queue_sealed(target, frames)
         finally:
             self._outbox.wake()
-        return dict.fromkeys(tlist, ReturnCode.OK)
+        return {**dict.fromkeys(tlist, ReturnCode.OK), **failed}
 
     def list_cells(self, prefix: str = "", timeout: float = 5.0) -> list[str]:
         """Names of the live cells known to the broker, optionally under `prefix`.
@@ -561,12 +581,55 @@ class Cell:
         headers[_H.SECURE] = True
         return wire.encode(Message(headers, msg.payload))
 
-    def _queue_sealed(self, target: str, frames: list[Any]) -> None:
-        """Seal `frames` for `target` and queue them, in the order of their counters."""
+    def _queue_sealed(
+        self,
+        target: str,
+        frames: list[Any],
+        in_reply_to: bytes = b"",
+        pending: PendingRequest | None = None,
+    ) -> None:
+        """Seal `frames` for `target` and queue them, in the order of their counters.
+
+        A reply is bound to `in_reply_to` (the request's seal); a request records its
+        own seal on `pending` before it can leave, so its reply is checked against it.
+        """
         assert self._e2e is not None
         route = [wire.KIND_MSG, target.encode()]
         queue = self._outbox.queue
-        self._e2e.outbound(target).seal(frames, lambda sealed: queue.append(route + sealed))
+
+        def deliver(sealed: list[Any]) -> None:
+            if pending is not None:
+                pending.seal = bytes(memoryview(sealed[1])[:_SEAL_LEN])
+            queue.append(route + sealed)
+
+        self._e2e.outbound(target).seal(frames, deliver, in_reply_to=in_reply_to)
+
+    def _resend(self, pending: PendingRequest) -> None:
+        """Seal a waiting request again, for the session its target now has (I/O thread)."""
+        frames = pending.plain
+        if frames is None:
+            return
+        try:
+            self._queue_sealed(pending.target, frames, pending=pending)
+        except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
+            self._waiters.forget(pending.req_id)
+            pending.resolve(make_reply(ReturnCode.AUTHENTICATION_ERROR, f"not resent: {exc}"))
+        self._outbox.wake()
+
+    def _handshake(self, targets: list[str], optional: bool) -> dict[str, str]:
+        """Learn the session of every target this cell has none for; return the failures."""
+        assert self._e2e is not None
+        unknown = [t for t in targets if not self._e2e.knows_session(t)]
+        if not unknown:
+            return {}
+        replies = self.broadcast_request(
+            _E2E_CHANNEL, _E2E_HELLO, unknown, Message(), _HELLO_TIMEOUT, True, optional
+        )
+        return {
+            t: str(r.get_header(_H.RETURN_CODE))
+            for t, r in replies.items()
+            if r.get_header(_H.RETURN_CODE) != ReturnCode.OK
+        }
 
     def _wait(
         self, waiters: Iterable[PendingRequest], deadline: float, abort: Signal | None
@@ -595,8 +658,11 @@ class Cell:
         self.stats["dropped_malformed"] += 1
         self._rlog.log(logging.WARNING, key, "cell %s dropped a message: " + msg, self._fqcn, *args)
 
-    def _send_reply(self, reply: Message, request: Message, origin: str, secure: bool) -> None:
-        """Send `reply` to `request`; sealed if `secure` (the request was sealed and opened)."""
+    def _send_reply(
+        self, reply: Message, request: Message, origin: str, secure: bytes | bool
+    ) -> None:
+        """Send `reply` to `request`: in plaintext if `secure` is False, else sealed and
+        bound to `secure`, the seal of the sealed request it answers."""
         channel = request.get_header(_H.CHANNEL) or ""
         topic = request.get_header(_H.TOPIC) or ""
         req_id = request.get_header(_H.REQ_ID)
@@ -618,7 +684,7 @@ class Cell:
             self._outbox.put([frames])
             return
         try:
-            self._queue_sealed(origin, frames)
+            self._queue_sealed(origin, frames, secure if isinstance(secure, bytes) else b"")
         except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
             log.error("cell %s: sealed reply to %s not sent: %s", self._fqcn, origin, exc)
         self._outbox.wake()

@@ -23,7 +23,7 @@ __all__ = ["HandlerPool", "RequestCallback"]
 log = logging.getLogger("objdl.cell")
 
 RequestCallback = Callable[..., "Message | None"]
-SendReply = Callable[[Message, Message, str, bool], None]
+SendReply = Callable[[Message, Message, str, "bytes | bool"], None]
 OpenSealed = Callable[[Sealed, str], "Message | None"]
 
 _H = MessageHeaderKey
@@ -36,7 +36,8 @@ class HandlerPool:
         name: the cell's name (for thread names and log lines).
         workers: handler threads.
         max_pending: requests allowed to wait for a thread (beyond: refused at once).
-        send_reply: ``send_reply(reply, request, origin, secure)``.
+        send_reply: ``send_reply(reply, request, origin, seal)``; `seal` is False for a
+            plaintext reply, else the SEAL of the sealed request it answers.
         open_sealed: opens a sealed request (None: it must not run).
     """
 
@@ -127,12 +128,12 @@ class HandlerPool:
                         self._idle.notify_all()
 
     def _run(self, job: Message | Sealed, origin: str) -> None:
-        secure = isinstance(job, Sealed)
+        seal: bytes | bool = False  # or the request's seal: the reply goes sealed, bound to it
         if isinstance(job, Sealed):
             opened = self._open_sealed(job, origin)
             if opened is None:
                 return
-            request = opened
+            request, seal = opened, job.seal
         else:
             request = job
         # The one mark a handler can trust: True only for a request opened here.
@@ -159,7 +160,7 @@ class HandlerPool:
         else:
             reply = self._call(entry, request, channel, topic)
         if mtype == MessageType.REQUEST:
-            self._send_reply(reply, request, origin, secure)
+            self._send_reply(reply, request, origin, seal)
 
     def _call(
         self, entry: tuple[RequestCallback, tuple, dict], request: Message, channel: Any, topic: Any

@@ -13,6 +13,8 @@ from objdl.message import Message, ReturnCode, make_reply
 
 __all__ = ["PendingRequest", "Sealed", "Waiters"]
 
+SEAL_BYTES = 33  # objdl.security._e2e.SEAL_LEN (not imported: it needs `cryptography`)
+
 
 class PendingRequest:
     """A request in flight, from :meth:`Cell.request_async`.
@@ -28,8 +30,12 @@ class PendingRequest:
         "_once",
         "deadline",
         "done_queue",
+        "first_seal",
+        "plain",
         "reply",
         "req_id",
+        "resent",
+        "seal",
         "secure",
         "target",
     )
@@ -45,6 +51,10 @@ class PendingRequest:
     ) -> None:
         self._forget = forget  # stops the routing of a late reply to this request
         self.secure = secure  # the reply must come sealed
+        self.seal = b""  # the SEAL the request went out with: its reply must be bound to it
+        self.plain: list[Any] | None = None  # the unsealed frames, to resend to a new session
+        self.resent = False
+        self.first_seal = b""  # after a resend: the seal of the try that was refused
         self.req_id = req_id
         self.target = target
         self.deadline = deadline
@@ -62,6 +72,7 @@ class PendingRequest:
             if self.reply is not None:
                 return
             self.reply = reply
+        self.plain = None
         self._done.release()
         if self.done_queue is not None:
             self.done_queue.put(self)
@@ -169,3 +180,9 @@ class Sealed:
     def __init__(self, frames: list[Any], headers: dict[str, Any]) -> None:
         self.frames = frames
         self.headers = headers
+
+    @property
+    def seal(self) -> bytes:
+        """The SEAL it came with (what a sealed reply to it is bound to); b"" if none."""
+        body = memoryview(self.frames[1]) if len(self.frames) > 1 else memoryview(b"")
+        return bytes(body[:SEAL_BYTES]) if body.nbytes >= SEAL_BYTES else b""

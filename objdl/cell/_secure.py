@@ -2,11 +2,16 @@
 
 Sealed requests are opened on a handler thread, sealed replies on the I/O thread; a
 message that does not authenticate is never handed on. A requester whose sealed
-request was refused is told why, in plaintext (there is nothing to protect).
+request was refused is told why with an ``authentication_error`` reply whose
+``auth_reason`` header is a code (:data:`REASONS`). It is plaintext (there is nothing
+to protect), except for ``unknown_session``: that one is sealed and bound to the
+request, because on it the requester resends the request once, to the session the
+reply came from, and a broker must not be able to trigger that resend.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -19,18 +24,28 @@ from objdl._logutil import RateLimitedLog
 from objdl.cell._pending import PendingRequest, Sealed, Waiters
 from objdl.errors import WireError
 from objdl.message import Message, MessageHeaderKey, MessageType, ReturnCode, make_reply
-from objdl.security import Rejected
+from objdl.security import Rejected, SecureUnavailableError
 
 if TYPE_CHECKING:
     from objdl.security._e2e import EndToEnd
 
-__all__ = ["Opener"]
+__all__ = ["AUTH_REASON", "NO_KEYS", "REASONS", "UNKNOWN_SESSION", "Opener"]
+
+AUTH_REASON = "auth_reason"
+"""Header of an ``authentication_error`` reply from a receiver: why it refused."""
+UNKNOWN_SESSION = "unknown_session"
+FIRST_CONTACT = "first_contact"  # a Rejected kind only: answered as UNKNOWN_SESSION
+NO_KEYS = "no_keys"
+REASONS = frozenset(("malformed", "unknown_peer", "auth", "replay", UNKNOWN_SESSION, NO_KEYS))
+"""Values of :data:`AUTH_REASON`: a ``Rejected`` kind (``first_contact`` is answered as
+``unknown_session``: the sender does the same for both), or ``no_keys``."""
 
 log = logging.getLogger("objdl.cell")
 
 _H = MessageHeaderKey
-SendReply = Callable[[Message, Message, str, bool], None]
+SendReply = Callable[[Message, Message, str, "bytes | bool"], None]
 Drop = Callable[..., None]
+Resend = Callable[[PendingRequest], None]
 
 
 class Opener:
@@ -41,8 +56,10 @@ class Opener:
         e2e: its end-to-end keys (None: it cannot open anything, and says so).
         stats, stats_lock: the cell's counters (``rejected_secure``).
         waiters: the cell's requests in flight.
-        send_reply: ``send_reply(reply, request, origin, secure)``.
+        send_reply: ``send_reply(reply, request, origin, seal)`` (seal: False for
+            plaintext, else the SEAL of the request answered).
         drop: counts and logs a malformed message: ``drop(key, fmt, *args)``.
+        resend: seals a waiting request again and queues it (I/O thread).
     """
 
     def __init__(
@@ -54,6 +71,7 @@ class Opener:
         waiters: Waiters,
         send_reply: SendReply,
         drop: Drop,
+        resend: Resend,
     ) -> None:
         self._name = name
         self.e2e = e2e
@@ -62,6 +80,7 @@ class Opener:
         self._waiters = waiters
         self._send_reply = send_reply
         self._drop = drop
+        self._resend = resend
         self._rlog = RateLimitedLog(log)
 
     def open_request(self, job: Sealed, origin: str) -> Message | None:
@@ -70,8 +89,15 @@ class Opener:
         try:
             plain = self.e2e.open(origin, job.frames)
         except Rejected as exc:
+            if exc.kind == FIRST_CONTACT:  # the handshake, not an attack: not counted
+                log.debug("cell %s: %s", self._name, exc.reason)
+                self._answer_unknown_session(job, origin, exc.reason)
+                return None
             self.rejected(origin, exc.reason)
-            self.answer_rejected(job.headers, origin, exc.reason)
+            if exc.kind == UNKNOWN_SESSION:
+                self._answer_unknown_session(job, origin, exc.reason)
+            else:
+                self.answer_rejected(job.headers, origin, exc.reason, exc.kind)
             return None
         try:
             msg = wire.decode(plain)
@@ -79,25 +105,64 @@ class Opener:
             self._drop("decode", "undecodable secure message from %s: %s", origin, exc)
             if job.headers.get(_H.MSG_TYPE) == MessageType.REQUEST:
                 err = make_reply(ReturnCode.INVALID_REQUEST, f"request did not decode: {exc}")
-                self._send_reply(err, Message(job.headers), origin, True)
+                self._send_reply(err, Message(job.headers), origin, job.seal)
             return None
         msg.headers[_H.ORIGIN] = origin
         return msg
 
+    def _answer_unknown_session(self, job: Sealed, origin: str, reason: str) -> None:
+        """An authentic request for another session of this cell: a sealed, bound refusal."""
+        if job.headers.get(_H.MSG_TYPE) != MessageType.REQUEST or not isinstance(
+            job.headers.get(_H.REQ_ID), int
+        ):
+            return  # a fire has nothing to answer to; it is counted and logged
+        reply = make_reply(ReturnCode.AUTHENTICATION_ERROR, f"cell {self._name}: {reason}")
+        reply.set_header(AUTH_REASON, UNKNOWN_SESSION)
+        self._send_reply(reply, Message(job.headers), origin, job.seal)
+
     def open_reply(self, frames: list[zmq.Frame], waiter: PendingRequest, origin: str) -> None:
-        """Open a sealed reply (I/O thread) and hand it to `waiter`, or what went wrong."""
+        """Open a sealed reply (I/O thread) and hand it to `waiter`, or what went wrong.
+
+        A reply refused as a replay or as sealed for another session of this cell is
+        not for this request (a broker replays it, or a recorded reply of an earlier
+        life of this cell reuses its req_id): it is dropped and the request waits on.
+        A sealed ``unknown_session`` refusal makes the request go once more, to the
+        session it came from.
+        """
         assert self.e2e is not None
         try:
-            msg = wire.decode(self.e2e.open(origin, frames[2:]))
+            msg = wire.decode(self.e2e.open(origin, frames[2:], waiter.seal, waiter.first_seal))
         except Rejected as exc:
+            if exc.kind == "superseded":  # e.g. a duplicate of the refusal that caused the resend
+                log.debug("cell %s: %s", self._name, exc.reason)
+                return
             self.rejected(origin, exc.reason)
+            if exc.kind in ("replay", UNKNOWN_SESSION, FIRST_CONTACT):
+                return
             reply = make_reply(
                 ReturnCode.AUTHENTICATION_ERROR, f"the reply from {origin} was rejected: {exc}"
             )
+            reply.set_header(AUTH_REASON, exc.kind)
         except WireError as exc:
             self._drop("decode", "undecodable secure reply from %s: %s", origin, exc)
             return  # as for a plaintext reply that does not decode: the request times out
         else:
+            if (
+                msg.get_header(_H.RETURN_CODE) == ReturnCode.AUTHENTICATION_ERROR
+                and msg.get_header(AUTH_REASON) == UNKNOWN_SESSION
+                and waiter.plain is not None
+                and not waiter.resent
+            ):
+                waiter.resent = True
+                waiter.first_seal = waiter.seal
+                # Bound to the request just sent: that session is the current one. (A
+                # key that went away meanwhile is reported by the resend.)
+                with contextlib.suppress(SecureUnavailableError, ValueError):
+                    self.e2e.adopt(origin, frames[2:])
+                with self._stats_lock:
+                    self._stats["resent_secure"] += 1
+                self._resend(waiter)
+                return
             msg.headers[_H.ORIGIN] = origin
             reply = msg
         self._waiters.forget(waiter.req_id)
@@ -115,14 +180,20 @@ class Opener:
             reason,
         )
 
-    def answer_rejected(self, headers: dict[str, Any], origin: str, reason: str) -> None:
-        """Tell a requester (in plaintext: there is nothing to protect) why its request failed."""
+    def answer_rejected(self, headers: dict[str, Any], origin: str, reason: str, code: str) -> None:
+        """Tell a requester (in plaintext: there is nothing to protect) why its request failed.
+
+        `code` goes in the :data:`AUTH_REASON` header. Each refused request gets one
+        small reply, sent back to the connection it came from: no amplification, and
+        nothing a broker could not have forged itself.
+        """
         if headers.get(_H.MSG_TYPE) == MessageType.REQUEST and isinstance(
             headers.get(_H.REQ_ID), int
         ):
             reply = make_reply(
                 ReturnCode.AUTHENTICATION_ERROR, f"cell {self._name} rejected the request: {reason}"
             )
+            reply.set_header(AUTH_REASON, code)
             self._send_reply(reply, Message(headers), origin, False)
 
     def refuse(self, headers_frame: zmq.Frame, origin: str) -> bool:
@@ -135,7 +206,7 @@ class Opener:
             return False
         why = "this cell cannot open secure messages: it has no curve_keys and peer_keys"
         self.rejected(origin, why)
-        self.answer_rejected(headers, origin, why)
+        self.answer_rejected(headers, origin, why, NO_KEYS)
         return True
 
     @staticmethod
@@ -147,10 +218,14 @@ class Opener:
                 ReturnCode.AUTHENTICATION_ERROR,
                 f"the reply from {origin} to a secure request was not sealed",
             )
-        return Message(
+        unsealed = Message(
             {
                 _H.RETURN_CODE: rc,
                 _H.ERROR: str(reply.get_header(_H.ERROR, "")),
                 _H.ORIGIN: origin,
             }
         )
+        reason = reply.get_header(AUTH_REASON)
+        if reason in REASONS:  # informational only: nothing acts on an unsealed reason
+            unsealed.set_header(AUTH_REASON, reason)
+        return unsealed

@@ -45,10 +45,15 @@ class Rejected(ObjdlError):
     """A received message that must not be used; `kind` is why, for counting.
 
     Kinds: ``malformed`` (no valid seal), ``unknown_peer`` (no key for the origin),
-    ``auth`` (does not authenticate), ``replay`` (seen before, or too old).
+    ``auth`` (does not authenticate), ``replay`` (seen before, or too old),
+    ``unknown_session`` (authentic, but sealed for another session of this cell: it
+    restarted since), ``first_contact`` (authentic, but the sender did not know this
+    cell's session yet). Only for the last two, `peer_session` is the sender's
+    session the message came from.
     """
 
-    def __init__(self, kind: str, reason: str) -> None:
+    def __init__(self, kind: str, reason: str, peer_session: bytes | None = None) -> None:
         super().__init__(reason)
         self.kind = kind
         self.reason = reason
+        self.peer_session = peer_session
