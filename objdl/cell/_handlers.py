@@ -137,7 +137,7 @@ class HandlerPool:
         else:
             request = job
         # The one mark a handler can trust: True only for a request opened here.
-        request.headers[_H.SECURE] = secure
+        request.headers[_H.SECURE] = isinstance(job, Sealed)
         channel = request.get_header(_H.CHANNEL)
         topic = request.get_header(_H.TOPIC)
         mtype = request.get_header(_H.MSG_TYPE)
