@@ -148,7 +148,7 @@ def chunk_pieces(data: Any) -> list[memoryview]:
             view = memoryview(item)
         except TypeError:
             raise BadReply(
-                f"chunk data must be bytes or a list of bytes, got a {type(item).__name__}"
+                f"chunk data must be bytes or a list of bytes, got type {type(item).__name__}"
             ) from None
         if not view.c_contiguous:
             raise BadReply("chunk data must be contiguous buffers")
