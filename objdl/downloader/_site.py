@@ -34,6 +34,14 @@ from objdl.downloader._defs import (
     RetryPolicy,
     _PropKey,
 )
+from objdl.downloader._reply import (
+    BadReply,
+    Descriptor,
+    check_chunk_state,
+    chunk_pieces,
+    parse_descriptor,
+    shorten,
+)
 from objdl.downloader.sized import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
@@ -41,7 +49,6 @@ from objdl.downloader.sized import (
     MAX_CHUNK_SIZE,
     OrderedDigest,
     SizedConsumer,
-    as_pieces,
 )
 from objdl.message import Message, MessageHeaderKey, ReturnCode, Signal
 
@@ -59,6 +66,7 @@ RETRYABLE = frozenset(
 )
 _ABORT_POLL = 0.05
 _BUSY_DELAY = 0.05  # before asking again for a chunk the owner was too busy to serve
+_MAX_REASON = 500  # characters of an owner's error text kept in a reason
 
 
 class _Failed(Exception):
@@ -217,7 +225,10 @@ class _Requester:
         if rc == ReturnCode.OK:
             return None
         self.check()
+        if not isinstance(rc, str):
+            rc = shorten(rc)
         error = reply.get_header(MessageHeaderKey.ERROR) or ""
+        error = error[:_MAX_REASON] if isinstance(error, str) else shorten(error)
         if rc in RETRYABLE and attempt < self.retry.tries:
             self.retries += 1
             delay = self.retry.delay(attempt + 1)
@@ -238,11 +249,14 @@ class _Requester:
         if not isinstance(payload, dict):
             raise _Failed(f"owner {self.owner} sent a reply without a payload dict")
         status = payload.get(_PropKey.STATUS)
+        if not isinstance(status, str):
+            raise _Failed(f"owner {self.owner} sent a status that is not a str: {shorten(status)}")
         if status == ProduceRC.ERROR:
             error = payload.get(_PropKey.ERROR) or "no reason given"
+            error = error[:_MAX_REASON] if isinstance(error, str) else shorten(error)
             raise _Failed(f"producer error at {self.owner} after {self.elapsed()}: {error}")
         if status not in (ProduceRC.OK, ProduceRC.EOF):
-            raise _Failed(f"owner {self.owner} sent unknown status {status!r}")
+            raise _Failed(f"owner {self.owner} sent unknown status {shorten(status)}")
         return payload
 
     def sleep(self, delay: float) -> None:
@@ -278,6 +292,7 @@ def download_object(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress_cb: Callable[[str, int, int | None, float], Any] | None = None,
     progress_interval: float = 0.5,
+    max_size: int | None = None,
 ) -> None:
     """Download a large object from its owner into `consumer`.
 
@@ -303,6 +318,13 @@ def download_object(
         progress_cb: ``progress_cb(ref_id, bytes_done, bytes_total, rate)``, at most
             every `progress_interval` seconds and once at the end (bytes_total is
             None when the object's size is not known up front).
+        max_size: the largest object accepted, in bytes (None: no limit; sized
+            objects only). An object the owner describes as larger fails at once,
+            after the first reply and before any other chunk is asked for.
+
+    Every field of the owner's replies is checked (see ``objdl.downloader._reply``):
+    a reply of the wrong type or value ends the download in ``download_failed``
+    with a reason, never in an exception.
 
     If `abort_signal` fires, the owner is told the site cancelled (best effort).
     """
@@ -316,6 +338,10 @@ def download_object(
         raise ValueError(f"per_request_timeout must be positive, got {per_request_timeout!r}")
     if window < 1 or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"need window >= 1 and 1 <= chunk_size <= {MAX_CHUNK_SIZE}")
+    if max_size is not None and (
+        isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0
+    ):
+        raise ValueError(f"max_size must be None or an int >= 0, got {max_size!r}")
     retry = RetryPolicy(tries, backoff, backoff_max)
     deadline = None if overall_timeout is None else time.monotonic() + overall_timeout
     req = _Requester(
@@ -332,7 +358,7 @@ def download_object(
     req.progress = _Progress(ref_id, progress_cb, progress_interval)
     try:
         if isinstance(consumer, SizedConsumer):
-            _Window(req, consumer, window, chunk_size).run()
+            _Window(req, consumer, window, chunk_size, max_size).run()
         else:
             _seed_exchange(req, consumer)
     except _Failed as exc:
@@ -427,8 +453,16 @@ def _as_seed_leaf(value: Any) -> Any:
 class _Window:
     """The sliding-window download of one sized object."""
 
-    def __init__(self, req: _Requester, consumer: SizedConsumer, window: int, chunk: int) -> None:
+    def __init__(
+        self,
+        req: _Requester,
+        consumer: SizedConsumer,
+        window: int,
+        chunk: int,
+        max_size: int | None = None,
+    ) -> None:
         self.req = req
+        self.max_size = max_size
         self.consumer = consumer
         self.window = window
         self.chunk = chunk
@@ -447,44 +481,41 @@ class _Window:
         req = self.req
         try:
             first = req.call({"length": self.chunk})
-            desc = first.get(_PropKey.STATE)
-            if not isinstance(desc, dict) or not isinstance(desc.get("size"), int):
-                raise _Failed(f"owner {req.owner} did not describe a sized object for {req.ref_id}")
-            size, algo, digest = desc["size"], desc.get("algo"), desc.get("digest")
-            owner_chunk = desc.get("chunk")
-            if isinstance(owner_chunk, int) and 0 < owner_chunk < self.chunk:
-                self.chunk = owner_chunk  # the owner serves no more than this per request
+            desc = self.describe(first)
+            size = desc.size
+            self.chunk = min(self.chunk, desc.chunk)  # the owner serves no more per request
             try:
                 # A costly digest of an object bigger than the window is computed on
                 # a thread of its own, in parallel with writing.
                 self.digest = OrderedDigest(
-                    algo,  # type: ignore[arg-type]
-                    background=algo not in INLINE_DIGESTS and size > self.window * self.chunk,
+                    desc.algo,
+                    background=desc.algo not in INLINE_DIGESTS and size > self.window * self.chunk,
                     on_hashed=self.wake,
                 )
-                start = self.consumer.resume_from(req.ref_id, desc)
-                if not 0 <= start <= size:
-                    raise ValueError(f"resume point {start} is outside the object (size {size})")
+                start = self.consumer.resume_from(req.ref_id, desc.as_state())
+                if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= size:
+                    raise ValueError(f"resume point {start!r} is outside the object (size {size})")
                 if start:
                     self.rehash(start)
                 else:
-                    self.consumer.begin(req.ref_id, size, desc.get("meta"))
+                    self.consumer.begin(req.ref_id, size, desc.meta)
             except Exception as exc:
                 raise _Failed(f"could not start the download: {type(exc).__name__}: {exc}") from exc
             self.size = size
             req.progress.total = size
             if not start:
-                pieces = as_pieces(first.get(_PropKey.DATA))
-                self.store(0, pieces, expect=min(self.chunk, size))
+                n = min(self.chunk, size)
+                self.store(0, self.pieces(first, 0, n, first=True), expect=n)
             self.next = self.digest.upto
             self.loop()
             try:
                 got = self.digest.hexdigest(req.timeout)
             except (RuntimeError, TimeoutError) as exc:
                 raise _Failed(f"could not hash the received bytes: {exc}") from exc
-            if got != digest:
+            if got != desc.digest:
                 reason = (
-                    f"digest mismatch: owner's {algo} is {digest}, received bytes hash to {got}"
+                    f"digest mismatch: owner's {desc.algo} is {desc.digest}, "
+                    f"received bytes hash to {got}"
                 )
                 self.tell_owner(False, reason)
                 _end(self.consumer.data_rejected, req.ref_id)
@@ -495,6 +526,44 @@ class _Window:
             if hasattr(self, "digest"):
                 self.digest.close()
         self.consumer_done()
+
+    def describe(self, first: dict) -> Descriptor:
+        """The object's checked description from the first reply, within `max_size`.
+
+        A refusal here is told to the owner (as a cancel), so its outcome records the
+        site as failed at once instead of at the transaction's timeout.
+        """
+        req = self.req
+        try:
+            if first[_PropKey.STATUS] != ProduceRC.OK:
+                raise BadReply("the first reply ended the object before describing it")
+            desc = parse_descriptor(first.get(_PropKey.STATE))
+        except BadReply as exc:
+            reason = f"owner {req.owner} did not describe a sized object for {req.ref_id}: {exc}"
+            req.cancel(reason)
+            raise _Failed(reason) from None
+        if self.max_size is not None and desc.size > self.max_size:
+            reason = (
+                f"object {req.ref_id} is {desc.size} bytes, more than max_size={self.max_size}; "
+                "pass a larger max_size (or download it to a file) if it is expected"
+            )
+            req.cancel(reason)
+            raise _Failed(reason)
+        self.desc = desc
+        return desc
+
+    def pieces(self, payload: dict, offset: int, n: int, first: bool = False) -> list[memoryview]:
+        """A reply's data as checked pieces; its state must say it ends at ``offset + n``.
+
+        (Not for the `first` reply: its state is the description, checked by
+        :meth:`describe`.)
+        """
+        try:
+            if not first:
+                check_chunk_state(payload.get(_PropKey.STATE), self.desc, offset, n)
+            return chunk_pieces(payload.get(_PropKey.DATA))
+        except BadReply as exc:
+            raise _Failed(f"owner {self.req.owner} sent a bad reply: {exc}") from None
 
     def wake(self) -> None:
         """Wake the loop: hashing made progress (called on the hashing thread)."""
@@ -620,7 +689,7 @@ class _Window:
         payload = self.req.payload(reply)
         if payload[_PropKey.STATUS] != ProduceRC.OK:
             raise _Failed(f"owner {self.req.owner} ended the object early at offset {offset}")
-        self.store(offset, as_pieces(payload.get(_PropKey.DATA)), expect=n)
+        self.store(offset, self.pieces(payload, offset, n), expect=n)
         if self.limit < self.window:
             self._grow += 1
             if self._grow >= self.limit:

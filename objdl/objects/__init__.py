@@ -1,7 +1,7 @@
 """Ready producers and consumers: bytes, files and dicts of arrays, one call each side."""
 
 from objdl.objects._bytes import BytesConsumer, BytesSource, download_bytes
-from objdl.objects._common import DownloadError
+from objdl.objects._common import DEFAULT_MAX_MEMORY_SIZE, DownloadError
 from objdl.objects._dict import DictConsumer, DictSource, download_dict
 from objdl.objects._file import FileConsumer, FileSource, download_file
 from objdl.objects._offer import (
@@ -13,6 +13,7 @@ from objdl.objects._offer import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_MEMORY_SIZE",
     "BytesConsumer",
     "BytesSource",
     "DictConsumer",

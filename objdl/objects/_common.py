@@ -8,9 +8,17 @@ from objdl.cell import Cell
 from objdl.downloader import SizedConsumer, download_object
 from objdl.errors import ObjdlError
 
-__all__ = ["DownloadError", "run_download"]
+__all__ = ["DEFAULT_MAX_MEMORY_SIZE", "DownloadError", "run_download"]
 
 DEFAULT_REQUEST_TIMEOUT = 30.0
+# The largest object download_bytes/download_dict accept unless told otherwise.
+# Models of a few GB fit with room (a 3B-parameter model in fp16 is 6 GB); a claim
+# beyond it, on the 16-64 GB hosts such jobs run on, is a mistake or an attack,
+# and holding it in memory beside the process's own copy would crowd the host.
+# Bigger objects go to download_file (streamed to disk, no default limit), or pass
+# a larger max_size (None: no limit). The buffer grows only as verified data
+# arrives, so this bounds what an owner can make a site hold, not what it allocates.
+DEFAULT_MAX_MEMORY_SIZE = 8 * 1024**3
 
 
 class DownloadError(ObjdlError):
@@ -40,7 +48,12 @@ def run_download(
     per_request_timeout: float,
     kwargs: dict[str, Any],
 ) -> None:
-    """Run :func:`download_object`; raise :class:`DownloadError` unless it completed."""
+    """Run :func:`download_object`; raise :class:`DownloadError` unless it completed.
+
+    Whatever the owner sends, the consumer ends in ``download_completed`` or
+    ``download_failed`` (download_object checks every reply), so a hostile owner
+    can make this raise DownloadError and nothing else.
+    """
     download_object(from_fqcn, ref_id, per_request_timeout, cell, consumer, **kwargs)
     if outcome.ok is not True:
         raise DownloadError(ref_id, from_fqcn, outcome.reason or "the download did not complete")

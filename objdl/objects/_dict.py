@@ -22,7 +22,7 @@ from objdl.downloader import SizedSource, new_hash
 from objdl.errors import WireError
 from objdl.message import Message
 from objdl.objects._bytes import BytesConsumer
-from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, run_download
+from objdl.objects._common import DEFAULT_MAX_MEMORY_SIZE, DEFAULT_REQUEST_TIMEOUT, run_download
 
 __all__ = ["DictConsumer", "DictSource", "download_dict"]
 
@@ -92,7 +92,7 @@ def unpack_stream(buffer: bytearray) -> dict:
 
 
 class DictConsumer(BytesConsumer):
-    """Receives the stream into one bytearray and rebuilds the dict at the end."""
+    """Receives the stream into one bytearray (grown as it arrives) and rebuilds the dict."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -113,16 +113,21 @@ def download_dict(
     ref_id: str,
     *,
     per_request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+    max_size: int | None = DEFAULT_MAX_MEMORY_SIZE,
     **kwargs: Any,
 ) -> dict:
     """Download a dict offered with :func:`offer_dict`; return it.
 
     Arrays come back with their dtype and shape, as read-only views of one buffer.
+    `max_size` (default :data:`DEFAULT_MAX_MEMORY_SIZE`, 8 GiB; None: no limit) is
+    the largest packed dict accepted, as for :func:`download_bytes`; `kwargs` go to
+    :func:`download_object`.
 
     Raises:
         DownloadError: the download failed; its ``reason`` says why.
     """
     consumer = DictConsumer()
+    kwargs["max_size"] = max_size
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     assert consumer.dict is not None
     return consumer.dict
