@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import secrets
 import threading
 import time
@@ -87,12 +86,6 @@ def get(args: argparse.Namespace) -> int:
             options[opt] = getattr(args, opt)
     if args.secure:
         options["secure"] = True
-    if args.max_size is not None and "max_size" not in inspect.signature(download_file).parameters:
-        raise CliError(
-            "--max-size: this version of objdl.objects.download_file has no max_size=; "
-            "upgrade objdl",
-            EXIT_USAGE,
-        )
     with stop_on_signals() as stop:
         cell = start_cell(name, url, args.connect_timeout, keys)
         watcher = threading.Thread(target=watch, args=(stop,), name="objdl-cli-abort")
