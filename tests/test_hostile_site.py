@@ -463,3 +463,66 @@ def test_file_download_beside_a_stuck_peer(cells: Any, raw: Any, sparse_file: Pa
     stats = ObjDownloader.inflight_stats(owner)
     assert stats["peak_site"] <= MAX_INFLIGHT_PER_SITE
     dest.unlink()
+
+
+def test_sealed_replies_count_against_the_cap_until_they_leave(sparse_file: Path) -> None:
+    """secure=True: a sealed reply's plaintext stays counted until its sealed copy has
+    left the process, so an authenticated site that never reads is capped too."""
+    from objdl.security import PeerKeys
+    from objdl.security._e2e import EndToEnd, seal_of
+
+    site_keys, owner_keys = KeyPair(*zmq.curve_keypair()), KeyPair(*zmq.curve_keypair())
+    fake = FakeBroker()
+    owner = Cell(
+        "server",
+        fake.url,
+        heartbeat_interval=30.0,
+        broker_timeout=60.0,
+        curve_keys=owner_keys,
+        peer_keys={"attacker": site_keys.public},
+    )
+    e2e = EndToEnd("attacker", site_keys, PeerKeys({"server": owner_keys.public}))
+    proc = psutil.Process(os.getpid())
+
+    def sealed(req_id: int, state: dict) -> list[Any]:
+        h = {"msg_type": "req", "req_id": req_id, "channel": CH, "topic": TOPIC, "secure": True}
+        return e2e.outbound("server").seal(wire.encode(Message(h, {"ref_id": ref, "state": state})))
+
+    def send(frames: list[Any]) -> None:
+        fake.sock.send_multipart([fake.peer, wire.KIND_MSG, b"attacker", *frames])
+
+    try:
+        t = threading.Thread(target=owner.start)
+        t.start()
+        fake.register()
+        t.join(10)
+        assert owner.is_connected
+        ref = offer_file(owner, sparse_file, secure=True)
+        # First contact is refused (no session yet), sealed: it teaches the owner's session.
+        first = sealed(1, {"length": 2 * MiB})
+        send(first)
+        deadline = time.monotonic() + 10
+        while True:
+            assert fake.sock.poll(max(0, int((deadline - time.monotonic()) * 1000)))
+            got = fake.sock.recv_multipart()
+            if got[1] == wire.KIND_MSG:
+                break
+        e2e.open("server", got[3:], seal_of(first))
+        gc.collect()
+        rss0 = proc.memory_info().rss
+        send(sealed(2, {"length": 2 * MiB}))
+        for i in range(1, 160):
+            send(sealed(i + 2, {"offset": i * 2 * MiB}))
+        wait_for(lambda: ObjDownloader.inflight_stats(owner)["rejected"] >= 100, 60)
+        stats = ObjDownloader.inflight_stats(owner)
+        assert stats["peak_site"] <= MAX_INFLIGHT_PER_SITE
+        # The plaintext (counted) and its sealed copy: at most twice the cap, plus slack.
+        rss = proc.memory_info().rss - rss0
+        assert rss < 2 * MAX_INFLIGHT_PER_SITE + 64 * MiB, rss / MiB
+        owner.stop()
+        gc.collect()
+        wait_for(lambda: ObjDownloader.inflight_stats(owner)["held"] == 0, 10)
+    finally:
+        ObjDownloader.shutdown()
+        owner.stop()
+        fake.close()

@@ -16,6 +16,7 @@ import queue
 import re
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -62,6 +63,26 @@ _URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inpr
 _E2E_CHANNEL = "objdl__e2e"  # reserved: requests objdl itself answers
 _E2E_HELLO = "hello"
 _HELLO_TIMEOUT = 5.0  # a first sealed fire to a peer waits at most this for its session
+
+
+def _hold_plain(sealed: list[Any], plain: list[Any]) -> None:
+    """Keep `plain`'s buffers alive for as long as any sealed bulk frame of `sealed` is.
+
+    Whoever watches a buffer's lifetime to know when it has left the process (the
+    owner's per-site budget of chunk data does) would otherwise see it released as
+    soon as it is sealed, while its sealed copy still waits in the outbox and in
+    libzmq. Each sealed bulk frame becomes a memoryview (pyzmq holds the object it
+    sends with ``copy=False`` until libzmq is done with it) whose finalizer holds the
+    plaintext frames.
+    """
+    for i in range(2, len(sealed)):
+        view = memoryview(sealed[i])
+        weakref.finalize(view, _noop, plain)
+        sealed[i] = view
+
+
+def _noop(_: Any) -> None:
+    pass
 
 
 def _hello(request: Message) -> None:
@@ -600,6 +621,7 @@ class Cell:
         def deliver(sealed: list[Any]) -> None:
             if pending is not None:
                 pending.seal = bytes(memoryview(sealed[1])[:_SEAL_LEN])
+            _hold_plain(sealed, frames)
             queue.append(route + sealed)
 
         self._e2e.outbound(target).seal(frames, deliver, in_reply_to=in_reply_to)
