@@ -571,14 +571,14 @@ class RoutingTable:
 
     # -- outbound bound ------------------------------------------------------------
 
-    def _deliver(self, act: Actions[F], send: Send[F]) -> None:
+    def _deliver(self, act: Actions[F], send: Send[Any]) -> None:
         """Send, queue behind waiting sends, or refuse `send`, by its peer's byte bound."""
         nbytes = sum(_nbytes(f) for f in send.frames)
         send = replace(send, cost=nbytes + MESSAGE_OVERHEAD, track=nbytes >= TRACK_MIN)
         out = self._out.get(send.peer)
         total = out.total() if out is not None else 0
         if total and total + send.cost > self.max_peer_queue:
-            self._fail_send(act, send, wire.NACK_BUSY, "over its byte bound")
+            self._fail_send(act, cast(Send[F], send), wire.NACK_BUSY, "over its byte bound")
             return
         if send.origin is not None:
             self._counters["routed"] += 1
@@ -590,7 +590,7 @@ class RoutingTable:
                 if out is None:
                     out = self._out[send.peer] = _Out()
                 out.held += send.cost
-            act.sends.append(send)
+            act.sends.append(cast(Send[F], send))
         self._peak = max(self._peak, total + send.cost)
 
     def _flush(self, act: Actions[F], out: _Out) -> None:

@@ -509,19 +509,22 @@ class Broker:
         for send in act.sends:
             self._send(sock, send, now, stalled)
 
-    def _send(self, sock: zmq.Socket[Any], send: Send[Any], now: float, stalled: set[bytes]) -> None:
+    def _send(
+        self, sock: zmq.Socket[Any], send: Send[Any], now: float, stalled: set[bytes]
+    ) -> None:
         if send.peer in stalled:
             gone = False
         else:
             frames = list(send.frames)
+            tracked: zmq.Frame | None = None
             if send.track:
-                frames[-1] = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
+                tracked = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
+                frames[-1] = tracked
             try:
                 sock.send_multipart([send.peer, *frames], zmq.NOBLOCK, copy=False)
-                if send.track:
-                    self._inflight.setdefault(send.peer, deque()).append(
-                        (frames[-1].tracker, send)
-                    )
+                if tracked is not None:
+                    queue = self._inflight.setdefault(send.peer, deque())
+                    queue.append((tracked.tracker, send))
                 return
             except zmq.Again:
                 gone = False
