@@ -58,7 +58,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
 from objdl import fqcn, wire
@@ -574,7 +574,8 @@ class RoutingTable:
     def _deliver(self, act: Actions[F], send: Send[Any]) -> None:
         """Send, queue behind waiting sends, or refuse `send`, by its peer's byte bound."""
         nbytes = sum(_nbytes(f) for f in send.frames)
-        send = replace(send, cost=nbytes + MESSAGE_OVERHEAD, track=nbytes >= TRACK_MIN)
+        cost, track = nbytes + MESSAGE_OVERHEAD, nbytes >= TRACK_MIN
+        send = Send(send.peer, send.frames, send.origin, send.dest, cost, track)
         out = self._out.get(send.peer)
         total = out.total() if out is not None else 0
         if total and total + send.cost > self.max_peer_queue:
