@@ -174,6 +174,8 @@ class Broker:
         self._zap_counts = {"zap_ok": 0, "zap_denied": 0}
         # Tracked sends libzmq may still hold, oldest first, per peer (I/O thread only).
         self._inflight: dict[bytes, deque[tuple[zmq.MessageTracker, Send[Any]]]] = {}
+        self._stalled: set[bytes] = set()  # peers libzmq refused in the current batch
+        self._acting = False
         self._log = RateLimitedLog(logger)
 
     # -- public --------------------------------------------------------------------
@@ -490,28 +492,25 @@ class Broker:
             self._errors += 1
         self._log.log(logging.ERROR, "error", "broker error on %s: %r", where, exc)
 
-    def _act(
-        self,
-        sock: zmq.Socket[Any],
-        act: Actions[Any],
-        now: float,
-        stalled: set[bytes] | None = None,
-    ) -> None:
-        """Log the events and perform the sends of `act`.
+    def _act(self, sock: zmq.Socket[Any], act: Actions[Any], now: float) -> None:
+        """Log the events and perform the sends of `act` (and of its follow-ups).
 
-        `stalled` collects the peers libzmq refused in this batch: later sends to them
-        are handed back to the table untried, behind the refused one.
+        ``_stalled`` collects the peers libzmq refused in this batch: later sends to
+        them are handed back to the table untried, behind the refused one.
         """
         for event in act.events:
             self._log_event(event)
-        if stalled is None:
-            stalled = set()
-        for send in act.sends:
-            self._send(sock, send, now, stalled)
+        outer, self._acting = not self._acting, True
+        try:
+            for send in act.sends:
+                self._send(sock, send, now)
+        finally:
+            if outer:
+                self._acting = False
+                self._stalled.clear()
 
-    def _send(
-        self, sock: zmq.Socket[Any], send: Send[Any], now: float, stalled: set[bytes]
-    ) -> None:
+    def _send(self, sock: zmq.Socket[Any], send: Send[Any], now: float) -> None:
+        stalled = self._stalled
         if send.peer in stalled:
             gone = False
         else:
@@ -539,7 +538,7 @@ class Broker:
                 gone = True
         with self._lock:
             follow_up = self._table.send_failed(send, gone, now)
-        self._act(sock, follow_up, now, stalled)  # NACKs carry no origin: recurses once at most
+        self._act(sock, follow_up, now)  # NACKs carry no origin: this recurses once at most
 
     def _reap(self) -> None:
         """Tell the table of every tracked send libzmq is done with (FIFO per peer)."""
