@@ -13,6 +13,7 @@ import sys
 import threading
 from types import FrameType
 
+from broker.routing import DEFAULT_MAX_PEER_QUEUE
 from broker.server import Broker, BrokerError
 from objdl.security import KeyFileError
 
@@ -28,6 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-timeout", type=float, default=3.0, metavar="S")
     p.add_argument("--probe-timeout", type=float, default=1.0, metavar="S")
     p.add_argument("--max-message-size", type=int, default=256 * 1024 * 1024, metavar="BYTES")
+    p.add_argument(
+        "--max-peer-queue",
+        type=int,
+        default=DEFAULT_MAX_PEER_QUEUE,
+        metavar="BYTES",
+        help="most bytes held outbound for any one cell, however slowly it reads "
+        "(%(default)s): past it requests for that cell get NACK busy, replies to it are dropped",
+    )
     p.add_argument(
         "--curve-keys",
         metavar="FILE",
@@ -61,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             cell_timeout=args.cell_timeout,
             probe_timeout=args.probe_timeout,
             max_message_size=args.max_message_size,
+            max_peer_queue=args.max_peer_queue,
             curve_keys=args.curve_keys,
             allowed_keys=args.allowed_keys,
         )

@@ -34,18 +34,49 @@ Rules:
   is ``REG_ERR not allowed: ...`` and comes before any probe of a holder, so a key
   cannot even disturb a name it is not bound to.
 - Every ``heartbeat_interval`` each registered cell gets HB.
+
+What the broker holds for one peer is bounded in bytes (``max_peer_queue``), whatever
+that peer asks for and however slowly it reads (docs/RELIABILITY.md):
+- Every message for a peer, routed or broker-made, goes through one admission: it is
+  sent if the peer's outbound bytes (held by libzmq, or waiting here) plus this message
+  stay within the bound, or if nothing at all is outbound for that peer (one message
+  larger than the bound may go alone). Otherwise it is refused: a forwarded request
+  (or a message whose type the headers do not say) gets ``NACK busy`` so its sender
+  learns at once; a reply, a fire-and-forget message or a broker-made message cannot
+  be usefully NACKed and is dropped (``drop_busy``).
+- A sent message of at least :data:`TRACK_MIN` bytes stays counted until the shell
+  reports it :meth:`RoutingTable.released` (libzmq let go of it); smaller ones count
+  only while they wait here (libzmq holds at most SNDHWM of them per peer).
+- A send libzmq refused (its per-peer pipe full) waits here, in order, counted, and
+  is tried again by :meth:`RoutingTable.tick` after a short backoff (doubling while the
+  peer takes nothing, up to ``_MAX_RETRY_S``); a message for a peer with messages
+  waiting queues behind them.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 from objdl import fqcn, wire
+from objdl.errors import WireError
+from objdl.message import MessageHeaderKey, MessageType
 
-__all__ = ["COUNTERS", "NOT_ALLOWED", "Actions", "Authorize", "Event", "RoutingTable", "Send"]
+__all__ = [
+    "COUNTERS",
+    "DEFAULT_MAX_PEER_QUEUE",
+    "MESSAGE_OVERHEAD",
+    "NOT_ALLOWED",
+    "TRACK_MIN",
+    "Actions",
+    "Authorize",
+    "Event",
+    "RoutingTable",
+    "Send",
+]
 
 # A received frame: bytes in tests, zmq.Frame in the broker. Anything that supports
 # the buffer protocol works; payload frames are passed through untouched.
@@ -56,12 +87,14 @@ COUNTERS = (
     "nack_unreachable",
     "nack_unregistered",
     "nack_too_big",
-    "nack_busy",
+    "nack_busy",  # a request for a peer over its byte bound (or whose libzmq pipe vanished)
     "drop_bad_frames",  # frame count wrong for the kind, or LIST token too long
     "drop_unknown_kind",
     "drop_bad_name",  # a name frame that is not a UTF-8 FQCN
     "drop_too_big",  # oversize and not NACKable (not a MSG, sender unregistered, bad dest)
     "drop_send_failed",  # a broker-made message (HB, REG_OK, NACK...) the peer could not take
+    "drop_busy",  # a reply, fire or broker-made message for a peer over its byte bound
+    "deferred",  # sends libzmq refused (its pipe to the peer full) that waited in the broker
     "reg_ok",
     "reg_err_taken",
     "reg_err_version",
@@ -89,6 +122,20 @@ _FRAMES = {
     wire.KIND_BYE: (1, 1),
 }
 _TAKEN = b"taken"
+# A send libzmq refused is tried again after this long, doubled while the peer takes
+# nothing, up to the maximum: a peer that stopped reading costs one try per 0.25 s.
+_RETRY_S = 0.002
+_MAX_RETRY_S = 0.25
+_NO_NACK_TYPES = frozenset({MessageType.REPLY, MessageType.FIRE})
+
+DEFAULT_MAX_PEER_QUEUE = 64 * 1024 * 1024
+"""Default bound, in bytes, on what the broker holds outbound for any one peer."""
+
+TRACK_MIN = 1024
+"""Messages of at least this many bytes are counted until libzmq lets go of them."""
+
+MESSAGE_OVERHEAD = 256
+"""Bytes charged per message on top of its frames (the objects that carry it)."""
 
 NOT_ALLOWED = "not allowed: "
 """Start of the REG_ERR reason when the connection's key may not use the name."""
@@ -109,6 +156,8 @@ class Send(Generic[F]):
     frames: list[bytes | F]
     origin: bytes | None = None
     dest: bytes = b""
+    cost: int = 0  # bytes charged to `peer`'s bound: the frames plus MESSAGE_OVERHEAD
+    track: bool = False  # the shell must report when libzmq let go of it (released)
 
 
 @dataclass(frozen=True)
@@ -134,6 +183,25 @@ class _Cell:
     raw: bytes  # name.encode(), stamped on every message the cell sends
     peer: bytes
     last_seen: float
+
+
+@dataclass
+class _Out:
+    """What is outbound for one peer: bytes held by libzmq, sends waiting here."""
+
+    held: int = 0  # cost of tracked sends handed to the shell and not yet released
+    waiting: deque[Send[Any]] = field(default_factory=deque)
+    waiting_bytes: int = 0
+    retry: list[Send[Any]] = field(default_factory=list)  # refused by libzmq, in send order
+    retry_at: float = math.inf
+    backoff: float = _RETRY_S
+    head: Send[Any] | None = None  # the first send of the last retry
+
+    def total(self) -> int:
+        return self.held + self.waiting_bytes
+
+    def idle(self) -> bool:
+        return not (self.held or self.waiting or self.retry)
 
 
 @dataclass
@@ -175,6 +243,8 @@ class RoutingTable:
         probe_timeout: how long a name's holder has to answer PING before a new
             claimant takes the name.
         max_message_size: largest total size (all frames) of a message, in bytes.
+        max_peer_queue: most bytes held outbound for any one peer (see the module
+            docstring); one message larger than this may still go to an idle peer.
         authorize: if given, every REG must pass it (see :data:`Authorize`); the
             shell passes the connection's identity to :meth:`handle`.
     """
@@ -186,6 +256,7 @@ class RoutingTable:
         cell_timeout: float = 3.0,
         probe_timeout: float = 1.0,
         max_message_size: int = 256 * 1024 * 1024,
+        max_peer_queue: int = DEFAULT_MAX_PEER_QUEUE,
         authorize: Authorize | None = None,
     ) -> None:
         for arg, value in (
@@ -193,6 +264,7 @@ class RoutingTable:
             ("cell_timeout", cell_timeout),
             ("probe_timeout", probe_timeout),
             ("max_message_size", max_message_size),
+            ("max_peer_queue", max_peer_queue),
         ):
             if not value > 0:
                 raise ValueError(f"{arg} must be > 0, not {value!r}")
@@ -200,11 +272,14 @@ class RoutingTable:
         self.cell_timeout = cell_timeout
         self.probe_timeout = probe_timeout
         self.max_message_size = max_message_size
+        self.max_peer_queue = max_peer_queue
         self.authorize = authorize
         self._by_peer: dict[bytes, _Cell] = {}
         self._by_name: dict[str, _Cell] = {}
         self._claims: dict[str, _Claim] = {}  # by name
         self._claim_of: dict[bytes, str] = {}  # claimant peer -> name
+        self._out: dict[bytes, _Out] = {}  # only peers with something outbound
+        self._peak = 0
         self._next_hb = -math.inf
         self._counters = dict.fromkeys(COUNTERS, 0)
 
@@ -223,9 +298,19 @@ class RoutingTable:
         cell = self._by_peer.get(peer)
         return cell.name if cell else None
 
+    def outbound(self, peer: bytes) -> int:
+        """Bytes charged to `peer`'s bound now: held by libzmq or waiting here."""
+        out = self._out.get(peer)
+        return out.total() if out else 0
+
+    def peak_outbound(self) -> int:
+        """The most bytes ever charged to one peer's bound at once (the bound's high mark)."""
+        return self._peak
+
     def next_deadline(self) -> float:
         """The earliest time :meth:`tick` has something to do (for the poll timeout)."""
-        return min([self._next_hb, *(c.deadline for c in self._claims.values())])
+        retries = (o.retry_at for o in self._out.values() if o.retry_at < math.inf)
+        return min([self._next_hb, *(c.deadline for c in self._claims.values()), *retries])
 
     # -- input ---------------------------------------------------------------------
 
@@ -269,17 +354,21 @@ class RoutingTable:
                 self._forget(act, peer, "bye", "said goodbye", now)
         elif not known:  # HB from a connection we do not know: a restarted broker
             self._count(act, "who", peer, "heartbeat from an unknown connection")
-            act.sends.append(Send(peer, [wire.KIND_WHO]))
+            self._deliver(act, Send(peer, [wire.KIND_WHO]))
         return act
 
-    def tick(self, now: float) -> Actions[bytes]:
-        """Resolve expired probes; every heartbeat interval, forget silent cells and send HB.
+    def tick(self, now: float) -> Actions[Any]:
+        """Retry sends libzmq refused, resolve expired probes; every heartbeat interval,
+        forget silent cells and send HB.
 
-        Cheap between heartbeats (it looks only at pending claims), so the shell may
-        call it as often as it likes; a silent cell is forgotten between
-        ``cell_timeout`` and ``cell_timeout + heartbeat_interval`` after it was last heard.
+        Cheap between heartbeats (it looks only at pending claims and peers with sends
+        waiting), so the shell may call it as often as it likes; a silent cell is
+        forgotten between ``cell_timeout`` and ``cell_timeout + heartbeat_interval``
+        after it was last heard.
         """
-        act: Actions[bytes] = Actions()
+        act: Actions[Any] = Actions()
+        for out in [o for o in self._out.values() if o.retry_at <= now]:
+            self._flush(act, out)
         for claim in [c for c in self._claims.values() if c.deadline <= now]:
             self._count(act, "evicted", claim.holder, f"{claim.name!r} did not answer PING")
             self._forget(act, claim.holder, None, "", now)
@@ -288,26 +377,51 @@ class RoutingTable:
             silent = [c for c in self._by_peer.values() if now - c.last_seen > self.cell_timeout]
             for cell in silent:
                 self._forget(act, cell.peer, "expired", f"{cell.name!r} silent", now)
-            act.sends.extend(Send(p, [wire.KIND_HB]) for p in self._by_peer)
+            for peer in list(self._by_peer):
+                self._deliver(act, Send(peer, [wire.KIND_HB]))
         return act
 
     def send_failed(self, send: Send[F], gone: bool, now: float) -> Actions[F]:
-        """The shell could not queue `send`: its peer is `gone`, or else its queue is full.
+        """The shell could not queue `send`: its peer is `gone`, or else libzmq's pipe
+        to it is full.
 
-        A forwarded MSG is NACKed to its sender (``unreachable`` or ``busy``); anything
-        else is only counted. A gone peer is forgotten.
+        A full pipe: `send` waits here, ahead of anything that came after it, and is
+        tried again by :meth:`tick`. A gone peer is forgotten, and `send` and whatever
+        waited for it fail: a forwarded MSG is NACKed ``unreachable`` to its sender,
+        anything else is only counted.
         """
         act: Actions[F] = Actions()
-        if gone and (send.peer in self._by_peer or send.peer in self._claim_of):
-            self._forget(act, send.peer, "gone", "connection closed", now)
-        if send.origin is None:
-            why = "connection gone" if gone else "queue full"
-            self._count(act, "drop_send_failed", send.peer, f"{send.frames[0]!r} not sent: {why}")
+        out = self._out.get(send.peer)
+        if out is not None and send.track:
+            out.held -= send.cost
+        if not gone:
+            if out is None:
+                out = self._out[send.peer] = _Out()
+            if not out.retry:  # the first refusal of this round sets the next try
+                stuck = out.head is send  # a retry that moved nothing: back off further
+                out.backoff = min(out.backoff * 2, _MAX_RETRY_S) if stuck else _RETRY_S
+                out.retry_at = now + out.backoff
+            out.retry.append(send)
+            out.waiting_bytes += send.cost
+            self._counters["deferred"] += 1
             return act
-        self._counters["routed"] -= 1
-        reason = wire.NACK_UNREACHABLE if gone else wire.NACK_BUSY
-        self._nack(act, send.origin, send.dest, reason, send.frames[2])
+        if send.origin is not None:
+            self._counters["routed"] -= 1
+        self._fail_send(act, send, wire.NACK_UNREACHABLE, "connection gone")
+        if send.peer in self._by_peer or send.peer in self._claim_of:
+            self._forget(act, send.peer, "gone", "connection closed", now)
+        elif out is not None:
+            self._fail_waiting(act, send.peer, out)
         return act
+
+    def released(self, send: Send[Any]) -> None:
+        """libzmq let go of `send` (a tracked one): it no longer counts for its peer."""
+        out = self._out.get(send.peer)
+        if out is None:
+            return
+        out.held -= send.cost
+        if out.idle():
+            del self._out[send.peer]
 
     # -- kinds ---------------------------------------------------------------------
 
@@ -324,9 +438,8 @@ class RoutingTable:
         if target is None:
             self._nack(act, peer, dest_bytes, wire.NACK_UNREACHABLE, frames[2])
             return
-        self._counters["routed"] += 1
         out: list[bytes | F] = [wire.KIND_MSG, cell.raw, *frames[2:]]
-        act.sends.append(Send(target.peer, out, origin=peer, dest=dest_bytes))
+        self._deliver(act, Send(target.peer, out, origin=peer, dest=dest_bytes))
 
     def _reg(
         self,
@@ -374,7 +487,7 @@ class RoutingTable:
                 self._claims[name] = _Claim(name, peer, holder.peer, now + self.probe_timeout)
                 self._claim_of[peer] = name
                 self._count(act, "probes", holder.peer, f"{name!r} claimed by another connection")
-                act.sends.append(Send(holder.peer, [wire.KIND_PING]))
+                self._deliver(act, Send(holder.peer, [wire.KIND_PING]))
                 return
             self._forget(act, holder.peer, "expired", f"{name!r} silent", now)
         self._grant(act, peer, name, now)
@@ -389,7 +502,7 @@ class RoutingTable:
             return
         self._counters["list"] += 1
         names = "\n".join(self.cells(prefix)).encode()
-        act.sends.append(Send(peer, [wire.KIND_LIST_R, _bytes(frames[1]), names]))
+        self._deliver(act, Send(peer, [wire.KIND_LIST_R, _bytes(frames[1]), names]))
 
     # -- helpers -------------------------------------------------------------------
 
@@ -398,12 +511,12 @@ class RoutingTable:
         self._by_peer[peer] = cell
         self._by_name[name] = cell
         self._count(act, "reg_ok", peer, f"registered {name!r}")
-        act.sends.append(Send(peer, [wire.KIND_REG_OK, name.encode()]))
+        self._deliver(act, Send(peer, [wire.KIND_REG_OK, name.encode()]))
 
     def _refuse(self, act: Actions[F], peer: bytes, raw: bytes, counter: str, why: str) -> None:
         reason = why.encode() if why else _TAKEN
         self._count(act, counter, peer, f"REG {raw[:64]!r} refused: {reason.decode()}")
-        act.sends.append(Send(peer, [wire.KIND_REG_ERR, raw, reason]))
+        self._deliver(act, Send(peer, [wire.KIND_REG_ERR, raw, reason]))
 
     def _holder_answered(self, act: Actions[F], cell: _Cell) -> None:
         claim = self._claims.get(cell.name)
@@ -424,6 +537,9 @@ class RoutingTable:
         claimed = self._claim_of.get(peer)
         if claimed is not None:
             self._drop_claim(self._claims[claimed])
+        out = self._out.get(peer)
+        if out is not None:  # nothing more goes to a forgotten cell; its held bytes stay
+            self._fail_waiting(act, peer, out)
         cell = self._by_peer.pop(peer, None)
         if cell is None:
             return
@@ -437,7 +553,7 @@ class RoutingTable:
         self, act: Actions[F], to: bytes, dest: bytes, reason: bytes, headers: bytes | F
     ) -> None:
         self._count(act, "nack_" + reason.decode(), to, f"for {dest[:64]!r}")
-        act.sends.append(Send(to, [wire.KIND_NACK, dest, reason, headers]))
+        self._deliver(act, Send(to, [wire.KIND_NACK, dest, reason, headers]))
 
     def _too_big(
         self, act: Actions[F], peer: bytes, cell: _Cell | None, kind: bytes, frames: Sequence[F]
@@ -452,3 +568,74 @@ class RoutingTable:
     def _count(self, act: Actions[F], counter: str, peer: bytes, detail: str) -> None:
         self._counters[counter] += 1
         act.events.append(Event(counter, peer, detail))
+
+    # -- outbound bound ------------------------------------------------------------
+
+    def _deliver(self, act: Actions[F], send: Send[Any]) -> None:
+        """Send, queue behind waiting sends, or refuse `send`, by its peer's byte bound."""
+        nbytes = sum(_nbytes(f) for f in send.frames)
+        cost, track = nbytes + MESSAGE_OVERHEAD, nbytes >= TRACK_MIN
+        send = Send(send.peer, send.frames, send.origin, send.dest, cost, track)
+        out = self._out.get(send.peer)
+        total = out.total() if out is not None else 0
+        if total and total + send.cost > self.max_peer_queue:
+            self._fail_send(act, cast(Send[F], send), wire.NACK_BUSY, "over its byte bound")
+            return
+        if send.origin is not None:
+            self._counters["routed"] += 1
+        if out is not None and (out.waiting or out.retry):
+            out.waiting.append(send)
+            out.waiting_bytes += send.cost
+        else:
+            if send.track:
+                if out is None:
+                    out = self._out[send.peer] = _Out()
+                out.held += send.cost
+            act.sends.append(cast(Send[F], send))
+        self._peak = max(self._peak, total + send.cost)
+
+    def _flush(self, act: Actions[F], out: _Out) -> None:
+        """Hand every waiting send of a peer to the shell again, oldest first.
+
+        The shell stops at the first one libzmq refuses and hands it and the rest back
+        through :meth:`send_failed`, in order, so they wait again as they were.
+        """
+        moved = out.retry + list(out.waiting)
+        out.retry, out.waiting, out.waiting_bytes = [], deque(), 0
+        out.retry_at = math.inf
+        out.head = moved[0] if moved else None
+        for send in moved:
+            if send.track:
+                out.held += send.cost
+            act.sends.append(cast(Send[F], send))
+
+    def _fail_waiting(self, act: Actions[F], peer: bytes, out: _Out) -> None:
+        """Everything still waiting for `peer` fails (the peer is forgotten or gone)."""
+        failed = out.retry + list(out.waiting)
+        out.retry, out.waiting, out.waiting_bytes = [], deque(), 0
+        out.retry_at = math.inf
+        if out.idle():
+            del self._out[peer]
+        for send in failed:
+            if send.origin is not None:
+                self._counters["routed"] -= 1
+            self._fail_send(act, cast(Send[F], send), wire.NACK_UNREACHABLE, "peer forgotten")
+
+    def _fail_send(self, act: Actions[F], send: Send[F], reason: bytes, why: str) -> None:
+        """`send` will not reach its peer: NACK its sender if that can help, else count it."""
+        if send.origin is None:
+            counter = "drop_busy" if reason == wire.NACK_BUSY else "drop_send_failed"
+            self._count(act, counter, send.peer, f"{_bytes(send.frames[0])[:16]!r} not sent: {why}")
+            return
+        if reason == wire.NACK_BUSY and _msg_type(send.frames[2]) in _NO_NACK_TYPES:
+            self._count(act, "drop_busy", send.peer, f"reply for {send.dest[:64]!r} dropped: {why}")
+            return
+        self._nack(act, send.origin, send.dest, reason, send.frames[2])
+
+
+def _msg_type(headers: object) -> object:
+    """The MSG_TYPE header of a headers frame, or None if it does not decode."""
+    try:
+        return wire.decode_headers(headers).get(MessageHeaderKey.MSG_TYPE)
+    except WireError:
+        return None

@@ -3,8 +3,16 @@
 Every decision (who is registered, where a MSG goes, what to NACK) is made by
 :class:`broker.routing.RoutingTable`; this module only moves frames. Received
 frames are kept as ``zmq.Frame`` objects and forwarded as they are (``copy=False``),
-so payload bytes are never copied or parsed here. Every send is non-blocking: a
-peer whose queue is full gets nothing more and its sender gets ``NACK busy``.
+so payload bytes are never copied or parsed here. Every send is non-blocking.
+
+What the broker holds for one peer is bounded in bytes by the table (``max_peer_queue``;
+docs/RELIABILITY.md). libzmq counts its per-peer queue in messages and says nothing of
+when it is done with one, so every send the table marks ``track`` goes out with its last
+frame wrapped in a tracked zero-copy ``zmq.Frame``: when libzmq lets go of the message
+(written into the kernel's socket buffer, or dropped with its connection), the tracker
+is done and the shell tells the table (:meth:`RoutingTable.released`), oldest first per
+peer. A send libzmq refuses (its pipe to the peer full) goes back to the table, and so
+does every later send to that peer in the same batch, so order is kept.
 
 With ``curve_keys`` and ``allowed_keys`` the ROUTER is a CURVE server, and the same
 I/O thread answers the context's ZAP requests (bound before the ROUTER, so no
@@ -20,13 +28,14 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from types import TracebackType
 from typing import Any
 
 import zmq
 from zmq.utils import z85
 
-from broker.routing import Actions, Event, RoutingTable, Send
+from broker.routing import DEFAULT_MAX_PEER_QUEUE, Actions, Event, RoutingTable, Send
 from objdl import wire
 from objdl._logutil import RateLimitedLog
 from objdl.errors import ObjdlError
@@ -49,6 +58,8 @@ logger = logging.getLogger(__name__)
 _MAX_POLL_S = 0.25
 # Messages handled per wake-up before tick and the stop pipe get a turn.
 _BATCH = 256
+# Messages handled between two looks at which tracked sends libzmq is done with.
+_REAP_EVERY = 32
 # A restart on the same address may race the old socket's asynchronous close.
 _ADDR_IN_USE_RETRY_S = 0.5
 _pipe_ids = itertools.count()
@@ -90,6 +101,12 @@ class Broker:
         probe_timeout: how long a name's holder has to answer PING when another
             connection claims the name.
         max_message_size: largest message (all frames) routed; bigger gets NACK too_big.
+        max_peer_queue: most bytes the broker holds outbound for any one peer, whatever
+            it asks for and however slowly it reads (default 64 MiB): past it a request
+            for that peer gets ``NACK busy`` and a reply to it is dropped, both counted
+            (``nack_busy``, ``drop_busy``). One message larger than this may still go
+            to a peer that has nothing outbound. See docs/RELIABILITY.md for what it
+            covers.
         sndhwm, rcvhwm: per-peer queue limits of the ROUTER socket, in messages.
         context: ZeroMQ context to use; by default the broker makes its own and
             terminates it on :meth:`stop`. A CURVE broker binds the context's ZAP
@@ -116,6 +133,7 @@ class Broker:
         cell_timeout: float = 3.0,
         probe_timeout: float = 1.0,
         max_message_size: int = 256 * 1024 * 1024,
+        max_peer_queue: int = DEFAULT_MAX_PEER_QUEUE,
         sndhwm: int = 1000,
         rcvhwm: int = 1000,
         context: zmq.Context[Any] | None = None,
@@ -138,6 +156,7 @@ class Broker:
             "cell_timeout": cell_timeout,
             "probe_timeout": probe_timeout,
             "max_message_size": max_message_size,
+            "max_peer_queue": max_peer_queue,
         }
         if self._policy is not None:
             self._table_args["authorize"] = self._authorize
@@ -153,6 +172,10 @@ class Broker:
         self._lock = threading.Lock()  # guards _table between the I/O thread and readers
         self._errors = 0
         self._zap_counts = {"zap_ok": 0, "zap_denied": 0}
+        # Tracked sends libzmq may still hold, oldest first, per peer (I/O thread only).
+        self._inflight: dict[bytes, deque[tuple[zmq.MessageTracker, Send[Any]]]] = {}
+        self._stalled: set[bytes] = set()  # peers libzmq refused in the current batch
+        self._acting = False
         self._log = RateLimitedLog(logger)
 
     # -- public --------------------------------------------------------------------
@@ -230,6 +253,7 @@ class Broker:
             self._context, self._wake = context, wake_tx
             with self._lock:
                 self._table = RoutingTable(**self._table_args)  # a restart starts afresh
+                self._inflight = {}
                 self._errors = 0
                 self._zap_counts = dict.fromkeys(self._zap_counts, 0)
             started = threading.Event()
@@ -263,9 +287,11 @@ class Broker:
 
     def stats(self) -> dict[str, int]:
         """A snapshot of the counters (see :data:`broker.routing.COUNTERS`) plus ``errors``,
-        ``zap_ok`` and ``zap_denied`` (CURVE connections let in and turned away)."""
+        ``zap_ok`` and ``zap_denied`` (CURVE connections let in and turned away), and
+        ``peak_peer_bytes``: the most bytes ever held outbound for one peer at once."""
         with self._lock:
             counters = self._table.counters()
+            counters["peak_peer_bytes"] = self._table.peak_outbound()
             counters["errors"] = self._errors
             counters.update(self._zap_counts)
         return counters
@@ -416,6 +442,7 @@ class Broker:
                     self._answer_zap(zap)
                 if sock in ready:
                     self._drain(sock)
+                self._reap()
                 self._guarded(sock, None, [])
         except Exception:
             logger.exception("objdl broker at %s: I/O thread failed, routing stopped", self._url)
@@ -426,7 +453,9 @@ class Broker:
                 zap.close(linger=0)
 
     def _drain(self, sock: zmq.Socket[Any]) -> None:
-        for _ in range(_BATCH):
+        for i in range(_BATCH):
+            if i % _REAP_EVERY == 0:
+                self._reap()
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -464,25 +493,67 @@ class Broker:
         self._log.log(logging.ERROR, "error", "broker error on %s: %r", where, exc)
 
     def _act(self, sock: zmq.Socket[Any], act: Actions[Any], now: float) -> None:
+        """Log the events and perform the sends of `act` (and of its follow-ups).
+
+        ``_stalled`` collects the peers libzmq refused in this batch: later sends to
+        them are handed back to the table untried, behind the refused one.
+        """
         for event in act.events:
             self._log_event(event)
-        for send in act.sends:
-            self._send(sock, send, now)
+        outer, self._acting = not self._acting, True
+        try:
+            for send in act.sends:
+                self._send(sock, send, now)
+        finally:
+            if outer:
+                self._acting = False
+                self._stalled.clear()
 
     def _send(self, sock: zmq.Socket[Any], send: Send[Any], now: float) -> None:
-        try:
-            sock.send_multipart([send.peer, *send.frames], zmq.NOBLOCK, copy=False)
-            return
-        except zmq.Again:
+        stalled = self._stalled
+        if send.peer in stalled:
             gone = False
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                self._error("send to " + send.peer.hex(), exc)  # the other sends go on
+        else:
+            frames = list(send.frames)
+            tracked: zmq.Frame | None = None
+            if send.track:
+                tracked = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
+                frames[-1] = tracked
+            try:
+                sock.send_multipart([send.peer, *frames], zmq.NOBLOCK, copy=False)
+                if tracked is not None:
+                    queue = self._inflight.setdefault(send.peer, deque())
+                    queue.append((tracked.tracker, send))
                 return
-            gone = True
+            except zmq.Again:
+                gone = False
+                stalled.add(send.peer)
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    self._error("send to " + send.peer.hex(), exc)  # the other sends go on
+                    if send.track:
+                        with self._lock:
+                            self._table.released(send)
+                    return
+                gone = True
         with self._lock:
             follow_up = self._table.send_failed(send, gone, now)
         self._act(sock, follow_up, now)  # NACKs carry no origin: this recurses once at most
+
+    def _reap(self) -> None:
+        """Tell the table of every tracked send libzmq is done with (FIFO per peer)."""
+        if not self._inflight:
+            return
+        done: list[Send[Any]] = []
+        for peer, queue in list(self._inflight.items()):
+            while queue and queue[0][0].done:
+                done.append(queue.popleft()[1])
+            if not queue:
+                del self._inflight[peer]
+        if done:
+            with self._lock:
+                for send in done:
+                    self._table.released(send)
 
     def _log_event(self, event: Event) -> None:
         level = _LEVELS.get(event.kind, logging.WARNING)

@@ -308,13 +308,13 @@ def test_restart_on_the_same_url(peer: PeerFactory) -> None:
 def test_slow_consumer_does_not_block_others(
     make_broker: Callable[..., Broker], peer: PeerFactory
 ) -> None:
-    b = make_broker(sndhwm=20)
+    b = make_broker(sndhwm=20, max_peer_queue=4 << 20)
     slow = peer(b.url, "slow", rcvhwm=1)  # registered, then never reads
     flooder = peer(b.url, "flooder")
     a, s = peer(b.url, "site-1"), peer(b.url, "server")
     chunk = b"x" * (64 << 10)
     nacks = 0
-    for _ in range(400):  # 25 MiB: more than the pipe and the kernel buffers hold
+    for _ in range(400):  # 25 MiB: more than the bound, the pipe and the kernel buffers hold
         flooder.send(wire.KIND_MSG, b"slow", HEADERS, chunk)
         while (got := flooder.poll_one()) is not None:
             nacks += got[:3] == [wire.KIND_NACK, b"slow", wire.NACK_BUSY]

@@ -8,8 +8,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.routing import COUNTERS, Actions, RoutingTable, Send
+from broker.routing import (
+    _MAX_RETRY_S,
+    _RETRY_S,
+    COUNTERS,
+    MESSAGE_OVERHEAD,
+    Actions,
+    RoutingTable,
+    Send,
+)
 from objdl import wire
+from objdl.message import Message
 
 A, B, C = b"peer-a", b"peer-b", b"peer-c"
 HEADERS = b"\x81\xa6req_id\x01"  # opaque to the broker: any bytes will do
@@ -439,13 +448,140 @@ def test_any_input_yields_only_protocol_output(
 # -- failed sends -----------------------------------------------------------------
 
 
-def test_forward_to_a_full_queue_is_nacked_busy() -> None:
+def test_send_libzmq_refused_waits_and_is_retried_in_order() -> None:
     t = registered()
-    [fwd] = msg(t, A, b"server").sends
-    act = t.send_failed(fwd, False, 0.1)
-    assert out(act) == [(A, [wire.KIND_NACK, b"server", wire.NACK_BUSY, HEADERS])]
+    t.tick(0.0)  # the first heartbeats, out of the way
+    [first] = msg(t, A, b"server", 0.0, b"1").sends
+    assert out(t.send_failed(first, False, 0.0)) == []  # libzmq's pipe to B is full
+    assert msg(t, A, b"server", 0.0, b"2").sends == []  # waits behind the refused one
+    assert t.next_deadline() == pytest.approx(_RETRY_S)
+    assert out(t.tick(_RETRY_S / 2)) == []
+    assert [f[-1] for _, f in out(t.tick(_RETRY_S))] == [b"1", b"2"]
     assert t.cells() == ["server", "site-1"]  # a slow cell is still a live cell
-    only_counted(t, nack_busy=1)  # and it does not count as routed
+    only_counted(t, routed=2, deferred=1)
+
+
+def test_a_retry_that_moves_nothing_backs_off_up_to_a_limit() -> None:
+    t = registered(heartbeat_interval=100.0, cell_timeout=200.0)
+    t.tick(0.0)
+    [send] = msg(t, A, b"server").sends
+    t.send_failed(send, False, 0.0)
+    now, waits = 0.0, []
+    for _ in range(12):
+        now = t.next_deadline()
+        [again] = t.tick(now).sends
+        t.send_failed(again, False, now)
+        waits.append(t.next_deadline() - now)
+    assert waits[0] == pytest.approx(2 * _RETRY_S) and waits[1] == pytest.approx(4 * _RETRY_S)
+    assert waits[-1] == pytest.approx(_MAX_RETRY_S)
+    [again] = t.tick(t.next_deadline()).sends  # it went: the next refusal starts afresh
+    [later] = msg(t, A, b"server", now).sends
+    t.send_failed(later, False, 10.0)
+    assert t.next_deadline() == pytest.approx(10.0 + _RETRY_S)
+
+
+def test_failed_broker_message_waits_too() -> None:
+    t = registered()
+    t.tick(0.0)
+    t.send_failed(Send(A, [wire.KIND_HB]), False, 0.1)
+    assert out(t.tick(0.1 + _RETRY_S)) == [(A, [wire.KIND_HB])]
+    only_counted(t, deferred=1)
+
+
+# -- the per-peer byte bound --------------------------------------------------------
+
+REPLY = wire.encode(Message({"msg_type": "rep", "req_id": 1}))[0]
+FIRE = wire.encode(Message({"msg_type": "fire"}))[0]
+REQUEST = wire.encode(Message({"msg_type": "req", "req_id": 1}))[0]
+
+
+def bounded(limit: int = 10_000) -> RoutingTable:
+    return registered(max_message_size=100_000, max_peer_queue=limit)
+
+
+def big(t: RoutingTable, headers: bytes, nbytes: int, now: float = 0.0) -> Actions[Any]:
+    return t.handle(A, [wire.KIND_MSG, b"server", headers, b"b", bytes(nbytes)], now)
+
+
+def test_a_sent_message_counts_until_libzmq_lets_go_of_it() -> None:
+    t = bounded()
+    [send] = big(t, REQUEST, 6000).sends
+    assert send.track and send.cost == sum(len(f) for f in send.frames) + MESSAGE_OVERHEAD
+    assert t.outbound(B) == send.cost
+    t.released(send)
+    assert t.outbound(B) == 0
+
+
+def test_request_past_the_bound_is_nacked_busy_at_once() -> None:
+    t = bounded()
+    [first] = big(t, REQUEST, 6000).sends
+    assert out(big(t, REQUEST, 6000)) == [(A, [wire.KIND_NACK, b"server", wire.NACK_BUSY, REQUEST])]
+    assert t.outbound(B) == first.cost  # the refused one was never counted
+    t.released(first)
+    assert [s.peer for s in big(t, REQUEST, 6000).sends] == [B]  # room again
+    only_counted(t, routed=2, nack_busy=1)
+
+
+@pytest.mark.parametrize("headers", [REPLY, FIRE], ids=["reply", "fire"])
+def test_reply_or_fire_past_the_bound_is_dropped_and_counted(headers: bytes) -> None:
+    t = bounded()
+    big(t, REQUEST, 6000)
+    assert out(big(t, headers, 6000)) == []  # no NACK: nobody waits for one
+    only_counted(t, routed=1, drop_busy=1)
+
+
+def test_headers_that_do_not_decode_are_nacked() -> None:
+    t = bounded()
+    big(t, REQUEST, 6000)
+    assert out(big(t, b"\xc1junk", 6000))[0][1][:3] == [wire.KIND_NACK, b"server", wire.NACK_BUSY]
+
+
+def test_waiting_sends_count_against_the_bound() -> None:
+    t = bounded()
+    [first] = big(t, REQUEST, 4000).sends
+    t.send_failed(first, False, 0.0)  # waits here now, still counted
+    assert t.outbound(B) == first.cost
+    assert big(t, REQUEST, 4000).sends == []  # waits behind it
+    assert out(big(t, REPLY, 4000)) == []  # no room for a third
+    assert t.outbound(B) == 2 * first.cost
+    only_counted(t, routed=2, deferred=1, drop_busy=1)
+
+
+def test_broker_messages_for_a_full_peer_are_dropped() -> None:
+    t = bounded()
+    big(t, REQUEST, 9800)
+    assert out(t.tick(0.0)) == [(A, [wire.KIND_HB])]  # B is over its bound: no HB for it
+    only_counted(t, routed=1, drop_busy=1)
+
+
+def test_one_message_larger_than_the_bound_goes_to_an_idle_peer() -> None:
+    t = bounded()
+    [send] = big(t, REPLY, 50_000).sends
+    assert out(big(t, REQUEST, 10)) == [(A, [wire.KIND_NACK, b"server", wire.NACK_BUSY, REQUEST])]
+    t.released(send)
+    assert t.peak_outbound() == send.cost
+    assert [s.peer for s in big(t, REQUEST, 10).sends] == [B]
+
+
+def test_small_messages_count_only_while_they_wait() -> None:
+    t = bounded()
+    sends = [s for _ in range(100) for s in msg(t, A, b"server").sends]
+    assert len(sends) == 100 and not any(s.track for s in sends)  # libzmq holds <= SNDHWM
+    assert t.outbound(B) == 0
+    t.send_failed(sends[0], False, 0.0)
+    assert t.outbound(B) == sends[0].cost
+
+
+def test_forgotten_peer_fails_what_waits_but_keeps_what_libzmq_holds() -> None:
+    t = bounded()
+    [held] = big(t, REQUEST, 3000).sends
+    [waits] = big(t, REQUEST, 3000).sends
+    t.send_failed(waits, False, 0.0)
+    act = t.handle(B, [wire.KIND_BYE], 0.1)
+    assert out(act) == [(A, [wire.KIND_NACK, b"server", wire.NACK_UNREACHABLE, REQUEST])]
+    assert t.outbound(B) == held.cost  # until libzmq lets go of it: it may reconnect
+    t.released(held)
+    assert t.outbound(B) == 0
 
 
 def test_forward_to_a_vanished_peer_is_nacked_unreachable_and_forgotten() -> None:
@@ -457,11 +593,25 @@ def test_forward_to_a_vanished_peer_is_nacked_unreachable_and_forgotten() -> Non
     only_counted(t, nack_unreachable=1, gone=1)
 
 
-def test_failed_broker_message_is_only_counted() -> None:
+def test_gone_peer_fails_what_waited_for_it() -> None:
     t = registered()
-    act = t.send_failed(Send(A, [wire.KIND_HB]), False, 0.1)
-    assert out(act) == [] and t.cells() == ["server", "site-1"]
-    only_counted(t, drop_send_failed=1)
+    t.tick(0.0)
+    [first] = msg(t, A, b"server", 0.0, b"1").sends
+    t.send_failed(first, False, 0.0)
+    msg(t, A, b"server", 0.0, b"2")  # waits behind the first
+    [retry, second] = t.tick(0.1).sends
+    act = t.send_failed(retry, True, 0.1)
+    nack = [wire.KIND_NACK, b"server", wire.NACK_UNREACHABLE, HEADERS]
+    assert out(act) == [(A, nack)] and t.cells() == ["site-1"]
+    assert out(t.send_failed(second, True, 0.1)) == [(A, nack)]
+    only_counted(t, nack_unreachable=2, gone=1, deferred=1)
+
+
+def test_failed_broker_message_to_a_gone_peer_is_only_counted() -> None:
+    t = registered()
+    act = t.send_failed(Send(A, [wire.KIND_HB]), True, 0.1)
+    assert out(act) == [] and t.cells() == ["server"]
+    only_counted(t, drop_send_failed=1, gone=1)
 
 
 # -- misc -------------------------------------------------------------------------
