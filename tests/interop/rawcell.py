@@ -217,7 +217,8 @@ def serve_bytes(
             cell.reply(origin, headers, "ok", {"status": status, "error": ""}, [])
             continue
         else:
-            out, reply_state = data[offset : offset + n], {"offset": offset + len(out)}
+            out = data[offset : offset + n]
+            reply_state = {"offset": offset + len(out)}
         body = {
             "status": "ok",
             "state": reply_state,
