@@ -149,28 +149,65 @@ def _unwritable_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def _plant(case: str, tmp_path: Path) -> Path:
+    """A destination of the kind `case` names, made under `tmp_path`."""
+    dest = tmp_path / "out.bin"
+    if case == "missing folder":
+        return tmp_path / "nope" / "out.bin"
+    if case == "folder is a file":
+        (tmp_path / "file").write_bytes(b"x")
+        return tmp_path / "file" / "out.bin"
+    if case == "destination is a folder":
+        return tmp_path
+    if case == "unwritable folder":
+        return _unwritable_folder(tmp_path) / "out.bin"
+    if case == "a FIFO":
+        os.mkfifo(dest)
+    elif case == "a symlink":
+        (tmp_path / "victim").write_bytes(b"keep me")
+        dest.symlink_to(tmp_path / "victim")
+    elif case == "a dangling symlink":
+        dest.symlink_to(tmp_path / "nowhere")
+    elif case == "a socket":
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(dest))
+        finally:
+            sock.close()
+    elif case == "a device":
+        return Path("/dev/null")
+    return dest
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
         ("missing folder", "does not exist"),
         ("folder is a file", "is not a folder"),
-        ("destination is a folder", "is a folder"),
+        ("destination is a folder", "is a directory"),
         ("unwritable folder", "cannot write in folder"),
+        ("a FIFO", "is a FIFO, not a regular file"),
+        ("a symlink", "is a symbolic link, not a regular file"),
+        ("a dangling symlink", "is a symbolic link, not a regular file"),
+        ("a socket", "is a socket, not a regular file"),
+        ("a device", "is a character device, not a regular file"),
     ],
 )
 def test_bad_destination(case: str, expected: str, dead_url: str, tmp_path: Path) -> None:
-    (tmp_path / "file").write_bytes(b"x")
-    dest = {
-        "missing folder": tmp_path / "nope" / "out.bin",
-        "folder is a file": tmp_path / "file" / "out.bin",
-        "destination is a folder": tmp_path,
-    }.get(case) or _unwritable_folder(tmp_path) / "out.bin"
+    """Refused by the library's own check, before connecting (the broker is dead and the
+    connect timeout longer than the test's): exit 2, one line, nothing touched."""
+    dest = _plant(case, tmp_path)
+    before = {p.name: p.lstat().st_mode for p in tmp_path.iterdir()}
     proc = run_cli(
         ["get", "R1", "--from", "owner", "--name", "site-1", "-o", str(dest),
          "--broker", dead_url, "--connect-timeout", "20"],
         timeout=10.0,
     )  # fmt: skip
-    assert_one_line_error(proc, expected)
+    assert_one_line_error(proc, f"-o {dest}: ", expected)
+    assert proc.returncode == 2
+    assert {p.name: p.lstat().st_mode for p in tmp_path.iterdir()} == before
+    if case == "a symlink":
+        assert (tmp_path / "victim").read_bytes() == b"keep me"
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from objdl.objects import _folder
 from objdl.objects._buffers import BufferPool
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
-__all__ = ["FileConsumer", "FileSource", "download_file"]
+__all__ = ["FileConsumer", "FileSource", "check_destination", "download_file"]
 
 PART_SUFFIX = ".objdl-part"
 STATE_SUFFIX = ".objdl-state"
@@ -383,6 +383,39 @@ def _kept_names(name: str, tag: str, limit: int) -> tuple[str, str]:
     return f".{stem}.{tag}{PART_SUFFIX}", f".{stem}.{tag}{STATE_SUFFIX}"
 
 
+def check_destination(dest: str | os.PathLike[str]) -> Path:
+    """Check that :func:`download_file` could write `dest`, before any request; return it.
+
+    For a caller that wants to refuse a bad destination before connecting (the
+    ``objdl get`` command does). It looks without following a symlink at `dest`, so it
+    is advice, not a guarantee: the download checks again, relative to a descriptor of
+    the folder, when it creates and renames its files.
+
+    Raises:
+        FileNotFoundError: `dest`'s folder does not exist.
+        NotADirectoryError: `dest`'s folder is not a folder.
+        IsADirectoryError: `dest` is a folder (or ends in ``.`` or ``..``).
+        FileExistsError: `dest` is a symbolic link, a FIFO, a device or a socket.
+        PermissionError: the folder is not writable.
+    """
+    dest = Path(dest)
+    if dest.name in ("", ".", ".."):
+        raise IsADirectoryError(f"destination {dest} is a directory; give a file path")
+    folder = dest.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"the folder of {dest} does not exist; create it first")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"the folder of {dest}, {folder}, is not a folder")
+    with contextlib.suppress(FileNotFoundError):
+        _folder.refuse_mode(os.lstat(dest).st_mode, dest)
+    try:  # find out now, not after the owner has been asked for data
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write in folder {folder}: {exc.strerror}") from exc
+    return dest
+
+
 def download_file(
     cell: Cell,
     from_fqcn: str,
@@ -403,23 +436,12 @@ def download_file(
     Raises:
         DownloadError: the download failed (without `resume`, nothing is left at
             `dest` or beside it).
-        FileNotFoundError: `dest`'s folder does not exist.
-        IsADirectoryError / PermissionError: `dest` is a folder, or its folder is not
-            writable.
-        FileExistsError: `dest` is a symbolic link, a FIFO, a device or a socket:
-            objdl only creates or replaces regular files (never writes through a
-            link, never replaces a device such as ``/dev/null``).
+        FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+        PermissionError: as for :func:`check_destination`, called first (objdl only
+            creates or replaces regular files: it never writes through a link, never
+            replaces a device such as ``/dev/null``).
     """
-    dest = Path(dest)
-    if not dest.parent.is_dir():
-        raise FileNotFoundError(f"the folder of {dest} does not exist; create it first")
-    consumer = FileConsumer(dest, fsync=fsync, resume=resume)  # refuses "." and ".."
-    with contextlib.suppress(FileNotFoundError):
-        _folder.refuse_mode(os.lstat(dest).st_mode, dest)
-    try:  # find out now, not after the owner has been asked for data
-        with tempfile.TemporaryFile(dir=dest.parent):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"cannot write in {dest.parent}: {exc.strerror}") from exc
+    dest = check_destination(dest)
+    consumer = FileConsumer(dest, fsync=fsync, resume=resume)
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     return dest
