@@ -53,11 +53,34 @@ class FileSource(SizedSource):
     Chunks are read into buffers from a pool shared by every file served (see
     :class:`~objdl.objects._buffers.BufferPool`), released when the last file
     being served is closed.
+
+    `dir_fd` and `follow_symlinks` are as for :func:`os.open`/:func:`os.stat`: with
+    `dir_fd`, a relative `path` is opened relative to that folder descriptor; with
+    ``follow_symlinks=False`` a symlink at the last component of `path` is not
+    followed (``O_NOFOLLOW``: the open fails with ``OSError(ELOOP)``). Together they let
+    a caller that checked a name in a folder others can write open exactly that name,
+    not whatever a link swapped in since points to. The file is opened non-blocking,
+    so a FIFO swapped in cannot hang the open; anything but a regular file is refused
+    by ``fstat`` on the descriptor opened.
+
+    Raises:
+        OSError: `path` cannot be opened (``ELOOP``: a symlink, with
+            ``follow_symlinks=False``).
+        ValueError: `path` is not a regular file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        dir_fd: int | None = None,
+        follow_symlinks: bool = True,
+    ) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        self._fd = os.open(self.path, flags, dir_fd=dir_fd)
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self._fd)
