@@ -7,7 +7,9 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,6 +306,60 @@ def test_demo_two_sites() -> None:
         assert r[-1] == "yes" and abs(float(r[1]) - 16.0) < 0.5, r
     assert "wall time" in lines[header + 3]
     assert "Traceback" not in proc.stderr
+
+
+def _key_folders(root: Path) -> list[Path]:
+    return sorted(root.glob("objdl-demo-keys-*"))
+
+
+@pytest.mark.timeout(60)
+def test_demo_secure_seals_every_download_and_removes_its_keys(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    proc = run_cli(
+        ["demo", "--secure", "--sites", "2", "--size", "1MiB", "-q"],
+        timeout=50.0,
+        env={"TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "(CURVE, sealed end to end)" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("site "))
+    assert lines[header].split() == ["site", "MiB", "seconds", "MiB/s", "sealed", "digest", "ok"]
+    for row in (lines[header + 1].split(), lines[header + 2].split()):
+        assert row[0].startswith("demo-site-") and row[-1] == "yes", row
+        # Each site's count of sealed replies its cell opened during the download.
+        assert row[5] == "replies" and int(row[4]) >= 1, row
+    assert any(line.startswith("secure: CURVE on every connection") for line in lines)
+    assert _key_folders(tmp_path) == []
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_demo_secure_removes_its_keys_on_ctrl_c(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    demo = Child(
+        [*CLI, "demo", "--secure", "--sites", "2", "--size", "64MiB", "-q"],
+        env={"TMPDIR": str(tmp_path)},
+    )
+    try:
+        deadline = time.monotonic() + 20.0
+        while not _key_folders(tmp_path):  # made first, once Ctrl-C is handled
+            assert demo.proc.poll() is None and time.monotonic() < deadline, demo.err
+            time.sleep(0.01)
+        (folder,) = _key_folders(tmp_path)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        demo.signal(signal.SIGINT)
+        assert demo.wait(30.0) == 130, demo.out + demo.err
+        assert _key_folders(tmp_path) == []
+        assert demo.err[-1] == "objdl: error: stopped", demo.err
+    finally:
+        demo.stop()
+
+
+def test_demo_secure_refuses_a_broker_of_its_own(dead_url: str) -> None:
+    proc = run_cli(["demo", "--secure", "--broker", dead_url], timeout=10.0)
+    assert_one_line_error(proc, "--secure starts its own CURVE broker")
+    assert proc.returncode == 2
 
 
 def test_keys_command_makes_a_key_pair_and_allow_list(tmp_path: Path) -> None:
