@@ -7,7 +7,9 @@ import os
 import shlex
 import signal
 import socket
+import stat
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -149,28 +151,65 @@ def _unwritable_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def _plant(case: str, tmp_path: Path) -> Path:
+    """A destination of the kind `case` names, made under `tmp_path`."""
+    dest = tmp_path / "out.bin"
+    if case == "missing folder":
+        return tmp_path / "nope" / "out.bin"
+    if case == "folder is a file":
+        (tmp_path / "file").write_bytes(b"x")
+        return tmp_path / "file" / "out.bin"
+    if case == "destination is a folder":
+        return tmp_path
+    if case == "unwritable folder":
+        return _unwritable_folder(tmp_path) / "out.bin"
+    if case == "a FIFO":
+        os.mkfifo(dest)
+    elif case == "a symlink":
+        (tmp_path / "victim").write_bytes(b"keep me")
+        dest.symlink_to(tmp_path / "victim")
+    elif case == "a dangling symlink":
+        dest.symlink_to(tmp_path / "nowhere")
+    elif case == "a socket":
+        sock = socket.socket(socket.AF_UNIX)
+        try:
+            sock.bind(str(dest))
+        finally:
+            sock.close()
+    elif case == "a device":
+        return Path("/dev/null")
+    return dest
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
         ("missing folder", "does not exist"),
         ("folder is a file", "is not a folder"),
-        ("destination is a folder", "is a folder"),
+        ("destination is a folder", "is a directory"),
         ("unwritable folder", "cannot write in folder"),
+        ("a FIFO", "is a FIFO, not a regular file"),
+        ("a symlink", "is a symbolic link, not a regular file"),
+        ("a dangling symlink", "is a symbolic link, not a regular file"),
+        ("a socket", "is a socket, not a regular file"),
+        ("a device", "is a character device, not a regular file"),
     ],
 )
 def test_bad_destination(case: str, expected: str, dead_url: str, tmp_path: Path) -> None:
-    (tmp_path / "file").write_bytes(b"x")
-    dest = {
-        "missing folder": tmp_path / "nope" / "out.bin",
-        "folder is a file": tmp_path / "file" / "out.bin",
-        "destination is a folder": tmp_path,
-    }.get(case) or _unwritable_folder(tmp_path) / "out.bin"
+    """Refused by the library's own check, before connecting (the broker is dead and the
+    connect timeout longer than the test's): exit 2, one line, nothing touched."""
+    dest = _plant(case, tmp_path)
+    before = {p.name: p.lstat().st_mode for p in tmp_path.iterdir()}
     proc = run_cli(
         ["get", "R1", "--from", "owner", "--name", "site-1", "-o", str(dest),
          "--broker", dead_url, "--connect-timeout", "20"],
         timeout=10.0,
     )  # fmt: skip
-    assert_one_line_error(proc, expected)
+    assert_one_line_error(proc, f"-o {dest}: ", expected)
+    assert proc.returncode == 2
+    assert {p.name: p.lstat().st_mode for p in tmp_path.iterdir()} == before
+    if case == "a symlink":
+        assert (tmp_path / "victim").read_bytes() == b"keep me"
 
 
 @pytest.mark.parametrize(
@@ -267,6 +306,60 @@ def test_demo_two_sites() -> None:
         assert r[-1] == "yes" and abs(float(r[1]) - 16.0) < 0.5, r
     assert "wall time" in lines[header + 3]
     assert "Traceback" not in proc.stderr
+
+
+def _key_folders(root: Path) -> list[Path]:
+    return sorted(root.glob("objdl-demo-keys-*"))
+
+
+@pytest.mark.timeout(60)
+def test_demo_secure_seals_every_download_and_removes_its_keys(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    proc = run_cli(
+        ["demo", "--secure", "--sites", "2", "--size", "1MiB", "-q"],
+        timeout=50.0,
+        env={"TMPDIR": str(tmp_path)},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "(CURVE, sealed end to end)" in lines[0]
+    header = next(i for i, line in enumerate(lines) if line.startswith("site "))
+    assert lines[header].split() == ["site", "MiB", "seconds", "MiB/s", "sealed", "digest", "ok"]
+    for row in (lines[header + 1].split(), lines[header + 2].split()):
+        assert row[0].startswith("demo-site-") and row[-1] == "yes", row
+        # Each site's count of sealed replies its cell opened during the download.
+        assert row[5] == "replies" and int(row[4]) >= 1, row
+    assert any(line.startswith("secure: CURVE on every connection") for line in lines)
+    assert _key_folders(tmp_path) == []
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_demo_secure_removes_its_keys_on_ctrl_c(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    demo = Child(
+        [*CLI, "demo", "--secure", "--sites", "2", "--size", "64MiB", "-q"],
+        env={"TMPDIR": str(tmp_path)},
+    )
+    try:
+        deadline = time.monotonic() + 20.0
+        while not _key_folders(tmp_path):  # made first, once Ctrl-C is handled
+            assert demo.proc.poll() is None and time.monotonic() < deadline, demo.err
+            time.sleep(0.01)
+        (folder,) = _key_folders(tmp_path)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        demo.signal(signal.SIGINT)
+        assert demo.wait(30.0) == 130, demo.out + demo.err
+        assert _key_folders(tmp_path) == []
+        assert demo.err[-1] == "objdl: error: stopped", demo.err
+    finally:
+        demo.stop()
+
+
+def test_demo_secure_refuses_a_broker_of_its_own(dead_url: str) -> None:
+    proc = run_cli(["demo", "--secure", "--broker", dead_url], timeout=10.0)
+    assert_one_line_error(proc, "--secure starts its own CURVE broker")
+    assert proc.returncode == 2
 
 
 def test_keys_command_makes_a_key_pair_and_allow_list(tmp_path: Path) -> None:

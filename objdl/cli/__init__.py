@@ -43,6 +43,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     check_positive("--connect-timeout", args.connect_timeout)
     check_positive("--timeout", args.timeout)
     url = check_broker_url(args.broker) if args.broker else None
+    if args.secure and url is not None:
+        raise CliError(
+            "--secure starts its own CURVE broker with throw-away keys: do not give --broker",
+            EXIT_USAGE,
+        )
     return _demo.run(
         sites=args.sites,
         size=args.size,
@@ -50,6 +55,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         connect_timeout=args.connect_timeout,
         timeout=args.timeout,
         show_progress=not args.quiet,
+        secure=args.secure,
     )
 
 
@@ -250,6 +256,13 @@ def _add_demo(sub: Any) -> None:
     _add_common(p, broker_default=None)
     p.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="give up after S s (%(default)s)"
+    )
+    p.add_argument(
+        "--secure",
+        action="store_true",
+        help="as a real deployment: throw-away keys in a private temporary folder, a CURVE "
+        "broker with names bound to keys, every request and reply sealed end to end "
+        "(needs the cryptography package)",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_demo)

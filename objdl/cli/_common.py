@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import signal
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,20 +125,17 @@ def check_source(path: Path) -> None:
 
 
 def check_destination(dest: Path) -> None:
-    if dest.is_dir():
-        raise CliError(f"-o {dest}: is a folder; give the path of the file to write", EXIT_USAGE)
-    folder = dest.parent
-    if not folder.exists():
-        raise CliError(f"-o {dest}: folder {folder} does not exist; create it first", EXIT_USAGE)
-    if not folder.is_dir():
-        raise CliError(f"-o {dest}: {folder} is not a folder", EXIT_USAGE)
-    try:  # the only reliable test (root, read-only mounts): create a file there
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".objdl-probe-"):
-            pass
+    """Refuse, before connecting, a ``-o`` that ``download_file`` would refuse later.
+
+    The check is the library's (:func:`objdl.objects.check_destination`): a missing or
+    unwritable folder, a folder, a symlink, a FIFO, a device or a socket at `dest`.
+    """
+    from objdl.objects import check_destination as library_check
+
+    try:
+        library_check(dest)
     except OSError as exc:
-        raise CliError(
-            f"-o {dest}: cannot write in folder {folder}: {exc.strerror or exc}", EXIT_USAGE
-        ) from None
+        raise CliError(f"-o {dest}: {exc}", EXIT_USAGE) from None
 
 
 # ---------------------------------------------------------------- signals

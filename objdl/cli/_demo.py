@@ -10,6 +10,14 @@ manifest, hashes its content and reports bytes, seconds and that hash to the own
 which compares it with its own and prints a table. Every process started here is
 ended here, by its pid.
 
+With ``secure``, the demo runs as a real deployment would: it makes throw-away keys
+in a private temporary folder (:mod:`objdl.cli._demokeys`), its broker runs CURVE with
+an allow-list binding each key to its cell's name, every cell has its key pair and its
+peers' public keys, the transaction is ``secure=True`` and limited to the demo's
+sites, and every download and every demo request is sealed end to end. Each site
+reports how many sealed replies it opened during its download; the demo fails if one
+opened none or rejected any. The key folder is removed at the end, also on Ctrl-C.
+
 Sites are spawned, not forked: a ZeroMQ context and its sockets do not survive a fork.
 """
 
@@ -31,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from objdl.cell import Cell
-from objdl.cli._common import CliError, StopFlag, stop_on_signals
+from objdl.cli._common import EXIT_USAGE, CliError, StopFlag, stop_on_signals
+from objdl.cli._demokeys import DemoKeys
 from objdl.cli._keys import start_cell
 from objdl.cli._progress import ProgressDisplay
 from objdl.errors import ObjdlError
@@ -102,13 +111,30 @@ def check_model(model: dict[str, Any], manifest: dict[str, list[Any]]) -> str:
 # ---------------------------------------------------------------- a site (child process)
 
 
-def site_main(index: int, url: str, owner: str, connect_timeout: float, timeout: float) -> None:
-    """One site: say hello, wait for the ref, download, check, report. Runs spawned."""
+def _sealed_stats(cell: Cell) -> tuple[int, int]:
+    """(sealed messages opened, sealed messages rejected) by `cell` so far."""
+    stats = cell.secure_stats
+    return stats.get("opened", 0), sum(n for k, n in stats.items() if k != "opened")
+
+
+def site_main(
+    index: int,
+    url: str,
+    owner: str,
+    connect_timeout: float,
+    timeout: float,
+    cell_kwargs: dict[str, Any] | None = None,
+) -> None:
+    """One site: say hello, wait for the ref, download, check, report. Runs spawned.
+
+    With `cell_kwargs` (keys: the demo is secure), everything is sealed end to end.
+    """
     from objdl.objects import DownloadError, download_dict
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the owner ends us, by pid
+    secure = bool(cell_kwargs)
     jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    cell = Cell(site_name(index), url, start_timeout=connect_timeout)
+    cell = Cell(site_name(index), url, start_timeout=connect_timeout, **(cell_kwargs or {}))
     cell.register_request_cb(CHANNEL, REF, lambda req: jobs.put(req.payload))
     try:
         cell.start()
@@ -116,15 +142,21 @@ def site_main(index: int, url: str, owner: str, connect_timeout: float, timeout:
         print(f"objdl: error: {site_name(index)}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None
     try:
-        reply = cell.send_request(CHANNEL, owner, HELLO, Message(), _REQUEST_TIMEOUT)
+        reply = cell.send_request(CHANNEL, owner, HELLO, Message(), _REQUEST_TIMEOUT, secure=secure)
         if reply.get_header("return_code") != ReturnCode.OK:
             raise SystemExit(1)
         job = jobs.get(timeout=timeout)
+        opened, rejected = _sealed_stats(cell)
         started = time.monotonic()
         result: dict[str, Any]
         try:
             model = download_dict(
-                cell, owner, job["ref"], per_request_timeout=30.0, overall_timeout=timeout
+                cell,
+                owner,
+                job["ref"],
+                per_request_timeout=30.0,
+                overall_timeout=timeout,
+                secure=secure,
             )
         except DownloadError as exc:
             result = {"error": exc.reason}
@@ -136,7 +168,12 @@ def site_main(index: int, url: str, owner: str, connect_timeout: float, timeout:
                 "problem": check_model(model, job["manifest"]),
                 "digest": model_digest(model),
             }
-        cell.send_request(CHANNEL, owner, RESULT, Message(payload=result), _REQUEST_TIMEOUT)
+        now_opened, now_rejected = _sealed_stats(cell)
+        result["sealed"] = now_opened - opened  # sealed replies opened while downloading
+        result["rejected"] = now_rejected - rejected
+        cell.send_request(
+            CHANNEL, owner, RESULT, Message(payload=result), _REQUEST_TIMEOUT, secure=secure
+        )
     except queue.Empty:
         raise SystemExit(1) from None
     finally:
@@ -185,7 +222,7 @@ class _Board:
                 raise CliError(f"no {what} from {', '.join(missing)} in time")
 
 
-def _start_broker(timeout: float) -> tuple[subprocess.Popen[str], str]:
+def _start_broker(timeout: float, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
     import broker
 
     # The same broker code as ours, whatever the working folder; its own session, so
@@ -194,7 +231,7 @@ def _start_broker(timeout: float) -> tuple[subprocess.Popen[str], str]:
     root = str(Path(broker.__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*"],
+        [sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*", *extra],
         stdout=subprocess.PIPE,
         text=True,
         env=env,
@@ -206,7 +243,7 @@ def _start_broker(timeout: float) -> tuple[subprocess.Popen[str], str]:
     if "listening on" not in line:
         _end_process(proc.pid, proc)
         raise CliError(f"the demo's broker did not start within {timeout:g}s")
-    return proc, line.rsplit(" ", 1)[-1].strip()
+    return proc, line.split("listening on ", 1)[1].split()[0]
 
 
 def _end_process(pid: int, proc: subprocess.Popen[str] | BaseProcess, grace: float = 5.0) -> None:
@@ -239,8 +276,10 @@ def run(
     connect_timeout: float,
     timeout: float,
     show_progress: bool = True,
+    secure: bool = False,
 ) -> int:
-    """Run the demo; print the table; 0 only if every site's digest matched."""
+    """Run the demo; print the table; 0 only if every site's digest matched (and, with
+    `secure`, every site's download was sealed end to end)."""
     try:
         import numpy  # noqa: F401
     except ImportError:
@@ -254,11 +293,18 @@ def run(
     procs: list[BaseProcess] = []
     broker: subprocess.Popen[str] | None = None
     progress = ProgressDisplay(enabled=show_progress)
+    keys: DemoKeys | None = None
     with stop_on_signals() as stop:
         try:
+            if secure:
+                keys = _make_keys(names)
             if broker_url is None:
-                broker, broker_url = _start_broker(connect_timeout)
-            cell = start_cell(OWNER, broker_url, connect_timeout)
+                broker, broker_url = _start_broker(
+                    connect_timeout, keys.broker_args() if keys else []
+                )
+            cell = start_cell(
+                OWNER, broker_url, connect_timeout, keys.options(OWNER) if keys else None
+            )
             try:
                 cell.register_request_cb(CHANNEL, HELLO, board.on_hello)
                 cell.register_request_cb(CHANNEL, RESULT, board.on_result)
@@ -266,7 +312,14 @@ def run(
                 for i, name in enumerate(names, 1):
                     p: BaseProcess = ctx.Process(
                         target=site_main,
-                        args=(i, broker_url, OWNER, connect_timeout, timeout),
+                        args=(
+                            i,
+                            broker_url,
+                            OWNER,
+                            connect_timeout,
+                            timeout,
+                            keys.cell_kwargs(name) if keys else None,
+                        ),
                         name=name,
                     )
                     p.start()
@@ -274,9 +327,10 @@ def run(
                 model = make_model(size)  # while the sites start
                 digest = model_digest(model)
                 nbytes = sum(a.nbytes for a in model.values())
+                how = " (CURVE, sealed end to end)" if secure else ""
                 print(
                     f"demo: {OWNER} offers a model of {len(model)} float32 arrays, "
-                    f"{nbytes / _MIB:.1f} MiB, to {sites} site processes via {broker_url}",
+                    f"{nbytes / _MIB:.1f} MiB, to {sites} site processes via {broker_url}{how}",
                     flush=True,
                 )
                 tx = new_transaction(
@@ -287,11 +341,14 @@ def run(
                     progress_cb=lambda ref, site, done, total, rate: progress.update(
                         site, site, done, total, rate
                     ),
+                    secure=secure,
                 )
-                ref = offer_dict(cell, model, transaction_id=tx)
+                ref = offer_dict(cell, model, transaction_id=tx, secure=secure)
                 board.wait("hello", deadline, stop, procs)
                 job = Message(payload={"ref": ref, "manifest": manifest_of(model)})
-                replies = cell.broadcast_request(CHANNEL, REF, names, job, _REQUEST_TIMEOUT)
+                replies = cell.broadcast_request(
+                    CHANNEL, REF, names, job, _REQUEST_TIMEOUT, secure=secure
+                )
                 for site, reply in replies.items():
                     rc = reply.get_header("return_code")
                     if rc != ReturnCode.OK:
@@ -309,29 +366,62 @@ def run(
                     _end_process(p.pid, p)
             if broker is not None:
                 _end_process(broker.pid, broker)
-    return _report(board, digest, time.monotonic() - wall)
+            if keys is not None:
+                keys.remove()
+    return _report(board, digest, time.monotonic() - wall, secure)
 
 
-def _report(board: _Board, digest: str, wall: float) -> int:
-    head = ("site", "MiB", "seconds", "MiB/s", "digest ok")
+def _make_keys(names: list[str]) -> DemoKeys:
+    try:
+        import cryptography  # noqa: F401  (sealing needs it; say so before any key is made)
+    except ImportError:
+        raise CliError(
+            "objdl demo --secure needs the cryptography package: "
+            "python -m pip install cryptography",
+            EXIT_USAGE,
+            kind="secure_unavailable",
+        ) from None
+    return DemoKeys([OWNER, *names])
+
+
+def _sealed_verdict(r: dict[str, Any]) -> str:
+    sealed, rejected = r.get("sealed"), r.get("rejected")
+    if not isinstance(sealed, int) or not isinstance(rejected, int):
+        return "no: not reported"
+    if rejected:
+        return f"no: {rejected} rejected"
+    return f"{sealed} replies" if sealed > 0 else "no: none"
+
+
+def _report(board: _Board, digest: str, wall: float, secure: bool = False) -> int:
+    head: tuple[str, ...] = ("site", "MiB", "seconds", "MiB/s", "digest ok")
+    if secure:
+        head = (*head[:-1], "sealed", head[-1])
     rows: list[tuple[str, ...]] = [head]
     ok_all = True
     for site in board.names:
         r = board.results[site]
+        sealed: tuple[str, ...] = ()
+        if secure:
+            sealed = (_sealed_verdict(r),)
+            ok_all = ok_all and not sealed[0].startswith("no")
         if "error" in r:
             ok_all = False
-            rows.append((site, "-", "-", "-", f"no: {r['error']}"))
+            rows.append((site, "-", "-", "-", *sealed, f"no: {r['error']}"))
             continue
         ok = r["digest"] == digest and not r["problem"]
         ok_all = ok_all and ok
         mib, secs = r["bytes"] / _MIB, r["seconds"]
         verdict = "yes" if ok else f"no: {r['problem'] or 'digest differs'}"
-        rows.append((site, f"{mib:.1f}", f"{secs:.2f}", f"{mib / max(secs, 1e-9):.1f}", verdict))
+        rate = f"{mib / max(secs, 1e-9):.1f}"
+        rows.append((site, f"{mib:.1f}", f"{secs:.2f}", rate, *sealed, verdict))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for row in rows:
         left, *nums, last = row
         line = [left.ljust(widths[0])]
         line += [n.rjust(w) for n, w in zip(nums, widths[1:-1], strict=True)]
+        if secure:  # the sealed column is words: left-aligned
+            line[-1] = nums[-1].ljust(widths[-2])
         print("  ".join([*line, last]), flush=True)
     total = sum(r.get("bytes", 0) for r in board.results.values()) / _MIB
     slowest = max((r.get("seconds", 0.0) for r in board.results.values()), default=0.0)
@@ -340,6 +430,13 @@ def _report(board: _Board, digest: str, wall: float) -> int:
         f"({total / max(slowest, 1e-9):.1f} MiB/s together); wall time {wall:.1f}s",
         flush=True,
     )
+    if secure:
+        print(
+            "secure: CURVE on every connection (keys bound to names), the transaction "
+            "secure=True, every request and reply sealed end to end; the keys are removed",
+            flush=True,
+        )
     if not ok_all:
-        raise CliError("some sites did not get the model intact (see the table)")
+        what = "intact and sealed" if secure else "intact"
+        raise CliError(f"some sites did not get the model {what} (see the table)")
     return 0

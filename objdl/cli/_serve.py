@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import shlex
 import sys
 from typing import Any
@@ -100,12 +102,24 @@ def _check(args: argparse.Namespace) -> tuple[str, str, list[str] | None]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    name, url, allowed = _check(args)
+    keys = key_options(args, secure=args.secure)
+    with contextlib.ExitStack() as fds:  # the folders' descriptors, closed at the end
+        return _serve(args, name, url, allowed, keys, *expand_sources(args.paths, fds))
+
+
+def _serve(
+    args: argparse.Namespace,
+    name: str,
+    url: str,
+    allowed: list[str] | None,
+    keys: Any,
+    sources: list[Source],
+    skipped: list[Any],
+) -> int:
     from objdl.downloader import ObjDownloader, TransferStatus
     from objdl.objects import new_transaction, offer_file
 
-    name, url, allowed = _check(args)
-    keys = key_options(args, secure=args.secure)
-    sources, skipped = expand_sources(args.paths)
     events = Events(args.json)
     progress = ProgressDisplay(enabled=not (args.quiet or args.json))
     labels: dict[str, str] = {}
@@ -145,7 +159,7 @@ def serve(args: argparse.Namespace) -> int:
                 ref = _offer(offer_file, cell, src, tx)
                 labels[ref] = src.name
                 line = get_line(ref, name, site, url, src.name, args.secure)
-                size = src.path.stat().st_size
+                size = src.size()
                 events.emit(
                     "offered", ref=ref, path=str(src.path), name=src.name, size=size, get=line
                 )
@@ -177,9 +191,17 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _offer(offer_file: Any, cell: Any, src: Source, tx: str) -> str:
+    """Offer `src`: a file from a folder is opened relative to the folder's descriptor,
+    never through a symlink (one swapped in since the folder was read fails here)."""
+    path, where = src.offer_args()
     try:
-        ref: str = offer_file(cell, src.path, transaction_id=tx)
+        ref: str = offer_file(cell, path, transaction_id=tx, **where)
     except OSError as exc:
+        if where and exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise CliError(
+                f"cannot serve {src.path}: it (or a folder on its way) was replaced by a "
+                "symlink after the folder was read; objdl does not follow it"
+            ) from None
         raise CliError(f"cannot serve {src.path}: {exc.strerror or exc}") from None
     return ref
 

@@ -3,7 +3,7 @@
 from objdl.objects._bytes import BytesConsumer, BytesSource, download_bytes
 from objdl.objects._common import DEFAULT_MAX_MEMORY_SIZE, DownloadError
 from objdl.objects._dict import DictConsumer, DictSource, download_dict
-from objdl.objects._file import FileConsumer, FileSource, download_file
+from objdl.objects._file import FileConsumer, FileSource, check_destination, download_file
 from objdl.objects._offer import (
     ObjectProducer,
     new_transaction,
@@ -22,6 +22,7 @@ __all__ = [
     "FileConsumer",
     "FileSource",
     "ObjectProducer",
+    "check_destination",
     "download_bytes",
     "download_dict",
     "download_file",

@@ -28,7 +28,7 @@ from objdl.objects import _folder
 from objdl.objects._buffers import BufferPool
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
-__all__ = ["FileConsumer", "FileSource", "download_file"]
+__all__ = ["FileConsumer", "FileSource", "check_destination", "download_file"]
 
 PART_SUFFIX = ".objdl-part"
 STATE_SUFFIX = ".objdl-state"
@@ -53,11 +53,34 @@ class FileSource(SizedSource):
     Chunks are read into buffers from a pool shared by every file served (see
     :class:`~objdl.objects._buffers.BufferPool`), released when the last file
     being served is closed.
+
+    `dir_fd` and `follow_symlinks` are as for :func:`os.open`/:func:`os.stat`: with
+    `dir_fd`, a relative `path` is opened relative to that folder descriptor; with
+    ``follow_symlinks=False`` a symlink at the last component of `path` is not
+    followed (``O_NOFOLLOW``: the open fails with ``OSError(ELOOP)``). Together they let
+    a caller that checked a name in a folder others can write open exactly that name,
+    not whatever a link swapped in since points to. The file is opened non-blocking,
+    so a FIFO swapped in cannot hang the open; anything but a regular file is refused
+    by ``fstat`` on the descriptor opened.
+
+    Raises:
+        OSError: `path` cannot be opened (``ELOOP``: a symlink, with
+            ``follow_symlinks=False``).
+        ValueError: `path` is not a regular file.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        dir_fd: int | None = None,
+        follow_symlinks: bool = True,
+    ) -> None:
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        if not follow_symlinks:
+            flags |= os.O_NOFOLLOW
+        self._fd = os.open(self.path, flags, dir_fd=dir_fd)
         st = os.fstat(self._fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(self._fd)
@@ -383,6 +406,39 @@ def _kept_names(name: str, tag: str, limit: int) -> tuple[str, str]:
     return f".{stem}.{tag}{PART_SUFFIX}", f".{stem}.{tag}{STATE_SUFFIX}"
 
 
+def check_destination(dest: str | os.PathLike[str]) -> Path:
+    """Check that :func:`download_file` could write `dest`, before any request; return it.
+
+    For a caller that wants to refuse a bad destination before connecting (the
+    ``objdl get`` command does). It looks without following a symlink at `dest`, so it
+    is advice, not a guarantee: the download checks again, relative to a descriptor of
+    the folder, when it creates and renames its files.
+
+    Raises:
+        FileNotFoundError: `dest`'s folder does not exist.
+        NotADirectoryError: `dest`'s folder is not a folder.
+        IsADirectoryError: `dest` is a folder (or ends in ``.`` or ``..``).
+        FileExistsError: `dest` is a symbolic link, a FIFO, a device or a socket.
+        PermissionError: the folder is not writable.
+    """
+    dest = Path(dest)
+    if dest.name in ("", ".", ".."):
+        raise IsADirectoryError(f"destination {dest} is a directory; give a file path")
+    folder = dest.parent
+    if not folder.exists():
+        raise FileNotFoundError(f"the folder of {dest} does not exist; create it first")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"the folder of {dest}, {folder}, is not a folder")
+    with contextlib.suppress(FileNotFoundError):
+        _folder.refuse_mode(os.lstat(dest).st_mode, dest)
+    try:  # find out now, not after the owner has been asked for data
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise PermissionError(f"cannot write in folder {folder}: {exc.strerror}") from exc
+    return dest
+
+
 def download_file(
     cell: Cell,
     from_fqcn: str,
@@ -403,23 +459,12 @@ def download_file(
     Raises:
         DownloadError: the download failed (without `resume`, nothing is left at
             `dest` or beside it).
-        FileNotFoundError: `dest`'s folder does not exist.
-        IsADirectoryError / PermissionError: `dest` is a folder, or its folder is not
-            writable.
-        FileExistsError: `dest` is a symbolic link, a FIFO, a device or a socket:
-            objdl only creates or replaces regular files (never writes through a
-            link, never replaces a device such as ``/dev/null``).
+        FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
+        PermissionError: as for :func:`check_destination`, called first (objdl only
+            creates or replaces regular files: it never writes through a link, never
+            replaces a device such as ``/dev/null``).
     """
-    dest = Path(dest)
-    if not dest.parent.is_dir():
-        raise FileNotFoundError(f"the folder of {dest} does not exist; create it first")
-    consumer = FileConsumer(dest, fsync=fsync, resume=resume)  # refuses "." and ".."
-    with contextlib.suppress(FileNotFoundError):
-        _folder.refuse_mode(os.lstat(dest).st_mode, dest)
-    try:  # find out now, not after the owner has been asked for data
-        with tempfile.TemporaryFile(dir=dest.parent):
-            pass
-    except OSError as exc:
-        raise PermissionError(f"cannot write in {dest.parent}: {exc.strerror}") from exc
+    dest = check_destination(dest)
+    consumer = FileConsumer(dest, fsync=fsync, resume=resume)
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     return dest

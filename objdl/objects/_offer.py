@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,18 @@ DEFAULT_TX_TIMEOUT = 60.0
 class ObjectProducer(SizedProducer):
     """Serves bytes-likes, files (given as :class:`pathlib.Path`) and dicts, by offset."""
 
+    def __init__(self, chunk_size: int = DEFAULT_CHUNK_SIZE, digest: str = DEFAULT_DIGEST) -> None:
+        super().__init__(chunk_size, digest)
+        # Sources an offer helper opened itself (a file opened relative to a folder
+        # descriptor, say), each taken by the one open_source call of its ref.
+        self._opened: dict[str, SizedSource] = {}
+        self._opened_lock = threading.Lock()
+
     def open_source(self, ref_id: str, obj: Any) -> SizedSource:
+        with self._opened_lock:
+            opened = self._opened.pop(ref_id, None)
+        if opened is not None:
+            return opened
         if isinstance(obj, (bytes, bytearray, memoryview)):
             return BytesSource(obj)
         if isinstance(obj, Path):
@@ -105,6 +117,7 @@ def _offer(
     obj_downloaded_cb: Callable[..., Any] | None,
     cb_kwargs: dict[str, Any],
     secure: bool,
+    source: SizedSource | None = None,
 ) -> tuple[str, str]:
     if not isinstance(secure, bool):
         raise TypeError(f"secure must be a bool, got {type(secure).__name__}")
@@ -132,7 +145,14 @@ def _offer(
             "ObjectProducer; make it with objdl.objects.new_transaction"
         )
     ref_id = new_id("R")
-    producer.prepare(ref_id, obj)  # open and hash now, not while a site waits
+    if source is not None:
+        with producer._opened_lock:
+            producer._opened[ref_id] = source
+    try:
+        producer.prepare(ref_id, obj)  # open and hash now, not while a site waits
+    finally:
+        with producer._opened_lock:
+            producer._opened.pop(ref_id, None)  # not taken: the caller closes it
     try:
         ObjDownloader.add_download_object(
             transaction_id, obj, ref_id=ref_id, obj_downloaded_cb=obj_downloaded_cb, **cb_kwargs
@@ -194,6 +214,8 @@ def offer_file(
     timeout_cb: Callable[..., Any] | None = None,
     obj_downloaded_cb: Callable[..., Any] | None = None,
     secure: bool = False,
+    dir_fd: int | None = None,
+    follow_symlinks: bool = True,
     **cb_kwargs: Any,
 ) -> str:
     """Offer the file at `path` for download; return its ref id.
@@ -201,27 +223,45 @@ def offer_file(
     The file is opened and hashed now; it must not change while offered (a change of
     size fails the downloads in progress, any other change their digest check).
 
+    `dir_fd` and `follow_symlinks` are as for :func:`os.open` (see
+    :class:`FileSource`): ``offer_file(cell, name, dir_fd=folder_fd,
+    follow_symlinks=False)`` opens `name` in that folder and fails rather than follow
+    a symlink found there, so a link swapped in after the caller checked the name is
+    never served. The descriptor is only used during the call.
+
     Raises:
         FileNotFoundError / IsADirectoryError / PermissionError: `path` is not a
             readable file.
+        OSError: (``ELOOP``) `path` is a symlink and `follow_symlinks` is False.
     """
+    if not isinstance(follow_symlinks, bool):
+        raise TypeError(f"follow_symlinks must be a bool, got {type(follow_symlinks).__name__}")
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"cannot offer {p}: no such file")
-    if not p.is_file():
-        raise IsADirectoryError(f"cannot offer {p}: not a regular file")
-    return _offer(
-        cell,
-        p,
-        transaction_id,
-        timeout,
-        chunk_size,
-        digest,
-        timeout_cb,
-        obj_downloaded_cb,
-        cb_kwargs,
-        secure,
-    )[1]
+    try:
+        source = FileSource(p, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"cannot offer {p}: no such file") from None
+    except ValueError:
+        raise IsADirectoryError(f"cannot offer {p}: not a regular file") from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f"cannot offer {p}: not a regular file") from None
+    try:
+        return _offer(
+            cell,
+            p,
+            transaction_id,
+            timeout,
+            chunk_size,
+            digest,
+            timeout_cb,
+            obj_downloaded_cb,
+            cb_kwargs,
+            secure,
+            source,
+        )[1]
+    except BaseException:
+        source.close()  # idempotent: a no-op if the producer took and closed it
+        raise
 
 
 def offer_dict(
