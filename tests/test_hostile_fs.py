@@ -415,3 +415,25 @@ def test_record_with_a_bad_verified_claim_is_not_resumed(out: Path, claim: Any) 
     assert again.resume_from("R1", desc) == 0
     again.download_failed("R1", "test over")
     assert fds_under(out) == []
+
+
+def test_temporaries_left_by_a_killed_process_are_removed(
+    cells: tuple[Cell, Cell], src: Path, out: Path
+) -> None:
+    # A process killed between creating a record's temporary and renaming it leaves
+    # `.{stem}.{tag}.{8 hex}.objdl-tmp`; the next download of that (dest, ref) removes
+    # it once it ends, and touches nothing that is not named like its own.
+    owner, site = cells
+    ref = offer_file(owner, src)
+    dest = out / "copy.bin"
+    part, _ = FileConsumer(dest, resume=True).resume_paths(ref)
+    stem = part.name.rsplit(".", 1)[0]
+    stale = out / f"{stem}.0badc0de.objdl-tmp"
+    stale.write_bytes(b"{}")
+    others = [out / f"{stem}.notmine!.objdl-tmp", out / ".other.0badc0de.objdl-tmp"]
+    for p in others:
+        p.write_bytes(b"not ours")
+    download_file(site, "server", ref, dest, resume=True)
+    assert dest.read_bytes() == src.read_bytes()
+    assert not stale.exists()
+    assert all(p.read_bytes() == b"not ours" for p in others)

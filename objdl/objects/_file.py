@@ -344,6 +344,7 @@ class FileConsumer(SizedConsumer):
             if self.fsync:
                 os.fsync(dirfd)  # the rename itself
             self._remove_state()
+            self._remove_stale_tmps(part)
             self.outcome.ok = True
         except Exception as exc:
             self.download_failed(ref_id, f"could not move the file into place: {exc}")
@@ -368,6 +369,7 @@ class FileConsumer(SizedConsumer):
         self.outcome.reason = reason
         try:
             if not (self.resume and not self._rejected):
+                self._remove_stale_tmps(self._part_name)
                 self._remove(self._part_name)
                 self._part_name = ""
                 self._remove_state()
@@ -382,6 +384,31 @@ class FileConsumer(SizedConsumer):
                 pass
             except OSError as exc:  # the reason for the failure matters more
                 log.warning("could not remove %s: %s", self.dest.parent / name, exc)
+
+    def _remove_stale_tmps(self, kept: str) -> None:
+        """Remove temporaries of this resumable download left by a process that died.
+
+        A resumable download writes its records through ``{stem}.{8 hex}.objdl-tmp``
+        beside the kept names; one killed between creating and renaming such a file
+        leaves it behind, and only this (dest, ref) can know the name is its own.
+        """
+        if not (self.resume and kept) or self._dirfd < 0:
+            return
+        prefix = kept.rsplit(".", 1)[0] + "."
+        try:
+            names = os.listdir(self._dirfd)
+        except OSError as exc:
+            log.warning("could not list %s to tidy up: %s", self.dest.parent, exc)
+            return
+        for name in names:
+            hexpart = name[len(prefix) : -len(TMP_SUFFIX)]
+            if (
+                name.startswith(prefix)
+                and name.endswith(TMP_SUFFIX)
+                and len(hexpart) == 8
+                and all(c in "0123456789abcdef" for c in hexpart)
+            ):
+                self._remove(name)
 
     def _remove_state(self) -> None:
         self._remove(self._state_name)
