@@ -275,7 +275,9 @@ class Cell:
             raise AuthenticationError(self.broker_url, auth)
         if refused:
             if refused.startswith("not allowed"):
-                raise AuthenticationError(self.broker_url, f"name {self._fqcn!r} {refused}")
+                raise AuthenticationError(
+                    self.broker_url, f"name {self._fqcn!r} {refused}", kind="name"
+                )
             if "taken" in refused:
                 raise NameTakenError(self._fqcn, refused)
             raise CellError(f"the broker refused cell {self._fqcn!r}: {refused}")
@@ -283,6 +285,7 @@ class Cell:
             raise AuthenticationError(
                 self.broker_url,
                 f"{handshake} (is broker_public_key this broker's key, and does it use CURVE?)",
+                kind="handshake",
             )
         raise BrokerUnavailableError(self.broker_url, timeout)
 

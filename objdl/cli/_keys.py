@@ -181,7 +181,7 @@ def start_cell(name: str, url: str, connect_timeout: float, keys: KeyOptions | N
     try:
         cell.start()
     except AuthenticationError as exc:
-        raise CliError(_refused(name, url, keys, exc.reason), kind="auth") from None
+        raise CliError(_refused(name, url, keys, exc), kind="auth") from None
     except BrokerUnavailableError as exc:
         hint = ""
         if keys.broker_key is None:
@@ -194,14 +194,14 @@ def start_cell(name: str, url: str, connect_timeout: float, keys: KeyOptions | N
     return cell
 
 
-def _refused(name: str, url: str, keys: KeyOptions, reason: str) -> str:
-    reason = _one(Exception(reason))
+def _refused(name: str, url: str, keys: KeyOptions, exc: AuthenticationError) -> str:
+    reason = _one(Exception(exc.reason))
     if keys.key is None or keys.broker_key is None:
         return (
             f"the broker at {url} refused {name!r}: {reason}; it uses CURVE: give --key "
             "(this cell's NAME.key_secret) and --broker-key (the broker's public key)"
         )
-    if reason.startswith("name "):  # the key was let in, the name is not bound to it
+    if exc.kind == "name":  # the key was let in, the name is not bound to it
         return (
             f"the broker at {url} refused {name!r} with --key {keys.key}: {reason}; use a "
             "name this key is bound to, or ask the broker's operator to bind it "

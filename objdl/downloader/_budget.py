@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from typing import Any
 
 from objdl.wire import BULK_THRESHOLD
@@ -54,6 +55,11 @@ class InFlight:
         self.peak = 0
         self.peak_site = 0
         self.rejected = 0
+        # Releases by the finalizers, applied under the lock by the next call. A
+        # finalizer runs wherever the last reference goes: on any thread, and even
+        # inside one of our locked sections (a garbage collection there), so it must
+        # not take the lock itself.
+        self._freed: deque[tuple[str, int]] = deque()
 
     def set_limits(self, per_site: int | None = None, total: int | None = None) -> None:
         with self._lock:
@@ -65,10 +71,13 @@ class InFlight:
     def held(self, site: str | None = None) -> int:
         """Bytes held now for `site` (None: for all sites)."""
         with self._lock:
+            self._apply_freed()
             return self._all if site is None else self._by_site.get(site, 0)
 
-    def refusal(self, site: str, nbytes: int = 0) -> str | None:
-        """Why one more chunk of `nbytes` for `site` is refused now; None if it is not."""
+    def _refusal(self, site: str, nbytes: int = 0) -> str | None:
+        """Why one more chunk of `nbytes` for `site` is refused now; None if it is not
+        (lock held)."""
+        self._apply_freed()
         held = self._by_site.get(site, 0)
         if held and held + nbytes > self.per_site:
             return (
@@ -86,7 +95,7 @@ class InFlight:
     def full(self, site: str) -> str | None:
         """Why `site` can get no data now (before producing any); None if it can."""
         with self._lock:
-            reason = self.refusal(site)
+            reason = self._refusal(site)
             if reason is not None:
                 self.rejected += 1
             return reason
@@ -128,7 +137,7 @@ class InFlight:
             return data, None  # all small: copied into the reply's body at once
         nbytes = sum(v.nbytes for v in tracked)
         with self._lock:
-            reason = self.refusal(site, nbytes)
+            reason = self._refusal(site, nbytes)
             if reason is not None:
                 self.rejected += 1
                 return None, reason
@@ -142,7 +151,13 @@ class InFlight:
         return (out[0] if single and len(out) == 1 else out), None
 
     def _release(self, site: str, nbytes: int) -> None:
-        with self._lock:
+        self._freed.append((site, nbytes))  # atomic, takes no lock (see __init__)
+
+    def _apply_freed(self) -> None:
+        """Take the finalizers' releases off the counts (lock held)."""
+        freed = self._freed
+        while freed:
+            site, nbytes = freed.popleft()
             left = self._by_site.get(site, 0) - nbytes
             if left > 0:
                 self._by_site[site] = left
@@ -152,6 +167,7 @@ class InFlight:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
+            self._apply_freed()
             return {
                 "held": self._all,
                 "by_site": dict(self._by_site),

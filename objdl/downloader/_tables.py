@@ -223,13 +223,14 @@ class TransactionTable:
         Returns False if it already had (within the TTL), so callers call back once.
         """
         key = (ref_id, requester)
+        fingerprint = _fingerprint(state)  # (the site chose the state: not under the lock)
         with self._lock:
             if key in self._finished and self._finished[key][0] > now:
                 return False
             self._finished.pop(key, None)  # re-insert at the end: the dict stays oldest-first
             if len(self._finished) >= FINISHED_MAX:
                 self._prune(now)
-            self._finished[key] = (now + FINISHED_TTL, _fingerprint(state))
+            self._finished[key] = (now + FINISHED_TTL, fingerprint)
             return True
 
     def finished(self, ref_id: str, requester: str, now: float, state: Any = None) -> bool:
@@ -240,7 +241,8 @@ class TransactionTable:
         """
         with self._lock:
             entry = self._finished.get((ref_id, requester))
-            return entry is not None and entry[0] > now and entry[1] == _fingerprint(state)
+        # Hashed outside the lock: its state is whatever the site sent.
+        return entry is not None and entry[0] > now and entry[1] == _fingerprint(state)
 
     def _prune(self, now: float) -> None:
         for key in [k for k, (t, _) in self._finished.items() if t <= now]:

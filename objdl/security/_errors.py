@@ -18,10 +18,13 @@ class AuthenticationError(CellError):
     """The broker refused this cell's credentials: its key, or the name bound to it.
 
     Raised by :meth:`objdl.cell.Cell.start`; `reason` says what the broker or the
-    handshake reported.
+    handshake reported, and `kind` which of them refused, for code to act on (never
+    the text): ``"key"`` (the broker turned the key away), ``"name"`` (the key was let
+    in, but may not use this cell's name) or ``"handshake"`` (the CURVE handshake
+    failed: a wrong broker key, or a broker without CURVE).
     """
 
-    def __init__(self, broker_url: str, reason: str) -> None:
+    def __init__(self, broker_url: str, reason: str, kind: str = "key") -> None:
         super().__init__(
             f"the broker at {broker_url} refused this cell: {reason}; check the keys "
             "(this cell's curve_keys, the broker_public_key it was given, and the "
@@ -29,6 +32,7 @@ class AuthenticationError(CellError):
         )
         self.broker_url = broker_url
         self.reason = reason
+        self.kind = kind
 
 
 class SecureUnavailableError(CellError, NotImplementedError):
