@@ -278,7 +278,7 @@ class Cell:
                 raise AuthenticationError(
                     self.broker_url, f"name {self._fqcn!r} {refused}", kind="name"
                 )
-            if "taken" in refused:
+            if refused == "taken":  # PROTOCOL.md: exactly this reason
                 raise NameTakenError(self._fqcn, refused)
             raise CellError(f"the broker refused cell {self._fqcn!r}: {refused}")
         if handshake:

@@ -8,7 +8,6 @@ and the broker's allow-list with each key bound to its cell's name only. Removed
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -35,12 +34,11 @@ class DemoKeys:
             self.allowed = self.root / "allowed"
             self.keys.mkdir(mode=0o700)
             self.allowed.mkdir(mode=0o700)
-            old = os.umask(0o077)  # every secret file is born private
-            try:
-                for name in [BROKER, *names]:
-                    create_certificates(self.keys, name)
-            finally:
-                os.umask(old)
+            for name in [BROKER, *names]:
+                create_certificates(self.keys, name)
+                # In a 0700 folder nobody else could read it meanwhile; the process's
+                # umask is left alone (other threads may be creating files).
+                (self.keys / f"{name}.key_secret").chmod(0o600)
             for name in names:
                 key = load_public_key(self.keys / f"{name}.key")
                 write_public_key_file(self.allowed / f"{name}.key", key)
