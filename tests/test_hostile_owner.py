@@ -383,6 +383,35 @@ def test_a_huge_error_text_is_cut(net: tuple[Broker, Cell, HostileOwner], tmp_pa
     assert len(info.value.reason) < 1000
 
 
+# Terminal controls: clear the screen, set the window title, turn text around, and a
+# newline that would start a forged log line.
+CONTROLS = "\x1b[2J\x1b]0;owned\x07\u202e\nobjdl: error: forged"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda o, s: make_reply(ReturnCode.INVALID_REQUEST, CONTROLS),
+        lambda o, s: Message({MessageHeaderKey.RETURN_CODE: CONTROLS + "x" * 100_000}, {}),
+        lambda o, s: {"status": ProduceRC.ERROR, "error": CONTROLS},
+    ],
+    ids=["error-text", "return-code", "producer-error"],
+)
+def test_owner_text_reaches_the_reason_escaped_and_cut(
+    net: tuple[Broker, Cell, HostileOwner], answer: Answer, tmp_path: Path
+) -> None:
+    """What the owner writes ends up in a reason that `objdl get` prints and logs show:
+    nothing in it may drive the terminal, and a 100 KB return code is cut."""
+    _, site, evil = net
+    evil.reset(answer)
+    with pytest.raises(DownloadError) as info:
+        attack("bytes", site, tmp_path)
+    reason = info.value.reason
+    assert reason.isprintable(), repr(reason)
+    assert "\\x1b[2J" in reason  # still readable, as an escape
+    assert len(reason) < 1000
+
+
 # --- what the owner claims is not what the site allocates ---------------------------------
 
 

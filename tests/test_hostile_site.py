@@ -390,6 +390,37 @@ def test_cancel_only_ends_the_senders_own_download(cells: Any, raw: Any) -> None
     assert outcome.wait(5).status == TransferStatus.FINISHED
 
 
+CONTROLS = "\x1b[2J\x1b]0;owned\x07\u202e\nobjdl: ERROR: forged"
+
+
+def test_site_text_reaches_the_owners_log_and_outcome_escaped(
+    cells: Any, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site's cancel reason, final failure reason and an unknown ref id end up in the
+    owner's outcome and log (``objdl serve`` prints both): none may drive its terminal."""
+    owner, _ = cells
+    data = b"q" * 1000
+    tx = new_transaction(owner)
+    ref = offer_bytes(owner, data, transaction_id=tx)
+    outcome = ObjDownloader.get_outcome(tx)
+    assert outcome is not None
+    rogue, other = raw("rogue"), raw("other")
+    with caplog.at_level(logging.INFO, logger="objdl"):
+        assert rogue.ask({"ref_id": ref, "cancel": CONTROLS}).get_header(RC) == ReturnCode.OK
+        other.ask({"ref_id": ref})
+        final = {"offset": len(data), "ok": False, "reason": CONTROLS}
+        assert other.ask({"ref_id": ref, "state": final}).payload["status"] == "error"
+        reply = rogue.ask({"ref_id": "R" + CONTROLS})
+        assert reply.get_header(RC) == ReturnCode.INVALID_REQUEST
+    reasons = outcome.refs[ref].failed
+    assert set(reasons) == {"rogue", "other"}
+    for reason in reasons.values():
+        assert reason.isprintable() and "\\x1b[2J" in reason, repr(reason)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("\\x1b[2J" in m for m in logged), logged  # the texts were logged, escaped
+    assert all("\x1b" not in m and "\n" not in m for m in logged), logged
+
+
 def test_odd_states_and_ids_get_invalid_request(cells: Any, raw: Any) -> None:
     owner, _ = cells
     ref = offer_bytes(owner, b"y" * 200_000, chunk_size=100_000)
