@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -410,6 +411,18 @@ def test_owner_text_reaches_the_reason_escaped_and_cut(
     assert reason.isprintable(), repr(reason)
     assert "\\x1b[2J" in reason  # still readable, as an escape
     assert len(reason) < 1000
+
+
+def test_a_dict_stream_of_many_empty_frames_is_refused(
+    net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
+) -> None:
+    """The stream's table claims 100,000 empty frames (its lengths add up)."""
+    _, site, evil = net
+    n = 100_000
+    stream = struct.pack(">I", n) + bytes(8 * n)
+    evil.reset(honest, data=stream)
+    with pytest.raises(DownloadError, match="holds 2 to"):
+        attack("dict", site, tmp_path)
 
 
 # --- what the owner claims is not what the site allocates ---------------------------------
