@@ -430,6 +430,25 @@ def test_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert exit_info.value.code == 2
 
 
+def test_allow_does_not_write_through_a_link_planted_at_its_temporary(tmp_path: Path) -> None:
+    """Another user who can write into the allow-list folder plants a symlink at the
+    temporary name `objdl keys allow` used (``.NAME.tmpPID``, the PID is no secret):
+    the file the link points at must stay as it was."""
+    d, allowed = tmp_path / "keys", tmp_path / "allowed"
+    assert keys_main(["new", "site-1", "--dir", str(d)]) == 0
+    allowed.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for name in ("site-1.key", "allowed.json"):
+        os.symlink(victim, allowed / f".{name}.tmp{os.getpid()}")
+    pub = str(d / "site-1.key")
+    assert keys_main(["allow", "site-1", "--dir", str(allowed), "--pub", pub]) == 0
+    assert victim.read_text() == "precious\n"
+    assert load_public_key(allowed / "site-1.key") == load_public_key(d / "site-1.key")
+    assert json.loads((allowed / "allowed.json").read_text()) == {"site-1": ["site-1", "site-1.*"]}
+    assert not list(allowed.glob(".*.tmp"))  # no temporary of ours left behind
+
+
 # ------------------------------------------------------------------ CURVE broker and cells
 
 
