@@ -449,6 +449,30 @@ def test_allow_does_not_write_through_a_link_planted_at_its_temporary(tmp_path: 
     assert not list(allowed.glob(".*.tmp"))  # no temporary of ours left behind
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_new_does_not_write_a_secret_through_a_planted_link(tmp_path: Path, force: bool) -> None:
+    """A symlink planted at NAME.key_secret (dangling: `exists()` is False for it; or,
+    with --force, to a file the planter can read) must not receive the secret key."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    theirs = tmp_path / "theirs"
+    if force:
+        theirs.write_text("")
+        theirs.chmod(0o666)
+    os.symlink(theirs, d / "site-1.key_secret")
+    code = keys_main(["new", "site-1", "--dir", str(d), *(["--force"] if force else [])])
+    if not force:
+        assert code == 1  # refused: the name is taken, by a link
+        assert not theirs.exists()
+        return
+    assert code == 0
+    assert theirs.read_text() == ""  # nothing written through the link
+    secret = d / "site-1.key_secret"
+    assert not secret.is_symlink() and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert "secret-key" in secret.read_text()
+    assert sorted(p.name for p in d.iterdir()) == ["site-1.key", "site-1.key_secret"]
+
+
 # ------------------------------------------------------------------ CURVE broker and cells
 
 
