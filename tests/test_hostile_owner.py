@@ -413,6 +413,20 @@ def test_owner_text_reaches_the_reason_escaped_and_cut(
     assert len(reason) < 1000
 
 
+def test_the_owners_file_name_is_not_a_path(
+    net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
+) -> None:
+    """A file's `meta` carries its name on the owner; the site writes only to its own
+    destination, whatever name the owner says."""
+    _, site, evil = net
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    evil.reset(at_first(desc_with("meta", {"name": "../../planted"})))
+    download_file(site, "evil", "R1", inner / "dest.bin", **SITE_KW)
+    assert (inner / "dest.bin").read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "dest.bin"]
+
+
 def test_a_dict_stream_of_many_empty_frames_is_refused(
     net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
 ) -> None:

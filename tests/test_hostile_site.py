@@ -18,6 +18,8 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from objdl import wire
 from objdl.cell import Cell
@@ -290,6 +292,36 @@ def test_ranges_merge_and_stay_bounded() -> None:
     for i in range(MAX_RANGES + 500):
         frag.add(2 * i, 2 * i + 1)
     assert len(frag) == MAX_RANGES and not frag.covers(0, 2)
+
+
+def test_bytes_served_to_one_name_do_not_count_for_another(cells: Any, raw: Any) -> None:
+    """One party fetches every byte as "mule", then claims delivery as "claimer"."""
+    owner, _ = cells
+    data = os.urandom(300_000)
+    tx = new_transaction(owner, sites=["claimer"], chunk_size=100_000)
+    ref = offer_bytes(owner, data, transaction_id=tx)
+    outcome = ObjDownloader.get_outcome(tx)
+    assert outcome is not None
+    mule, claimer = raw("mule"), raw("claimer")
+    for off in (0, 100_000, 200_000):
+        assert mule.ask({"ref_id": ref, "state": {"offset": off}}).get_header(RC) == "ok"
+    reply = claimer.ask({"ref_id": ref, "state": {"offset": len(data), "ok": True}})
+    assert reply.get_header(RC) == ReturnCode.INVALID_REQUEST
+    assert outcome.status == TransferStatus.RUNNING and outcome.refs[ref].finished == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(-5, 60)), max_size=60))
+def test_ranges_cover_exactly_the_bytes_added(spans: list[tuple[int, int]]) -> None:
+    """Overlapping, touching, empty and backwards ranges, against a set of bytes."""
+    r, model = Ranges(), set()
+    for start, length in spans:
+        r.add(start, start + length)
+        model.update(range(start, start + length))
+    for start in range(0, 370, 7):
+        for end in (start, start + 1, start + 13, start + 60):
+            assert r.covers(start, end) == model.issuperset(range(start, end)), (start, end)
+    assert r.nbytes == len(model)
 
 
 # ------------------------------------------------------------------ 3. refused cells
