@@ -7,7 +7,21 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["RateLimitedLog", "peer_text"]
+
+
+def peer_text(text: str, limit: int) -> str:
+    """`text` that a peer chose, cut to `limit` characters and safe to print or log.
+
+    Every character that does not print (control characters such as ESC and BEL,
+    bidi overrides, line and paragraph separators) is written as its escape
+    (``\\x1b``, ``\\u202e``), so a peer's error text or ref id cannot move the cursor,
+    retitle or clear the terminal that shows our log or error line, nor forge log lines.
+    """
+    text = text[:limit]
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class RateLimitedLog:

@@ -16,7 +16,9 @@ import argparse
 import contextlib
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
@@ -121,13 +123,22 @@ def _private_umask() -> Iterator[None]:
 def _new(name: str, directory: Path, force: bool) -> None:
     _check_label(name)
     public, secret = directory / f"{name}.key", directory / f"{name}.key_secret"
-    if not force and (public.exists() or secret.exists()):
+    if not force and (os.path.lexists(public) or os.path.lexists(secret)):  # a link counts
         raise _Failed(f"{public} or {secret} exists already; use --force to replace the pair")
     directory.mkdir(parents=True, exist_ok=True)
+    # pyzmq opens the files by name, following links: it writes into a private folder
+    # of our own, and the files are renamed into place, replacing any name (a planted
+    # symlink included) rather than writing through it.
     with _private_umask():  # the secret file is born private, never readable by others
-        create_certificates(directory, name)
-    secret.chmod(0o600)  # also when --force rewrote an older, laxer file
-    public.chmod(0o644)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=directory))
+        try:
+            create_certificates(staging, name)
+            (staging / public.name).chmod(0o644)
+            (staging / secret.name).chmod(0o600)
+            os.replace(staging / secret.name, secret)
+            os.replace(staging / public.name, public)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     key = load_public_key(public)
     print(f"wrote {public} (public: give it to the broker's allowed keys and to peers)")
     print(f"wrote {secret} (secret: keep it on this host, readable by this user only)")

@@ -246,6 +246,31 @@ def test_unpack_stream_of_junk_raises_wire_error(junk: bytes) -> None:
         unpack_stream(bytearray(junk))
 
 
+def test_a_table_of_many_empty_frames_is_refused_before_it_costs_memory() -> None:
+    """An owner's stream of 200,000 empty frames (1.6 MB, lengths adding up): each frame
+    would be a memoryview of about 200 bytes, twice over in the decoder, so the site
+    would hold some 50 times the stream. It is refused before anything is built."""
+    import tracemalloc
+
+    n = 200_000
+    stream = bytearray(_table(*([0] * n)))  # the table alone: the lengths add up to its size
+    tracemalloc.start()
+    try:
+        with pytest.raises(WireError, match="frames"):
+            unpack_stream(stream)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < len(stream) // 4, f"peak {peak} bytes for a {len(stream)}-byte stream"
+
+
+def test_the_frame_bound_admits_every_buffer_of_the_inline_limit() -> None:
+    """The bound is exact for the smallest buffers an owner sends out of band."""
+    d = {f"k{i}": bytes([i]) * INLINE_LIMIT for i in range(50)}
+    out = unpack_stream(bytearray(stream_of(d)))
+    assert {k: bytes(v) for k, v in out.items()} == d
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.binary(max_size=300))
 def test_unpack_stream_of_random_bytes_raises_only_wire_error(junk: bytes) -> None:

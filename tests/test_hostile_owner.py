@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -381,6 +382,61 @@ def test_a_huge_error_text_is_cut(net: tuple[Broker, Cell, HostileOwner], tmp_pa
     with pytest.raises(DownloadError, match="invalid_request") as info:
         attack("bytes", site, tmp_path)
     assert len(info.value.reason) < 1000
+
+
+# Terminal controls: clear the screen, set the window title, turn text around, and a
+# newline that would start a forged log line.
+CONTROLS = "\x1b[2J\x1b]0;owned\x07\u202e\nobjdl: error: forged"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        lambda o, s: make_reply(ReturnCode.INVALID_REQUEST, CONTROLS),
+        lambda o, s: Message({MessageHeaderKey.RETURN_CODE: CONTROLS + "x" * 100_000}, {}),
+        lambda o, s: {"status": ProduceRC.ERROR, "error": CONTROLS},
+    ],
+    ids=["error-text", "return-code", "producer-error"],
+)
+def test_owner_text_reaches_the_reason_escaped_and_cut(
+    net: tuple[Broker, Cell, HostileOwner], answer: Answer, tmp_path: Path
+) -> None:
+    """What the owner writes ends up in a reason that `objdl get` prints and logs show:
+    nothing in it may drive the terminal, and a 100 KB return code is cut."""
+    _, site, evil = net
+    evil.reset(answer)
+    with pytest.raises(DownloadError) as info:
+        attack("bytes", site, tmp_path)
+    reason = info.value.reason
+    assert reason.isprintable(), repr(reason)
+    assert "\\x1b[2J" in reason  # still readable, as an escape
+    assert len(reason) < 1000
+
+
+def test_the_owners_file_name_is_not_a_path(
+    net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
+) -> None:
+    """A file's `meta` carries its name on the owner; the site writes only to its own
+    destination, whatever name the owner says."""
+    _, site, evil = net
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    evil.reset(at_first(desc_with("meta", {"name": "../../planted"})))
+    download_file(site, "evil", "R1", inner / "dest.bin", **SITE_KW)
+    assert (inner / "dest.bin").read_bytes() == DATA
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "dest.bin"]
+
+
+def test_a_dict_stream_of_many_empty_frames_is_refused(
+    net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
+) -> None:
+    """The stream's table claims 100,000 empty frames (its lengths add up)."""
+    _, site, evil = net
+    n = 100_000
+    stream = struct.pack(">I", n) + bytes(8 * n)
+    evil.reset(honest, data=stream)
+    with pytest.raises(DownloadError, match="holds 2 to"):
+        attack("dict", site, tmp_path)
 
 
 # --- what the owner claims is not what the site allocates ---------------------------------

@@ -18,6 +18,8 @@ from typing import Any
 import psutil
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from objdl import wire
 from objdl.cell import Cell
@@ -292,6 +294,36 @@ def test_ranges_merge_and_stay_bounded() -> None:
     assert len(frag) == MAX_RANGES and not frag.covers(0, 2)
 
 
+def test_bytes_served_to_one_name_do_not_count_for_another(cells: Any, raw: Any) -> None:
+    """One party fetches every byte as "mule", then claims delivery as "claimer"."""
+    owner, _ = cells
+    data = os.urandom(300_000)
+    tx = new_transaction(owner, sites=["claimer"], chunk_size=100_000)
+    ref = offer_bytes(owner, data, transaction_id=tx)
+    outcome = ObjDownloader.get_outcome(tx)
+    assert outcome is not None
+    mule, claimer = raw("mule"), raw("claimer")
+    for off in (0, 100_000, 200_000):
+        assert mule.ask({"ref_id": ref, "state": {"offset": off}}).get_header(RC) == "ok"
+    reply = claimer.ask({"ref_id": ref, "state": {"offset": len(data), "ok": True}})
+    assert reply.get_header(RC) == ReturnCode.INVALID_REQUEST
+    assert outcome.status == TransferStatus.RUNNING and outcome.refs[ref].finished == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(-5, 60)), max_size=60))
+def test_ranges_cover_exactly_the_bytes_added(spans: list[tuple[int, int]]) -> None:
+    """Overlapping, touching, empty and backwards ranges, against a set of bytes."""
+    r, model = Ranges(), set()
+    for start, length in spans:
+        r.add(start, start + length)
+        model.update(range(start, start + length))
+    for start in range(0, 370, 7):
+        for end in (start, start + 1, start + 13, start + 60):
+            assert r.covers(start, end) == model.issuperset(range(start, end)), (start, end)
+    assert r.nbytes == len(model)
+
+
 # ------------------------------------------------------------------ 3. refused cells
 
 
@@ -388,6 +420,37 @@ def test_cancel_only_ends_the_senders_own_download(cells: Any, raw: Any) -> None
     assert len(outcome.refs[ref].failed["rogue"]) < 300
     assert bytes(download_bytes(site, "server", ref)) == data
     assert outcome.wait(5).status == TransferStatus.FINISHED
+
+
+CONTROLS = "\x1b[2J\x1b]0;owned\x07\u202e\nobjdl: ERROR: forged"
+
+
+def test_site_text_reaches_the_owners_log_and_outcome_escaped(
+    cells: Any, raw: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site's cancel reason, final failure reason and an unknown ref id end up in the
+    owner's outcome and log (``objdl serve`` prints both): none may drive its terminal."""
+    owner, _ = cells
+    data = b"q" * 1000
+    tx = new_transaction(owner)
+    ref = offer_bytes(owner, data, transaction_id=tx)
+    outcome = ObjDownloader.get_outcome(tx)
+    assert outcome is not None
+    rogue, other = raw("rogue"), raw("other")
+    with caplog.at_level(logging.INFO, logger="objdl"):
+        assert rogue.ask({"ref_id": ref, "cancel": CONTROLS}).get_header(RC) == ReturnCode.OK
+        other.ask({"ref_id": ref})
+        final = {"offset": len(data), "ok": False, "reason": CONTROLS}
+        assert other.ask({"ref_id": ref, "state": final}).payload["status"] == "error"
+        reply = rogue.ask({"ref_id": "R" + CONTROLS})
+        assert reply.get_header(RC) == ReturnCode.INVALID_REQUEST
+    reasons = outcome.refs[ref].failed
+    assert set(reasons) == {"rogue", "other"}
+    for reason in reasons.values():
+        assert reason.isprintable() and "\\x1b[2J" in reason, repr(reason)
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("\\x1b[2J" in m for m in logged), logged  # the texts were logged, escaped
+    assert all("\x1b" not in m and "\n" not in m for m in logged), logged
 
 
 def test_odd_states_and_ids_get_invalid_request(cells: Any, raw: Any) -> None:

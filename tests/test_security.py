@@ -430,6 +430,49 @@ def test_keys_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert exit_info.value.code == 2
 
 
+def test_allow_does_not_write_through_a_link_planted_at_its_temporary(tmp_path: Path) -> None:
+    """Another user who can write into the allow-list folder plants a symlink at the
+    temporary name `objdl keys allow` used (``.NAME.tmpPID``, the PID is no secret):
+    the file the link points at must stay as it was."""
+    d, allowed = tmp_path / "keys", tmp_path / "allowed"
+    assert keys_main(["new", "site-1", "--dir", str(d)]) == 0
+    allowed.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    for name in ("site-1.key", "allowed.json"):
+        os.symlink(victim, allowed / f".{name}.tmp{os.getpid()}")
+    pub = str(d / "site-1.key")
+    assert keys_main(["allow", "site-1", "--dir", str(allowed), "--pub", pub]) == 0
+    assert victim.read_text() == "precious\n"
+    assert load_public_key(allowed / "site-1.key") == load_public_key(d / "site-1.key")
+    assert json.loads((allowed / "allowed.json").read_text()) == {"site-1": ["site-1", "site-1.*"]}
+    assert not list(allowed.glob(".*.tmp"))  # no temporary of ours left behind
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_new_does_not_write_a_secret_through_a_planted_link(tmp_path: Path, force: bool) -> None:
+    """A symlink planted at NAME.key_secret (dangling: `exists()` is False for it; or,
+    with --force, to a file the planter can read) must not receive the secret key."""
+    d = tmp_path / "keys"
+    d.mkdir()
+    theirs = tmp_path / "theirs"
+    if force:
+        theirs.write_text("")
+        theirs.chmod(0o666)
+    os.symlink(theirs, d / "site-1.key_secret")
+    code = keys_main(["new", "site-1", "--dir", str(d), *(["--force"] if force else [])])
+    if not force:
+        assert code == 1  # refused: the name is taken, by a link
+        assert not theirs.exists()
+        return
+    assert code == 0
+    assert theirs.read_text() == ""  # nothing written through the link
+    secret = d / "site-1.key_secret"
+    assert not secret.is_symlink() and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    assert "secret-key" in secret.read_text()
+    assert sorted(p.name for p in d.iterdir()) == ["site-1.key", "site-1.key_secret"]
+
+
 # ------------------------------------------------------------------ CURVE broker and cells
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import array
+import contextlib
 import math
 import re
 import struct
@@ -831,3 +832,25 @@ def test_msgpack_timestamp_ext_is_refused_like_any_unknown_ext(body: bytes) -> N
 def test_timestamp_like_bytes_inside_a_bin_still_decode() -> None:
     body = msgpack.packb({"x": b"\xd6\xff\xd7\xff\xc7\x0c\xff"})
     assert wire.decode([msgpack.packb({}), body]).payload == {"x": b"\xd6\xff\xd7\xff\xc7\x0c\xff"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: msgpack turns each 1-byte empty array into a ~64-byte list, so a body "
+    "within the broker's max_message_size costs a receiving cell some 70 times itself; "
+    "bounding it needs a limit on decoded objects or body size (RELIABILITY.md)",
+)
+def test_a_body_of_empty_arrays_costs_a_bounded_multiple_of_itself() -> None:
+    import tracemalloc
+
+    n = 1_000_000
+    body = b"\xdd" + struct.pack(">I", n) + b"\x90" * n  # array32 of n empty arrays
+    frames = [msgpack.packb({}), body]
+    tracemalloc.start()
+    try:
+        with contextlib.suppress(WireError):
+            wire.decode(frames)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * len(body), f"peak {peak} bytes for a {len(body)}-byte body"

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from objdl import fqcn as _fqcn
-from objdl._logutil import RateLimitedLog
+from objdl._logutil import RateLimitedLog, peer_text
 from objdl.cell import Cell
 from objdl.downloader._budget import MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL, InFlight
 from objdl.downloader._defs import (
@@ -170,7 +170,9 @@ class _OwnerState:
             return self._no_ref(rid, requester, state, now)
         cancel = payload.get(_PropKey.CANCEL)
         if cancel is not None:
-            why = cancel[:200] if isinstance(cancel, str) else f"({type(cancel).__name__})"
+            why = (
+                peer_text(cancel, 200) if isinstance(cancel, str) else f"({type(cancel).__name__})"
+            )
             self._ended(ref, requester, "cancelled", f"cancelled by the site: {why}", now)
             return make_reply(ReturnCode.OK, body={_PropKey.STATUS: ProduceRC.EOF})
         if state is None or "ok" not in state:  # a final request carries no data: never held up
@@ -281,7 +283,8 @@ class _OwnerState:
             return make_reply(
                 ReturnCode.INVALID_REQUEST, f"ref {rid} was withdrawn by {self.cell.fqcn}: {reason}"
             )
-        _rlog.log(logging.WARNING, "noref", "no ref %s (asked by %s)", rid[:64], requester)
+        shown = peer_text(rid, 64)
+        _rlog.log(logging.WARNING, "noref", "no ref %s (asked by %s)", shown, requester)
         return make_reply(
             ReturnCode.INVALID_REQUEST,
             f"no such ref {rid[:64]!r} at {self.cell.fqcn}: never offered, or its "

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from objdl._logutil import peer_text
 from objdl.cell import Cell, PendingRequest
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
@@ -67,6 +68,7 @@ RETRYABLE = frozenset(
 _ABORT_POLL = 0.05
 _BUSY_DELAY = 0.05  # before asking again for a chunk the owner was too busy to serve
 _MAX_REASON = 500  # characters of an owner's error text kept in a reason
+_MAX_CODE = 64  # characters of an owner's return code kept (ours are under 30)
 
 
 class _Failed(Exception):
@@ -225,10 +227,10 @@ class _Requester:
         if rc == ReturnCode.OK:
             return None
         self.check()
-        if not isinstance(rc, str):
-            rc = shorten(rc)
+        # The owner chose both texts: cut, and escaped where they would not print.
+        rc = peer_text(rc, _MAX_CODE) if isinstance(rc, str) else shorten(rc)
         error = reply.get_header(MessageHeaderKey.ERROR) or ""
-        error = error[:_MAX_REASON] if isinstance(error, str) else shorten(error)
+        error = peer_text(error, _MAX_REASON) if isinstance(error, str) else shorten(error)
         if rc in RETRYABLE and attempt < self.retry.tries:
             self.retries += 1
             delay = self.retry.delay(attempt + 1)
@@ -253,7 +255,7 @@ class _Requester:
             raise _Failed(f"owner {self.owner} sent a status that is not a str: {shorten(status)}")
         if status == ProduceRC.ERROR:
             error = payload.get(_PropKey.ERROR) or "no reason given"
-            error = error[:_MAX_REASON] if isinstance(error, str) else shorten(error)
+            error = peer_text(error, _MAX_REASON) if isinstance(error, str) else shorten(error)
             raise _Failed(f"producer error at {self.owner} after {self.elapsed()}: {error}")
         if status not in (ProduceRC.OK, ProduceRC.EOF):
             raise _Failed(f"owner {self.owner} sent unknown status {shorten(status)}")

@@ -30,6 +30,7 @@ from typing import Any
 
 import xxhash
 
+from objdl._logutil import peer_text
 from objdl.downloader._defs import Consumer, InvalidStateError, Producer, ProduceRC
 
 __all__ = [
@@ -238,7 +239,7 @@ class SizedProducer(Producer):
             raise InvalidStateError(f"offset {offset!r} is outside the object (size {size})")
         if offset == size:
             if state.get("ok", True) is False:
-                reason = str(state.get("reason", "the site reported a failure"))[:500]
+                reason = peer_text(str(state.get("reason", "the site reported a failure")), 500)
                 self.logger.warning("site %s failed ref %s: %s", requester, ref_id, reason)
                 return ProduceRC.ERROR, reason, {}
             return ProduceRC.EOF, None, {}

@@ -74,8 +74,21 @@ def unpack_stream(buffer: bytearray) -> dict:
     view = memoryview(buffer)
     try:
         (count,) = _COUNT.unpack_from(view, 0)
-        pos = _COUNT.size
-        lengths = [_LEN.unpack_from(view, pos + i * _LEN.size)[0] for i in range(count)]
+    except struct.error as exc:
+        raise WireError(f"dict stream table is truncated: {exc}") from exc
+    # Every frame after the headers and the body is a buffer of at least INLINE_LIMIT
+    # bytes (smaller ones travel in the body), so the stream's size bounds the count:
+    # checked before anything is built, as each frame costs far more memory than its
+    # 8 bytes of table (a stream of empty frames would otherwise cost ~50 times itself).
+    most = 2 + len(buffer) // INLINE_LIMIT
+    if not 2 <= count <= most:
+        raise WireError(
+            f"dict stream says it holds {count} frames; a stream of {len(buffer)} bytes "
+            f"holds 2 to {most} (headers, body, and buffers of {INLINE_LIMIT} bytes or more)"
+        )
+    pos = _COUNT.size
+    try:
+        lengths = struct.unpack_from(f">{count}Q", view, pos)
     except struct.error as exc:
         raise WireError(f"dict stream table is truncated: {exc}") from exc
     pos += count * _LEN.size

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -177,10 +178,23 @@ def write_public_key_file(path: PathLike, public: bytes) -> None:
     _write_atomic(Path(path), text)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    """Replace `path` with a file holding `text`, never writing through a planted link.
+
+    The temporary has a random name and is created ``O_EXCL | O_NOFOLLOW``, so a
+    symlink (or any file) another user left at a name we might pick is refused, not
+    written through; ``os.replace`` then swaps the name itself, link or not.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ---------------------------------------------------------------------- name patterns
