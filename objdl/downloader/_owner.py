@@ -48,6 +48,7 @@ log = logging.getLogger("objdl.downloader")
 _rlog = RateLimitedLog(log)
 
 _registry_lock = threading.Lock()
+_create_lock = threading.Lock()  # held while a cell's _OwnerState is made
 _states: dict[int, _OwnerState] = {}  # id(cell) -> its state
 _tx_index: dict[str, _OwnerState] = {}  # tx id -> the state that holds it
 
@@ -358,16 +359,25 @@ def _nbytes(data: Any) -> int:
 
 
 def _state_for(cell: Cell) -> _OwnerState:
+    """The one state of `cell`, made (and its handler registered) on first use.
+
+    Making a state registers its handler on the cell, replacing any other: two states
+    made at once for one cell would leave the cell serving one table while the
+    registry kept the other. So states are made one at a time, under `_create_lock`
+    (not `_registry_lock`, which the handler and stop callbacks take).
+    """
     with _registry_lock:
         state = _states.get(id(cell))
         if state is not None and state.cell is cell:
             return state
-    state = _OwnerState(cell)
-    with _registry_lock:
-        existing = _states.get(id(cell))
-        if existing is not None and existing.cell is cell:
-            return existing
-        _states[id(cell)] = state
+    with _create_lock:
+        with _registry_lock:
+            state = _states.get(id(cell))
+            if state is not None and state.cell is cell:
+                return state
+        state = _OwnerState(cell)
+        with _registry_lock:
+            _states[id(cell)] = state
         return state
 
 
