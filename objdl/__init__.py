@@ -1,6 +1,6 @@
 """objdl: move large objects from one process to many over a ZeroMQ broker.
 
-The names most programs need, re-exported here so one import does::
+The names most programs need, re-exported here so one import does:
 
     from objdl import Cell, offer_file, download_file, DownloadError
 
@@ -10,7 +10,7 @@ hold more (constants, lower-level pieces); these are the same objects. The broke
 own package: ``from broker import Broker``.
 
 Importing objdl is light: it does not import numpy, torch, cryptography or tqdm, and
-starts no thread; a :class:`Cell` starts its threads when it starts.
+starts no thread; a `Cell` starts its threads when it starts.
 """
 
 from objdl.cell import Cell, PendingRequest
