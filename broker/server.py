@@ -107,7 +107,8 @@ class Broker:
             (``nack_busy``, ``drop_busy``). One message larger than this may still go
             to a peer that has nothing outbound. See docs/RELIABILITY.md for what it
             covers.
-        sndhwm, rcvhwm: per-peer queue limits of the ROUTER socket, in messages.
+        sndhwm: per-peer send queue limit of the ROUTER socket, in messages.
+        rcvhwm: per-peer receive queue limit of the ROUTER socket, in messages.
         context: ZeroMQ context to use; by default the broker makes its own and
             terminates it on :meth:`stop`. A CURVE broker binds the context's ZAP
             handler, so it needs a context no other ZAP handler uses.

@@ -23,6 +23,7 @@ __all__ = ["HandlerPool", "RequestCallback"]
 log = logging.getLogger("objdl.cell")
 
 RequestCallback = Callable[..., "Message | None"]
+"""A request handler, ``cb(request, *args, **kwargs)``: the reply, or None for an empty OK."""
 SendReply = Callable[[Message, Message, str, "bytes | bool"], None]
 OpenSealed = Callable[[Sealed, str], "Message | None"]
 

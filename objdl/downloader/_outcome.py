@@ -81,6 +81,8 @@ class Ranges:
 
 
 class TransferStatus:
+    """The states of a transaction's :class:`TransferOutcome`: running, then one final state."""
+
     RUNNING = "running"
     FINISHED = "finished"
     TIMEOUT = "timeout"

@@ -310,9 +310,13 @@ def download_object(
         consumer: takes the data; a :class:`SizedConsumer` gets a window of requests.
             A plain Consumer's ``consume`` gets ``bytes``, as in the seed, unless its
             class sets ``accepts_views = True`` (read-only memoryviews, no copy).
-        secure, optional, abort_signal: as for :meth:`Cell.send_request`.
-        tries, backoff, backoff_max: retries of a request that timed out or could not
-            reach the owner (see :class:`RetryPolicy`).
+        secure: as for :meth:`Cell.send_request`.
+        optional: as for :meth:`Cell.send_request`.
+        abort_signal: as for :meth:`Cell.send_request`.
+        tries: tries of a request that timed out or could not reach the owner (see
+            :class:`RetryPolicy`).
+        backoff: seconds before the first retry; doubled for each further one.
+        backoff_max: the most any single wait grows to.
         overall_timeout: seconds for the whole download (None: no limit), so a peer
             that trickles data cannot keep it going forever.
         window: chunk requests kept in flight (sized objects only).

@@ -486,10 +486,10 @@ def download_file(
     Raises:
         DownloadError: the download failed (without `resume`, nothing is left at
             `dest` or beside it).
-        FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError,
-        PermissionError: as for :func:`check_destination`, called first (objdl only
-            creates or replaces regular files: it never writes through a link, never
-            replaces a device such as ``/dev/null``).
+        OSError: ``FileNotFoundError``, ``NotADirectoryError``, ``IsADirectoryError``,
+            ``FileExistsError`` or ``PermissionError``, as for :func:`check_destination`,
+            called first (objdl only creates or replaces regular files: it never writes
+            through a link, never replaces a device such as ``/dev/null``).
     """
     dest = check_destination(dest)
     consumer = FileConsumer(dest, fsync=fsync, resume=resume)
