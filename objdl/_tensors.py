@@ -116,9 +116,31 @@ def tensor_view(t: Any) -> memoryview | None:
     if t.device.type != "cpu" or not t.is_contiguous() or t.is_conj() or t.is_neg():
         return None
     try:
-        return memoryview(t.detach().reshape(-1).view(sys.modules["torch"].uint8).numpy())
+        return memoryview(_flat_uint8(t.detach()).numpy())
     except (RuntimeError, TypeError):  # "Numpy is not available"
         return None
+
+
+def _flat_uint8(t: Any) -> Any:
+    """A contiguous tensor's bytes as a 1-d uint8 tensor over the same memory."""
+    flat = t.reshape(-1)
+    if flat.numel() == 1:  # one element counts as contiguous whatever its stride
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(sys.modules["torch"].uint8)
+
+
+def _bits(t: Any) -> Any:
+    """`t` seen as plain integers of its element size, when it can be, for copying.
+
+    Some dtypes have no copy kernel (float4_e2m1fn_x2); a same-size view works for any
+    strides. Complex, conjugate and negative views keep their dtype: those bits are
+    resolved after the copy.
+    """
+    torch = sys.modules["torch"]
+    if t.is_complex() or t.is_conj() or t.is_neg():
+        return t
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()])
 
 
 class TensorFrame:
@@ -131,7 +153,7 @@ class TensorFrame:
     __slots__ = ("_item", "_t", "nbytes")
 
     def __init__(self, t: Any) -> None:
-        self._t = t.detach()
+        self._t = _bits(t.detach())
         self._item = t.element_size()
         self.nbytes = t.numel() * self._item
 
@@ -171,7 +193,7 @@ def _gather(t: Any, e0: int, e1: int) -> Any:
 
 def _cpu_bytes(t: Any) -> memoryview:
     """A contiguous CPU tensor's bytes as a memoryview (its own memory when numpy is there)."""
-    flat = t.reshape(-1).view(sys.modules["torch"].uint8)
+    flat = _flat_uint8(t)
     try:
         return memoryview(flat.numpy())
     except (RuntimeError, TypeError):  # no numpy: one more copy through ctypes
