@@ -18,6 +18,11 @@ The ways (``mode``):
   at a time, no digest on the site), taking each chunk as ``bytes`` as the seed did;
 - ``seed-views``: the same, with a consumer that sets ``accepts_views``: each chunk as a
   read-only view of the received frame, no copy (``seed`` against it is the copy's cost);
+- ``dict``: objdl, the same bytes as a PyTorch-style state dict: the owner reads the
+  file and views it as a few hundred fp32 and bf16 tensors of mixed sizes
+  (:func:`state_layout`), offered with :func:`objdl.objects.offer_dict`; each site
+  takes it with :func:`download_dict` and, after its clock stops, writes the tensors'
+  bytes in order, so its file is the source again and its sha256 checks the dict;
 - ``raw``: bare pyzmq with the same chunk size and window: a ROUTER relay forwarding by
   a destination frame, an owner DEALER answering ``(offset, length)`` with ``os.pread``,
   site DEALERs keeping `window` requests in flight and ``pwrite``-ing each chunk. No
@@ -70,10 +75,11 @@ __all__ = [
     "end_child",
     "others_share",
     "run_transfer",
+    "state_layout",
     "write_source",
 ]
 
-MODES = ("windowed", "seed", "seed-views", "raw")
+MODES = ("windowed", "seed", "seed-views", "dict", "raw")
 DEFAULT_MODES = ("windowed", "seed", "raw")  # seed-views only when asked for
 _THIS = os.path.abspath(__file__)
 _PROXY = os.path.join(os.path.dirname(_THIS), "_proxy.py")
@@ -121,14 +127,57 @@ def _pwrite_all(fd: int, data: Any, offset: int) -> int:
 # ---------------------------------------------------------------- child side: objdl
 
 
-def _objdl_owner(url: str, path: str, chunk: int) -> None:
+def state_layout(size: int) -> list[tuple[str, str, int]]:
+    """``(name, dtype, nbytes)`` of the tensors of a state dict of exactly `size` bytes.
+
+    Sizes are log-uniform from 1 KiB to 16 MiB (a few hundred per GiB, as in a
+    transformer's weights, biases and norms); every third tensor is bfloat16.
+    """
+    import random
+
+    rng = random.Random(16)
+    out: list[tuple[str, str, int]] = []
+    left = size
+    while left:
+        n = min(left, int(2 ** rng.uniform(10, 24)) // 4 * 4 or 4)
+        if left - n < 4:  # the remainder would be too small for a float32 tensor
+            n = left
+        dtype = "bfloat16" if len(out) % 3 == 2 and n % 2 == 0 else "float32"
+        if n % 4 and dtype == "float32":
+            dtype = "uint8"
+        out.append((f"layers.{len(out)}.weight", dtype, n))
+        left -= n
+    return out
+
+
+def _state_dict(path: str) -> dict[str, Any]:
+    """The file's bytes as a state dict (views of one buffer: the dict itself, no more)."""
+    import torch
+
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    out: dict[str, Any] = {}
+    pos = 0
+    for name, dtype, n in state_layout(len(data)):
+        t = torch.frombuffer(
+            data, dtype=getattr(torch, dtype), count=n // getattr(torch, dtype).itemsize, offset=pos
+        )
+        out[name] = t.reshape(-1, 64) if t.numel() % 64 == 0 else t
+        pos += n
+    return out
+
+
+def _objdl_owner(url: str, path: str, chunk: int, mode: str = "windowed") -> None:
     from objdl.cell import Cell
-    from objdl.objects import offer_file
+    from objdl.objects import offer_dict, offer_file
 
     signal.signal(signal.SIGTERM, _interrupt)
     cmds = Commands()
     with Cell(_OWNER, url) as cell:
-        ref = offer_file(cell, path, chunk_size=chunk, timeout=_LIFETIME)
+        if mode == "dict":
+            ref = offer_dict(cell, _state_dict(path), chunk_size=chunk, timeout=_LIFETIME)
+        else:
+            ref = offer_file(cell, path, chunk_size=chunk, timeout=_LIFETIME)
         emit("READY", {"pid": os.getpid(), "ref": ref})
         _hold(cmds, lambda: dict(cell.stats))
 
@@ -177,16 +226,33 @@ def _objdl_site(
 ) -> None:
     from objdl.cell import Cell
     from objdl.downloader import download_object
-    from objdl.objects import DownloadError, download_file
+    from objdl.objects import DownloadError, download_dict, download_file
 
     signal.signal(signal.SIGTERM, _interrupt)
+    if mode == "dict":  # as a trainer has: importing torch is not the download's cost
+        import torch  # noqa: F401
     cmds = Commands()
     with Cell(name, url) as cell:
         emit("READY", {"pid": os.getpid()})
         cmds.expect("GO", _LIFETIME)
         ok, reason = True, ""
         t0 = time.monotonic()
-        if mode == "windowed":
+        if mode == "dict":
+            got: dict[str, Any] = {}
+            try:
+                got = download_dict(
+                    cell,
+                    _OWNER,
+                    ref,
+                    window=window,
+                    chunk_size=chunk,
+                    per_request_timeout=timeout,
+                )
+            except DownloadError as exc:
+                ok, reason = False, exc.reason
+            t1 = time.monotonic()
+            _write_tensors(got, dest)
+        elif mode == "windowed":
             try:
                 download_file(
                     cell,
@@ -203,9 +269,23 @@ def _objdl_site(
             sink = _seed_consumer(dest, views=mode == "seed-views")
             download_object(_OWNER, ref, timeout, cell, sink)
             ok, reason = sink.ok is True, sink.reason
-        t1 = time.monotonic()
+        if mode != "dict":
+            t1 = time.monotonic()
         emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
         _hold(cmds)
+
+
+def _write_tensors(state: dict[str, Any], dest: str) -> None:
+    """Write the tensors' bytes in order to `dest` (views: no copy of the result)."""
+    import torch
+
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        pos = 0
+        for t in state.values():
+            pos += _pwrite_all(fd, t.reshape(-1).view(torch.uint8).numpy(), pos)
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------- child side: raw pyzmq
@@ -460,7 +540,9 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
             children.append(owner)
             owner.expect("READY", 30.0)
         else:
-            argv = child_argv(_THIS, "objdl-owner", url=url, path=plan.src, chunk=plan.chunk)
+            argv = child_argv(
+                _THIS, "objdl-owner", url=url, path=plan.src, chunk=plan.chunk, mode=plan.mode
+            )
             owner = Child("objdl-owner", argv, stdin=True)
             children.append(owner)
             ref = owner.expect("READY", hash_time)["ref"]

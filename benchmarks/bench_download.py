@@ -27,6 +27,14 @@ Usage::
         --window 4,8,16 --modes windowed,raw                  # chunk/window sweep
     python benchmarks/bench_download.py --sites 1 --modes seed,seed-views  # bytes vs views
 
+``--dict`` compares a PyTorch-style state dict (a few hundred fp32 and bf16 tensors of
+mixed sizes, 1 GiB unless ``--size`` says otherwise: mode ``dict``) with the same bytes
+as one file (``windowed``), same run, and prints its targets: at least 0.9x the file's
+MiB/s; owner peak RSS within 64 MiB above the dict it holds; each site's within 64 MiB
+above the dict it received. It needs torch::
+
+    python benchmarks/bench_download.py --dict --sites 1,4 --repeat 1
+
 ``--profile DIR`` also records the owner, the broker and the first site with py-spy
 (raw format, ``--threads``) into DIR; throughput of such runs is not comparable.
 """
@@ -64,6 +72,8 @@ _RATIO_TARGET = 0.8  # objdl windowed >= this x the bare relay's MiB/s
 _GROWTH_TARGET_MIB = 64  # peak RSS at most this far above idle, 1 GiB file
 _BROKER_SCALE_MIB = 16  # broker "flat": growth at 1 GiB within this of growth at 256 MiB
 _GIB = 1 << 30
+_DICT_RATIO_TARGET = 0.9  # a state dict >= this x the same bytes as a file
+_DICT_GROWTH_MIB = 64  # owner above the dict it holds; site above the dict it received
 _QUIET_WAIT = 60.0  # the longest a run waits for the machine to calm down
 
 
@@ -285,6 +295,42 @@ def _targets(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]], chunk: in
     return all_ok
 
 
+def _dict_targets(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> bool:
+    """Print the state dict's targets against the same bytes as a file; True if none missed."""
+    lines: list[str] = []
+    all_ok = True
+    for key, by_mode in groups.items():
+        sites, size, chunk, window = key[:4]
+        d, w = by_mode.get("dict"), by_mode.get("windowed")
+        if d is None:
+            continue
+        what = f"{sites} site(s), {fmt_size(size)}, chunk {fmt_size(chunk)} window {window}"
+        if w is not None and w["agg"] > 0:
+            ratio = d["agg"] / w["agg"]
+            ok = ratio >= _DICT_RATIO_TARGET
+            all_ok &= ok
+            lines.append(
+                f"state dict, {what}: {d['agg']:.0f} MiB/s = {ratio:.2f}x the file's "
+                f"{w['agg']:.0f} (target >= {_DICT_RATIO_TARGET:g}x): {_verdict(ok)}"
+            )
+        mib = size / (1 << 20)
+        owner = d["growth"]["owner"]  # the dict is in the owner's idle RSS already
+        site = d["growth"]["site"] - mib  # the received dict is the site's growth
+        ok = owner <= _DICT_GROWTH_MIB and site <= _DICT_GROWTH_MIB
+        all_ok &= ok
+        lines.append(
+            f"state dict memory, {what}: owner +{owner:.0f} MiB above the dict, worst site "
+            f"+{site:.0f} MiB above the result (target <= {_DICT_GROWTH_MIB} MiB): "
+            f"{_verdict(ok)}"
+        )
+    if lines:
+        print()
+        print("state dict targets:")
+        for line in lines:
+            print(f"  {line}")
+    return all_ok
+
+
 def _copy_cost(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
     """What handing a plain Consumer ``bytes`` (the seed's types) costs against views."""
     lines = []
@@ -363,7 +409,14 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--sites", type=_int_list, default=[1, 4], help="site counts (1,4)")
-    p.add_argument("--size", type=_size_list, default=[256 << 20], help="object sizes (256MiB)")
+    p.add_argument(
+        "--size", type=_size_list, default=None, help="object sizes (256MiB; --dict: 1GiB)"
+    )
+    p.add_argument(
+        "--dict",
+        action="store_true",
+        help="a torch state dict against the same bytes as a file (modes windowed,dict)",
+    )
     p.add_argument(
         "--chunk",
         type=_size_list,
@@ -376,7 +429,7 @@ def _parser() -> argparse.ArgumentParser:
         "--modes",
         type=_mode_list,
         default=list(DEFAULT_MODES),
-        help="some of windowed,seed,seed-views,raw (windowed,seed,raw)",
+        help="some of windowed,seed,seed-views,dict,raw (windowed,seed,raw)",
     )
     p.add_argument("--tmpdir", default=None, help="where the files go (the system's temp dir)")
     p.add_argument("--profile", metavar="DIR", default=None, help="py-spy recordings into DIR")
@@ -412,6 +465,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.size is None:
+        args.size = [_GIB if args.dict else 256 << 20]
+    if args.dict:
+        args.modes = ["windowed", "dict"]
     if args.repeat < 1:
         print("--repeat must be >= 1", file=sys.stderr)
         return 2
@@ -482,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.by_thread:
         print_threads(groups)
     ok = _targets(groups, args.chunk[0] if len(args.chunk) == 1 else DEFAULT_CHUNK_SIZE)
+    ok &= _dict_targets(groups)
     _copy_cost(groups)
     _best(groups)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -21,7 +21,9 @@ Rules of the codec:
   over the received memory; numpy scalars as Python scalars; subclasses of dict,
   list, str, int, float and bytes as their base type.
 - numpy is optional: it is only looked up when a payload holds a numpy object, and
-  only imported when a body holds an array.
+  only imported when a body holds an array. torch likewise (:mod:`objdl._tensors`):
+  tensors travel as ext 3 and decode as tensors, copies unless `writable` frames
+  are decoded (torch has no read-only tensors).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Any
 
 import msgpack
 
+from objdl import _tensors
 from objdl.errors import WireError
 from objdl.message import Message
 
@@ -43,6 +46,7 @@ __all__ = [
     "BULK_THRESHOLD",
     "EXT_ARRAY",
     "EXT_BUFFER",
+    "EXT_TENSOR",
     "KIND_BYE",
     "KIND_HB",
     "KIND_LIST",
@@ -62,6 +66,7 @@ __all__ = [
     "decode",
     "decode_headers",
     "encode",
+    "encode_lazily",
 ]
 
 PROTOCOL_VERSION = b"1"
@@ -92,6 +97,13 @@ EXT_BUFFER = 1
 
 EXT_ARRAY = 2
 """msgpack ext type of a numpy array: data is msgpack ``[dtype.str, shape, index_or_bytes]``."""
+
+EXT_TENSOR = 3
+"""msgpack ext type of a torch tensor: data is msgpack ``[dtype name, shape, index_or_bytes]``
+(name as ``"bfloat16"``; elements in C order, little-endian; see :mod:`objdl._tensors`)."""
+
+# What encode_lazily's frames may hold: a tensor's bytes are read when sent.
+_Frame = bytes | memoryview | _tensors.TensorFrame
 
 # Deeper payloads are refused on encode; msgpack's own packer stops at 511 levels.
 _MAX_DEPTH = 256
@@ -142,12 +154,20 @@ def encode(message: Message, threshold: int = BULK_THRESHOLD) -> list[bytes | me
         ValueError: an int outside msgpack's 64-bit range, a payload nested deeper
             than 256 levels (a reference cycle?), or a negative threshold.
     """
+    frames = encode_lazily(message, threshold)
+    return [f.read(0, f.nbytes) if isinstance(f, _tensors.TensorFrame) else f for f in frames]
+
+
+def encode_lazily(message: Message, threshold: int = BULK_THRESHOLD) -> list[_Frame]:
+    """As :func:`encode`, but a tensor whose memory cannot be shared (on another
+    device, not contiguous) stays a :class:`~objdl._tensors.TensorFrame`, to be read
+    by range when it is sent, so it is never copied whole."""
     if not isinstance(message, Message):
         raise TypeError(f"encode() needs a Message, not {type(message).__name__}")
     if type(threshold) is not int or threshold < 0:
         raise ValueError(f"threshold must be an int >= 0, not {threshold!r}")
     headers_frame = _encode_headers(message.headers)
-    buffers: list[bytes | memoryview] = []
+    buffers: list[_Frame] = []
     try:
         body = _prepare(message.payload, threshold, buffers, 0)
     except _Refused as exc:
@@ -159,12 +179,16 @@ def encode(message: Message, threshold: int = BULK_THRESHOLD) -> list[bytes | me
     return [headers_frame, body_frame, *buffers]
 
 
-def decode(frames: Iterable[Any]) -> Message:
+def decode(frames: Iterable[Any], *, writable: bool = False) -> Message:
     """Rebuild a message from frames ``[headers, body, *buffers]``.
 
     Args:
         frames: bytes, bytearray, memoryview or ``zmq.Frame`` objects (anything with
             a ``.buffer``), as received.
+        writable: keep writable frames writable, so buffers, arrays and tensors come
+            back as writable views of them (for a receiver that owns the frames'
+            memory, as a dict's site does its receive buffer). Tensors over read-only
+            frames are copies.
 
     Returns:
         The message. Out-of-band buffers are read-only memoryviews over the frames
@@ -175,7 +199,7 @@ def decode(frames: Iterable[Any]) -> Message:
         WireError: for any frames that are not a valid encoding, whatever the fault.
     """
     try:
-        views = [_as_view(frame) for frame in frames]
+        views = [_as_view(frame, writable) for frame in frames]
     except WireError:
         raise
     except Exception as exc:
@@ -248,7 +272,7 @@ def _encode_headers(headers: Any) -> bytes:
     return msgpack.packb(headers, use_bin_type=True)
 
 
-def _prepare(obj: Any, threshold: int, buffers: list[bytes | memoryview], depth: int) -> Any:
+def _prepare(obj: Any, threshold: int, buffers: list[_Frame], depth: int) -> Any:
     """`obj` ready for msgpack: itself when nothing inside needs replacing."""
     kind = type(obj)
     if kind in _SCALARS:
@@ -266,7 +290,7 @@ def _prepare(obj: Any, threshold: int, buffers: list[bytes | memoryview], depth:
     return _prepare_other(obj, threshold, buffers, depth)
 
 
-def _prepare_dict(obj: dict, threshold: int, buffers: list[bytes | memoryview], depth: int) -> Any:
+def _prepare_dict(obj: dict, threshold: int, buffers: list[_Frame], depth: int) -> Any:
     if depth >= _MAX_DEPTH:
         raise _Refused(ValueError, f"payload nested deeper than {_MAX_DEPTH} levels")
     # A C-speed scan lets big flat containers skip the per-item loop below.
@@ -300,7 +324,7 @@ def _prepare_dict(obj: dict, threshold: int, buffers: list[bytes | memoryview], 
     return obj if out is None else out
 
 
-def _prepare_seq(obj: Any, threshold: int, buffers: list[bytes | memoryview], depth: int) -> Any:
+def _prepare_seq(obj: Any, threshold: int, buffers: list[_Frame], depth: int) -> Any:
     if depth >= _MAX_DEPTH:
         raise _Refused(ValueError, f"payload nested deeper than {_MAX_DEPTH} levels")
     if len(obj) > _SCAN_MIN and _SCALARS.issuperset(map(type, obj)):
@@ -321,7 +345,7 @@ def _prepare_seq(obj: Any, threshold: int, buffers: list[bytes | memoryview], de
     return obj if out is None else out
 
 
-def _prepare_view(view: memoryview, threshold: int, buffers: list[bytes | memoryview]) -> Any:
+def _prepare_view(view: memoryview, threshold: int, buffers: list[_Frame]) -> Any:
     if view.nbytes >= threshold:
         return _out_of_band(_flat_bytes(view), buffers)
     # msgpack reads a memoryview as one C-contiguous block; anything else is copied.
@@ -340,12 +364,12 @@ def _flat_bytes(view: memoryview) -> memoryview:
     return memoryview(view.tobytes())
 
 
-def _out_of_band(view: memoryview, buffers: list[bytes | memoryview]) -> msgpack.ExtType:
+def _out_of_band(view: memoryview, buffers: list[_Frame]) -> msgpack.ExtType:
     buffers.append(view)
     return msgpack.ExtType(EXT_BUFFER, _U32.pack(len(buffers) - 1))
 
 
-def _prepare_other(obj: Any, threshold: int, buffers: list[bytes | memoryview], depth: int) -> Any:
+def _prepare_other(obj: Any, threshold: int, buffers: list[_Frame], depth: int) -> Any:
     """Types off the fast path: numpy objects and subclasses of the plain types."""
     np = sys.modules.get("numpy")  # a numpy object implies numpy is already imported
     if np is not None:
@@ -356,6 +380,9 @@ def _prepare_other(obj: Any, threshold: int, buffers: list[bytes | memoryview], 
             if isinstance(value, np.generic):  # e.g. longdouble: no exact Python twin
                 raise _Refused(TypeError, f"numpy scalar of dtype {obj.dtype} is not supported")
             return _prepare(value, threshold, buffers, depth)
+    torch = _tensors.torch_if_loaded()  # likewise: a tensor implies torch is imported
+    if torch is not None and isinstance(obj, torch.Tensor):
+        return _prepare_tensor(torch, obj, threshold, buffers)
     if isinstance(obj, dict):
         return _prepare_dict(obj, threshold, buffers, depth)
     if isinstance(obj, (list, tuple)) and not isinstance(obj, msgpack.ExtType):
@@ -379,7 +406,7 @@ def _has_buffer(obj: object) -> bool:
     return True
 
 
-def _prepare_array(np: Any, arr: Any, threshold: int, buffers: list[bytes | memoryview]) -> Any:
+def _prepare_array(np: Any, arr: Any, threshold: int, buffers: list[_Frame]) -> Any:
     dtype = arr.dtype
     if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or dtype.hasobject:
         raise _Refused(
@@ -405,11 +432,28 @@ def _prepare_array(np: Any, arr: Any, threshold: int, buffers: list[bytes | memo
     return msgpack.ExtType(EXT_ARRAY, msgpack.packb([dtype.str, shape, data], use_bin_type=True))
 
 
+def _prepare_tensor(torch: Any, t: Any, threshold: int, buffers: list[_Frame]) -> Any:
+    try:
+        name, shape, nbytes = _tensors.describe(torch, t)
+    except TypeError as exc:
+        raise _Refused(TypeError, str(exc)) from None
+    # A view of the tensor's own memory where it allows; else read by range when sent.
+    view = _tensors.tensor_view(t)
+    frame = _tensors.TensorFrame(t) if view is None else view
+    data: int | bytes
+    if nbytes >= threshold:
+        buffers.append(frame)
+        data = len(buffers) - 1
+    else:
+        data = bytes(frame) if isinstance(frame, memoryview) else bytes(frame.read(0, nbytes))
+    return msgpack.ExtType(EXT_TENSOR, msgpack.packb([name, shape, data], use_bin_type=True))
+
+
 # --- decoding -------------------------------------------------------------------------
 
 
-def _as_view(frame: Any) -> memoryview:
-    """`frame` as a read-only 1-d memoryview of unsigned bytes."""
+def _as_view(frame: Any, writable: bool = False) -> memoryview:
+    """`frame` as a 1-d memoryview of unsigned bytes, read-only unless `writable`."""
     if isinstance(frame, memoryview):
         view = frame
     elif isinstance(frame, (bytes, bytearray)):
@@ -423,7 +467,7 @@ def _as_view(frame: Any) -> memoryview:
         view = buffer if isinstance(buffer, memoryview) else memoryview(buffer)
     if view.ndim != 1 or view.format != "B" or not view.c_contiguous:
         view = _flat_bytes(view)
-    return view.toreadonly()
+    return view if writable else view.toreadonly()
 
 
 def _decode_headers(view: memoryview) -> dict[str, Any]:
@@ -457,6 +501,8 @@ class _Refs:
             return self.take(_U32.unpack(data)[0])
         if code == EXT_ARRAY:
             return self.array(data)
+        if code == EXT_TENSOR:
+            return self.tensor(data)
         raise WireError(f"unknown msgpack ext type {code}")
 
     def take(self, index: int) -> memoryview:
@@ -492,6 +538,37 @@ class _Refs:
                 f"{math.prod(shape) * dtype.itemsize} bytes, got {len(buffer)}"
             )
         return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+    def tensor(self, data: bytes) -> Any:
+        spec = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+        if type(spec) is not list or len(spec) != 3:
+            raise WireError("tensor ext must hold [dtype, shape, index_or_bytes]")
+        name, shape, source = spec
+        if type(name) is not str or name not in _tensors.DTYPE_NAMES:
+            raise WireError(f"tensor dtype {_short(name)} is not a supported dtype name")
+        if type(shape) is not list or not all(type(n) is int and n >= 0 for n in shape):
+            raise WireError(f"tensor shape {_short(shape)} is not a list of ints >= 0")
+        if type(source) is int and source >= 0:
+            buffer = self.take(source)
+        elif type(source) is bytes:
+            buffer = memoryview(source).toreadonly()
+        else:
+            raise WireError("tensor data must be a buffer index or bytes")
+        try:
+            torch = _tensors.import_torch()
+            dtype = _tensors.dtype_of(torch, name)
+        except (ImportError, ValueError) as exc:
+            raise WireError(str(exc)) from None
+        itemsize = dtype.itemsize
+        if math.prod(shape) * itemsize != buffer.nbytes:
+            raise WireError(
+                f"tensor of shape {shape} and dtype {name} needs "
+                f"{math.prod(shape) * itemsize} bytes, got {buffer.nbytes}"
+            )
+        try:
+            return _tensors.from_bytes(torch, dtype, shape, buffer)
+        except ValueError as exc:
+            raise WireError(f"tensor of dtype {name}: {exc}") from None
 
 
 def _refuse_timestamps(obj: Any, depth: int) -> None:

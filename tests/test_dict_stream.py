@@ -161,7 +161,7 @@ def test_object_producer_opens_a_dict_as_a_dict_source() -> None:
 # --- rebuilding the dict ------------------------------------------------------------------
 
 
-def test_unpack_stream_rebuilds_the_dict_with_arrays_as_views_of_the_buffer() -> None:
+def test_unpack_stream_rebuilds_the_dict_with_arrays_as_writable_views_of_the_buffer() -> None:
     d = sample_dict()
     buffer = bytearray(stream_of(d))
     out = unpack_stream(buffer)
@@ -169,7 +169,10 @@ def test_unpack_stream_rebuilds_the_dict_with_arrays_as_views_of_the_buffer() ->
     whole = np.frombuffer(buffer, np.uint8)
     for key in ("weights", "counts", "fortran"):  # >= INLINE_LIMIT: no copy on the site
         assert np.shares_memory(out[key], whole), key
-    assert not out["weights"].flags.writeable
+    before = out["counts"].copy()
+    out["counts"] += 1  # writable in place: the receive buffer is the site's own
+    assert (out["counts"] == before + 1).all()
+    assert np.shares_memory(out["counts"], whole)
     assert isinstance(out["blob"], memoryview) and isinstance(out["small_blob"], bytes)
 
 

@@ -555,7 +555,8 @@ def frames_of(headers: Any, body: Any, *buffers: bytes) -> list[bytes]:
         (frames_of({}, ext_buffer(0)), "reference to buffer 0"),
         (frames_of({}, [ext_buffer(0), ext_buffer(0)], b"x"), "referenced twice"),
         (frames_of({}, msgpack.ExtType(1, b"\0\0\0"), b"x"), "expected 4"),
-        (frames_of({}, msgpack.ExtType(3, b"")), "unknown msgpack ext type 3"),
+        (frames_of({}, msgpack.ExtType(4, b"")), "unknown msgpack ext type 4"),
+        (frames_of({}, msgpack.ExtType(3, b"")), "body frame does not decode"),
         ([pack({}), b"\xd5\xffxx"], "body frame does not decode"),  # a bad msgpack timestamp
         (frames_of({}, ext_array("<f4", [1], 0)), "reference to buffer 0"),
         (frames_of({}, [ext_array("|u1", [1], 0), ext_buffer(0)], b"x"), "referenced twice"),

@@ -1,12 +1,17 @@
-"""Dicts of arrays and plain values: packed once into a byte stream, rebuilt on the site.
+"""Dicts of arrays, tensors and plain values: packed into a byte stream, rebuilt on the site.
 
-The owner encodes the dict with the wire codec (:func:`objdl.wire.encode`): plain
-values go into a msgpack body, and every array or bytes value of at least
-``INLINE_LIMIT`` bytes stays where it is, referenced by a view. The stream is a small
-table of frame lengths followed by the frames, read at any offset as a list of
-views, so no item has a size limit and nothing large is copied on the owner. The
-site receives the stream into one bytearray and decodes it in place: arrays come
-back with their dtype and shape as views of that one buffer, without another copy.
+The owner encodes the dict with the wire codec (:func:`objdl.wire.encode_lazily`):
+plain values go into a msgpack body, and every array, tensor or bytes value of at
+least ``INLINE_LIMIT`` bytes stays where it is, referenced by a view. The stream is a
+small table of frame lengths followed by the frames, read at any offset as a list of
+views, so no item has a size limit and nothing large is copied on the owner. A
+tensor whose memory cannot be shared (on a GPU, not contiguous) is copied to the CPU
+range by range as it is read (:class:`objdl._tensors.TensorFrame`), so the owner
+never holds more than the chunks being served (and the digest's one chunk).
+
+The site receives the stream into one bytearray it owns and decodes it in place:
+arrays and tensors come back with their dtype and shape as *writable* views of that
+one buffer, without another copy. torch is imported only when a tensor arrives.
 
 Stream layout: ``u32 count``, ``count`` x ``u64 length`` (big-endian), then the frames.
 """
@@ -14,11 +19,12 @@ Stream layout: ``u32 count``, ``count`` x ``u64 length`` (big-endian), then the 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
-from objdl import wire
+from objdl import _tensors, wire
 from objdl.cell import Cell
-from objdl.downloader import SizedSource, new_hash
+from objdl.downloader import DEFAULT_CHUNK_SIZE, SizedSource, new_hash
 from objdl.errors import WireError
 from objdl.message import Message
 from objdl.objects._bytes import BytesConsumer
@@ -40,9 +46,12 @@ class DictSource(SizedSource):
         bad = [k for k in obj if not isinstance(k, str)]
         if bad:
             raise TypeError(f"dict keys must be str; found {type(bad[0]).__name__} key {bad[0]!r}")
-        frames = [memoryview(f).cast("B") for f in wire.encode(Message(payload=obj), INLINE_LIMIT)]
+        frames = [
+            f if isinstance(f, _tensors.TensorFrame) else memoryview(f).cast("B")
+            for f in wire.encode_lazily(Message(payload=obj), INLINE_LIMIT)
+        ]
         table = _COUNT.pack(len(frames)) + b"".join(_LEN.pack(f.nbytes) for f in frames)
-        self._segments = [memoryview(table), *frames]
+        self._segments: list[memoryview | _tensors.TensorFrame] = [memoryview(table), *frames]
         self._starts = []
         pos = 0
         for seg in self._segments:
@@ -59,18 +68,27 @@ class DictSource(SizedSource):
                 continue
             if start >= end:
                 break
-            out.append(seg[max(0, offset - start) : min(seg.nbytes, end - start)])
+            lo, hi = max(0, offset - start), min(seg.nbytes, end - start)
+            out.append(seg.read(lo, hi) if isinstance(seg, _tensors.TensorFrame) else seg[lo:hi])
         return out
 
     def digest(self, algo: str) -> str:
         h = new_hash(algo)
         for seg in self._segments:
-            h.update(seg)
+            if isinstance(seg, _tensors.TensorFrame):  # a chunk at a time, as it is served
+                for pos in range(0, seg.nbytes, DEFAULT_CHUNK_SIZE):
+                    h.update(seg.read(pos, pos + DEFAULT_CHUNK_SIZE))
+            else:
+                h.update(seg)
         return h.hexdigest()
 
 
 def unpack_stream(buffer: bytearray) -> dict:
-    """Rebuild the dict from a complete stream (arrays are views of `buffer`)."""
+    """Rebuild the dict from a complete stream.
+
+    Large arrays, tensors and bytes values come back as writable views of `buffer`
+    (memoryviews for bytes), which they keep alive; smaller ones are their own.
+    """
     view = memoryview(buffer)
     try:
         (count,) = _COUNT.unpack_from(view, 0)
@@ -98,7 +116,7 @@ def unpack_stream(buffer: bytearray) -> dict:
     for n in lengths:
         frames.append(view[pos : pos + n])
         pos += n
-    payload = wire.decode(frames).payload
+    payload = wire.decode(frames, writable=True).payload
     if not isinstance(payload, dict):
         raise WireError(f"dict stream holds a {type(payload).__name__}, not a dict")
     return payload
@@ -127,20 +145,76 @@ def download_dict(
     *,
     per_request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     max_size: int | None = DEFAULT_MAX_MEMORY_SIZE,
+    map_location: Any = None,
     **kwargs: Any,
 ) -> dict:
     """Download a dict offered with :func:`offer_dict`; return it.
 
-    Arrays come back with their dtype and shape, as read-only views of one buffer.
-    `max_size` (default :data:`DEFAULT_MAX_MEMORY_SIZE`, 8 GiB; None: no limit) is
-    the largest packed dict accepted, as for :func:`download_bytes`; `kwargs` go to
-    :func:`download_object`.
+    numpy arrays come back as numpy arrays and torch tensors as ``torch.Tensor``s,
+    with their dtype and shape (a tensor from a GPU arrives on the CPU), nested as
+    they were (tuples as lists). Large ones are writable views of the one buffer the
+    stream was received into, so ``arr += 1`` or ``t.add_(1)`` changes them in
+    place, without a copy; ``model.load_state_dict(result)`` works. A dict holding
+    tensors needs torch on the site: without it the download fails with a
+    DownloadError whose reason says so.
+
+    Args:
+        map_location: where tensors go on arrival, as for ``torch.load``: None (stay
+            on the CPU), a device (``"cuda:0"``, ``torch.device``), a dict mapping
+            ``"cpu"`` to a device, or a callable ``fn(tensor, "cpu")`` returning the
+            tensor to use (None: keep it). Moving off the CPU copies each tensor.
+        max_size: the largest packed dict accepted (default
+            :data:`DEFAULT_MAX_MEMORY_SIZE`, 8 GiB; None: no limit), as for
+            :func:`download_bytes`.
+        kwargs: go to :func:`download_object`.
 
     Raises:
         DownloadError: the download failed; its ``reason`` says why.
+        TypeError: `map_location` is none of the kinds above.
     """
+    move = _mover(map_location)
     consumer = DictConsumer()
     kwargs["max_size"] = max_size
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     assert consumer.dict is not None
-    return consumer.dict
+    return consumer.dict if move is None else _move_tensors(consumer.dict, move)
+
+
+def _mover(map_location: Any) -> Callable[[Any], Any] | None:
+    """What to do with each tensor that arrived, per `map_location` (see download_dict)."""
+    if map_location is None:
+        return None
+    if isinstance(map_location, dict):
+        target = map_location.get("cpu")
+        return None if target is None else _mover(target)
+    torch = _tensors.torch_if_loaded()
+    if isinstance(map_location, str) or (
+        torch is not None and isinstance(map_location, torch.device)
+    ):
+        return lambda t: t.to(map_location)
+    if callable(map_location):
+
+        def call(t: Any) -> Any:
+            moved = map_location(t, "cpu")
+            return t if moved is None else moved
+
+        return call
+    raise TypeError(
+        "map_location must be None, a device (str or torch.device), a dict or a callable, "
+        f"not {type(map_location).__name__}"
+    )
+
+
+def _move_tensors(obj: Any, move: Callable[[Any], Any]) -> Any:
+    """`obj` with every tensor in it replaced by ``move(tensor)``, in place."""
+    torch = _tensors.torch_if_loaded()
+    if torch is None:  # nothing decoded a tensor
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return move(obj)
+    if type(obj) is dict:
+        for key, value in obj.items():
+            obj[key] = _move_tensors(value, move)
+    elif type(obj) is list:
+        obj[:] = [_move_tensors(value, move) for value in obj]
+    return obj
