@@ -241,9 +241,11 @@ def _tensor_stream(name: Any, shape: Any, data: Any, extra: bytes = b"") -> byte
 
 
 HOSTILE = {
-    "bool-byte-2": ("bool", [3], 0, b"\x00\x01\x02"),
+    # Buffer frames are 4 KiB or more, as the encoder makes them (a stream holding a
+    # smaller one is refused before any tensor is looked at).
+    "bool-byte-2": ("bool", [4096], 0, b"\x00" * 4094 + b"\x01\x02"),
     "bool-inline-byte-255": ("bool", [2], b"\x01\xff", b""),
-    "short": ("float32", [4], 0, b"\x00" * 15),
+    "short": ("float32", [1025], 0, b"\x00" * 4099),
     "long": ("float32", [4], b"\x00" * 17, b""),
     "quantized": ("qint8", [1], b"\x00", b""),
     "not-a-dtype": ("Tensor", [1], b"\x00", b""),
@@ -264,8 +266,8 @@ def test_a_hostile_tensor_ext_is_a_wire_error(case: tuple[Any, Any, Any, bytes])
 
 
 def test_a_well_formed_hand_built_tensor_decodes() -> None:  # the hostile cases' control
-    out = unpack_stream(_tensor_stream("bool", [3], 0, b"\x00\x01\x01"))
-    assert out["t"].tolist() == [False, True, True]
+    out = unpack_stream(_tensor_stream("bool", [4096], 0, b"\x00\x01\x01" + b"\x00" * 4093))
+    assert out["t"].tolist()[:4] == [False, True, True, False] and out["t"].shape == (4096,)
 
 
 # --- no torch on the site -----------------------------------------------------------------
