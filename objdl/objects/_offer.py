@@ -40,6 +40,20 @@ class ObjectProducer(SizedProducer):
         self._opened: dict[str, SizedSource] = {}
         self._opened_lock = threading.Lock()
 
+    def prepare_opened(self, ref_id: str, obj: Any, source: SizedSource | None) -> None:
+        """:meth:`prepare` `ref_id`, serving it from `source` if given (already opened).
+
+        If preparing fails before `source` is taken, it stays the caller's to close.
+        """
+        if source is not None:
+            with self._opened_lock:
+                self._opened[ref_id] = source
+        try:
+            self.prepare(ref_id, obj)  # open and hash now, not while a site waits
+        finally:
+            with self._opened_lock:
+                self._opened.pop(ref_id, None)
+
     def open_source(self, ref_id: str, obj: Any) -> SizedSource:
         with self._opened_lock:
             opened = self._opened.pop(ref_id, None)
@@ -145,14 +159,7 @@ def _offer(
             "ObjectProducer; make it with objdl.objects.new_transaction"
         )
     ref_id = new_id("R")
-    if source is not None:
-        with producer._opened_lock:
-            producer._opened[ref_id] = source
-    try:
-        producer.prepare(ref_id, obj)  # open and hash now, not while a site waits
-    finally:
-        with producer._opened_lock:
-            producer._opened.pop(ref_id, None)  # not taken: the caller closes it
+    producer.prepare_opened(ref_id, obj, source)
     try:
         ObjDownloader.add_download_object(
             transaction_id, obj, ref_id=ref_id, obj_downloaded_cb=obj_downloaded_cb, **cb_kwargs
@@ -241,9 +248,7 @@ def offer_file(
         source = FileSource(p, dir_fd=dir_fd, follow_symlinks=follow_symlinks)
     except FileNotFoundError:
         raise FileNotFoundError(f"cannot offer {p}: no such file") from None
-    except ValueError:
-        raise IsADirectoryError(f"cannot offer {p}: not a regular file") from None
-    except IsADirectoryError:
+    except (ValueError, IsADirectoryError):
         raise IsADirectoryError(f"cannot offer {p}: not a regular file") from None
     try:
         return _offer(
