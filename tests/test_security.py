@@ -1282,10 +1282,14 @@ def test_truncated_frames_are_rejected() -> None:
     assert p.receiver.stats["opened"] == 1
 
 
-def test_cell_and_e2e_agree_on_the_seal_length() -> None:
-    from objdl.cell._pending import SEAL_BYTES
+def test_cell_and_e2e_read_seals_with_one_function() -> None:
+    import objdl.cell._cell as cell_mod
+    import objdl.cell._pending as pending_mod
+    import objdl.security._e2e as e2e_mod
+    from objdl.security import _seal
 
-    assert SEAL_BYTES == SEAL_LEN
+    assert cell_mod.seal_of is pending_mod.seal_of is e2e_mod.seal_of is _seal.seal_of
+    assert SEAL_LEN == _seal.SEAL_LEN == 33
 
 
 def test_a_sealed_refusal_is_followed_even_if_the_peer_clock_stepped_back() -> None:

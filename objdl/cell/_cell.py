@@ -27,7 +27,6 @@ from objdl import wire
 from objdl._logutil import RateLimitedLog
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread, Outbox
-from objdl.cell._pending import SEAL_BYTES as _SEAL_LEN
 from objdl.cell._pending import PendingRequest, Waiters
 from objdl.cell._secure import Opener
 from objdl.errors import BrokerUnavailableError, CellError, NameTakenError
@@ -49,6 +48,7 @@ from objdl.security import (
     load_keypair,
     load_public_key,
 )
+from objdl.security._seal import seal_of
 
 if TYPE_CHECKING:
     from objdl.security._e2e import EndToEnd
@@ -623,7 +623,7 @@ class Cell:
 
         def deliver(sealed: list[Any]) -> None:
             if pending is not None:
-                pending.seal = bytes(memoryview(sealed[1])[:_SEAL_LEN])
+                pending.seal = seal_of(sealed)
             _hold_plain(sealed, frames)
             queue.append(route + sealed)
 

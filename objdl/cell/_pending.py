@@ -10,10 +10,9 @@ from collections.abc import Callable
 from typing import Any
 
 from objdl.message import Message, ReturnCode, make_reply
+from objdl.security._seal import seal_of
 
 __all__ = ["PendingRequest", "Sealed", "Waiters"]
-
-SEAL_BYTES = 33  # objdl.security._e2e.SEAL_LEN (not imported: it needs `cryptography`)
 
 
 class PendingRequest:
@@ -184,5 +183,4 @@ class Sealed:
     @property
     def seal(self) -> bytes:
         """The SEAL it came with (what a sealed reply to it is bound to); b"" if none."""
-        body = memoryview(self.frames[1]) if len(self.frames) > 1 else memoryview(b"")
-        return bytes(body[:SEAL_BYTES]) if body.nbytes >= SEAL_BYTES else b""
+        return seal_of(self.frames)

@@ -66,6 +66,8 @@ from zmq.utils import z85
 
 from objdl.security._errors import KeyFileError, Rejected, SecureUnavailableError
 from objdl.security._keys import KeyPair, PeerKeys
+from objdl.security._seal import NO_SESSION, SEAL_LEN, SESSION_LEN, VERSION, seal_of
+from objdl.security._seal import view_of as _view
 
 __all__ = [
     "NO_SESSION",
@@ -78,10 +80,6 @@ __all__ = [
     "seal_of",
 ]
 
-VERSION = 2
-SESSION_LEN = 12
-SEAL_LEN = 1 + 2 * SESSION_LEN + 8
-NO_SESSION = bytes(SESSION_LEN)  # "the receiver's session is not known yet"
 WINDOW = 1024
 _TAG_LEN = 16  # Poly1305
 _MAGIC = b"objdl-e2e-2"
@@ -126,14 +124,6 @@ class ReplayWindow:
             self.bits |= 1 << (self.highest - counter)
 
 
-def _view(frame: Any) -> memoryview:
-    buffer = getattr(frame, "buffer", None)
-    view = buffer if isinstance(buffer, memoryview) else memoryview(frame)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    return view
-
-
 def _lp(data: bytes) -> bytes:
     return _U32.pack(len(data)) + data
 
@@ -157,14 +147,6 @@ def _common_ad(
 
 def _start(session: bytes) -> int:
     return int.from_bytes(session[:4], "big")
-
-
-def seal_of(frames: Sequence[Any]) -> bytes:
-    """The SEAL of sealed frames ``[headers, body, ...]`` (b"" if there is none)."""
-    if len(frames) < 2:
-        return b""
-    body = _view(frames[1])
-    return bytes(body[:SEAL_LEN]) if body.nbytes >= SEAL_LEN else b""
 
 
 class Outbound:
