@@ -132,6 +132,7 @@ def test_json_events_allowed_sites_digest_window_chunk(broker: Any, tmp_path: Pa
         summary = _events(serve.out)[-1]
         assert summary["status"] == "finished"
         assert summary["refs"][offered["ref"]]["finished"] == ["site-1"]
+        assert summary["refs"][offered["ref"]]["refused"] == {"site-3": "unauthenticated"}
     finally:
         serve.stop()
 

@@ -27,6 +27,7 @@ from objdl.downloader import (
     MAX_INFLIGHT_PER_SITE,
     DownloadStatus,
     ObjDownloader,
+    TransferOutcome,
     TransferStatus,
 )
 from objdl.downloader._budget import InFlight
@@ -340,6 +341,21 @@ def test_refused_cell_does_not_keep_a_transaction_alive(cells: Any, raw: Any) ->
         time.sleep(0.3)
     assert outcome.status == TransferStatus.TIMEOUT
     assert time.monotonic() - start < 3.0
+    # The owner's record says who was turned away, and how.
+    assert outcome.summary()[ref]["refused"] == {"intruder": ReturnCode.UNAUTHENTICATED}
+
+
+def test_refused_cells_are_remembered_up_to_a_bound() -> None:
+    from objdl.downloader._outcome import MAX_REFUSED
+
+    outcome = TransferOutcome("T1")
+    outcome.add_ref("R1")
+    for i in range(MAX_REFUSED + 50):
+        outcome.refused("R1", f"name-{i}", ReturnCode.UNAUTHENTICATED)
+    outcome.refused("R1", "name-0", ReturnCode.AUTHENTICATION_ERROR)  # a known one updates
+    refused = outcome.summary()["R1"]["refused"]
+    assert isinstance(refused, dict) and len(refused) == MAX_REFUSED
+    assert refused["name-0"] == ReturnCode.AUTHENTICATION_ERROR
 
 
 # ------------------------------------------------------------------ 4. secure only
@@ -375,6 +391,14 @@ def test_secure_transaction_serves_only_sealed_requests(
                 assert reply.payload is None
             # Sealed: served.
             assert bytes(download_bytes(site, "server", ref, secure=True)) == data
+            # The owner's record says who was turned away for asking in plaintext.
+            tx_sec = new_transaction(owner, secure=True)
+            ref2 = offer_bytes(owner, b"y" * 1000, transaction_id=tx_sec)
+            with pytest.raises(DownloadError, match="authentication_error"):
+                download_bytes(site, "server", ref2, tries=1)
+            outcome = ObjDownloader.get_outcome(tx_sec)
+            assert outcome is not None
+            assert outcome.summary()[ref2]["refused"] == {"site-1": ReturnCode.AUTHENTICATION_ERROR}
             assert any(
                 "only to sealed" in r.message or "plaintext" in r.message for r in caplog.records
             )

@@ -235,8 +235,10 @@ def _summary(status: str, outcome: Any, labels: dict[str, str], events: Events, 
     print(f"summary ({status}):", flush=True)
     for ref_id, s in summary.items():
         failed = "; ".join(f"{site} ({why})" for site, why in s["failed"].items())
+        refused = "; ".join(f"{site} ({code})" for site, code in s["refused"].items())
         print(
             f"  {labels.get(ref_id, ref_id)} {ref_id}: finished: {', '.join(s['finished']) or '-'}"
-            + (f"; failed: {failed}" if failed else ""),
+            + (f"; failed: {failed}" if failed else "")
+            + (f"; refused: {refused}" if refused else ""),
             flush=True,
         )

@@ -26,6 +26,7 @@ from typing import Any
 
 __all__ = [
     "MAX_RANGES",
+    "MAX_REFUSED",
     "Ranges",
     "RefOutcome",
     "SiteRecord",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 MAX_RANGES = 1024  # separate byte ranges kept per (ref, site); beyond, new ones are not kept
+MAX_REFUSED = 1024  # refused cells remembered per ref; beyond, new names are not kept
 
 
 class Ranges:
@@ -108,6 +110,9 @@ class RefOutcome:
     ref_id: str
     total: int | None = None
     sites: dict[str, SiteRecord] = field(default_factory=dict)
+    # Cells turned away (not allowed, or plaintext for a secure transaction) -> the
+    # return code they got; at most MAX_REFUSED, so a flood of names cannot grow it.
+    refused: dict[str, str] = field(default_factory=dict)
 
     def with_state(self, state: str) -> list[str]:
         return sorted(s for s, r in self.sites.items() if r.state == state)
@@ -187,6 +192,13 @@ class TransferOutcome:
                 rec.served.add(offset, offset + nbytes)
             return rec
 
+    def refused(self, ref_id: str, site: str, code: str) -> None:
+        """`site` asked for `ref_id` and was turned away with return code `code`."""
+        with self._lock:
+            ref = self.refs.get(ref_id)
+            if ref is not None and (site in ref.refused or len(ref.refused) < MAX_REFUSED):
+                ref.refused[site] = code
+
     def covered(self, ref_id: str, site: str, size: int) -> bool:
         """Whether `site` was served every byte of `ref_id` (of `size` bytes)."""
         with self._lock:
@@ -264,7 +276,8 @@ class TransferOutcome:
         return self
 
     def summary(self) -> dict[str, dict[str, list[str] | dict[str, str]]]:
-        """Per ref: finished, failed (with reasons), in progress, never came."""
+        """Per ref: finished, failed (with reasons), in progress, never came, and the
+        cells refused (with the return code they got)."""
         with self._lock:
             refs = list(self.refs.values())
             expected = self.expected
@@ -274,6 +287,7 @@ class TransferOutcome:
                 "failed": r.failed,
                 "in_progress": r.in_progress,
                 "never_came": sorted(expected - set(r.sites)) if expected is not None else [],
+                "refused": dict(sorted(r.refused.items())),
             }
             for r in refs
         }

@@ -228,6 +228,7 @@ class _OwnerState:
         """The reply for a request the transaction does not accept, or None."""
         track = ref.tx.track
         if not track.allows(requester):
+            track.outcome.refused(ref.rid, requester, ReturnCode.UNAUTHENTICATED)
             _rlog.log(
                 logging.WARNING, "denied", "%s may not download %s; refused", requester, ref.rid
             )
@@ -238,6 +239,7 @@ class _OwnerState:
         # The cell sets SECURE on every request it hands a handler: True only for one
         # that arrived sealed and was opened and authenticated (a sender cannot forge it).
         if track.secure and request.get_header(MessageHeaderKey.SECURE) is not True:
+            track.outcome.refused(ref.rid, requester, ReturnCode.AUTHENTICATION_ERROR)
             _rlog.log(
                 logging.WARNING,
                 "plaintext",
