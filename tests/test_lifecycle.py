@@ -58,6 +58,7 @@ def test_named_sites_finish_the_transaction_by_itself(net: dict[str, Cell]) -> N
         "failed": {},
         "in_progress": [],
         "never_came": [],
+        "refused": {},
     }
     assert outcome.refs[r2].sites["site-1"].bytes_sent == 3 * MiB
 
