@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -59,3 +60,14 @@ def cells(broker: Any) -> Iterator[tuple[Any, Any]]:
         ObjDownloader.shutdown()
         site.stop()
         owner.stop()
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """A loopback port that is held (so nothing else takes it) but where no broker listens."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    try:
+        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    finally:
+        s.close()

@@ -10,7 +10,6 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +24,6 @@ from tests._cli_procs import CLI, Child, assert_one_line_error, run_cli
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-@pytest.fixture
-def dead_url() -> Iterator[str]:
-    """A loopback port that is held (so nothing else takes it) but where no broker listens."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    finally:
-        s.close()
 
 
 def test_serve_and_get_end_to_end(broker: Any, tmp_path: Path) -> None:

@@ -6,9 +6,7 @@ import json
 import os
 import shlex
 import signal
-import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +14,6 @@ import pytest
 
 from objdl.cell import Cell
 from tests._cli_procs import CLI, Child, assert_one_line_error, run, run_cli
-
-
-@pytest.fixture
-def dead_url() -> Iterator[str]:
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.bind(("127.0.0.1", 0))
-    try:
-        yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
-    finally:
-        s.close()
 
 
 def _events(lines: list[str]) -> list[dict[str, Any]]:

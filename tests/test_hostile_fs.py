@@ -74,6 +74,19 @@ def offer_slow(owner: Cell, path: Path, delay: float = 0.02) -> str:
     return ObjDownloader.add_download_object(tx, path)
 
 
+def download_withdrawn_at_1mib(site: Cell, ref: str, dest: Path, reason: str) -> None:
+    """A resumable download of `ref` that its owner withdraws, with `reason`, after 1 MiB."""
+
+    def withdraw(ref_id: str, done: int, total: Any, rate: float) -> None:
+        if done >= MiB:
+            ObjDownloader.withdraw(ref_id, reason)
+
+    download_file(
+        site, "server", ref, dest, resume=True, window=1, progress_cb=withdraw,
+        progress_interval=0.0,
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------- planted at our names
 
 
@@ -347,15 +360,8 @@ def test_long_name_resume_keeps_its_part_where_a_new_process_finds_it(
     dest = out / ("€" * 85)
     part, state = FileConsumer(dest, resume=True).resume_paths(ref)
 
-    def withdraw(ref_id: str, done: int, total: Any, rate: float) -> None:
-        if done >= MiB:
-            ObjDownloader.withdraw(ref_id, "test")
-
     with pytest.raises(DownloadError, match="withdrawn"):
-        download_file(
-            site, "server", ref, dest, resume=True, window=1, progress_cb=withdraw,
-            progress_interval=0.0,
-        )  # fmt: skip
+        download_withdrawn_at_1mib(site, ref, dest, "test")
     assert kept(out) == sorted([part.name, state.name])
     assert json.loads(state.read_text())["verified"] > 0
 
@@ -373,15 +379,8 @@ def test_owner_saying_digest_mismatch_does_not_discard_a_kept_part(
     dest = out / "copy.bin"
     part, state = FileConsumer(dest, resume=True).resume_paths(ref)
 
-    def withdraw(ref_id: str, done: int, total: Any, rate: float) -> None:
-        if done >= MiB:
-            ObjDownloader.withdraw(ref_id, "digest mismatch (or so it says)")
-
     with pytest.raises(DownloadError, match="digest mismatch"):
-        download_file(
-            site, "server", ref, dest, resume=True, window=1, progress_cb=withdraw,
-            progress_interval=0.0,
-        )  # fmt: skip
+        download_withdrawn_at_1mib(site, ref, dest, "digest mismatch (or so it says)")
     assert part.exists() and state.exists()
 
 
