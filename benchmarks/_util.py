@@ -228,20 +228,26 @@ def start_objdl_broker(extra: Sequence[str] = (), timeout: float = 10.0) -> tupl
         "objdl-broker",
         [sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*", *extra],
     )
+    line = _await_line(child, "objdl broker", "listening on", timeout)
+    return child, line.rsplit(" ", 1)[-1].strip()
+
+
+def _await_line(child: Child, what: str, marker: str, timeout: float) -> str:
+    """The first line `child` prints that holds `marker`; stops the child on failure."""
     try:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ChildError(f"objdl broker did not start within {timeout:g}s")
+                raise ChildError(f"{what} did not start within {timeout:g}s")
             try:
                 line = child._lines.get(timeout=left)
             except queue.Empty:
                 continue
             if line is None:
-                raise ChildError(f"objdl broker exited at start{child._tail()}")
-            if "listening on" in line:
-                return child, line.rsplit(" ", 1)[-1].strip()
+                raise ChildError(f"{what} exited at start{child._tail()}")
+            if marker in line:
+                return line
     except BaseException:
         child.stop()
         raise
@@ -650,20 +656,5 @@ def start_nats_server(timeout: float = 10.0) -> tuple[Child, str]:
         )
     child = Child("nats-server", [path, "-a", "127.0.0.1", "-p", "-1", "-l", "/dev/stdout"])
     marker = "Listening for client connections on "
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ChildError(f"nats-server did not start within {timeout:g}s")
-            try:
-                line = child._lines.get(timeout=left)
-            except queue.Empty:
-                continue
-            if line is None:
-                raise ChildError(f"nats-server exited at start{child._tail()}")
-            if marker in line:
-                return child, "nats://" + line.split(marker, 1)[1].strip()
-    except BaseException:
-        child.stop()
-        raise
+    line = _await_line(child, "nats-server", marker, timeout)
+    return child, "nats://" + line.split(marker, 1)[1].strip()
