@@ -629,6 +629,27 @@ def test_service_unavailable_for_every_chunk_ends_within_the_tries(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_busy_once_per_chunk_after_progress_costs_no_try(
+    net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
+) -> None:
+    """An honest owner at its cap with a window of one: the chunk it just served is still
+    on its way out when the next request comes, so that request is answered busy. Each
+    busy answer after a stored chunk is retried without spending a try."""
+    _, site, evil = net
+    asked: set[int] = set()
+
+    def busy_at_first_ask(owner: HostileOwner, state: Any) -> Body:
+        offset = (state or {}).get("offset")
+        if offset is not None and offset < len(owner.data) and offset not in asked:
+            asked.add(offset)
+            return make_reply(ReturnCode.SERVICE_UNAVAILABLE, "busy: the last chunk is leaving")
+        return honest(owner, state)
+
+    evil.reset(busy_at_first_ask)
+    assert attack("bytes", site, tmp_path, tries=1, window=1) == DATA
+    assert len(asked) >= 2  # several chunks, each answered busy once
+
+
 def test_service_unavailable_forever_ends_at_the_overall_timeout(
     net: tuple[Broker, Cell, HostileOwner], tmp_path: Path
 ) -> None:

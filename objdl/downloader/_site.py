@@ -482,6 +482,7 @@ class _Window:
         # (it caps the data it holds for us), grown back by one per window of chunks.
         self.limit = window
         self._grow = 0
+        self._stored_since_busy = False  # a chunk stored since the last busy answer
 
     def run(self) -> None:
         req = self.req
@@ -613,6 +614,7 @@ class _Window:
             ) from exc
         self.digest.add(offset, pieces)
         self.req.progress.add(got)
+        self._stored_since_busy = True
 
     def submit(self, offset: int, n: int, attempt: int) -> None:
         p = self.req.submit({"offset": offset, "length": n}, self.done)
@@ -681,11 +683,14 @@ class _Window:
         _, offset, n, attempt = entry
         reply = p.result()
         if reply.get_header(MessageHeaderKey.RETURN_CODE) == ReturnCode.SERVICE_UNAVAILABLE and (
-            self.inflight
+            self.inflight or self._stored_since_busy
         ):
-            # The owner is busy with our other requests: ask again once one of them
-            # is answered, with a smaller window, and without spending a try.
+            # The owner is busy with our other requests, or still sending the chunk it
+            # just served us: ask again shortly, with a smaller window, without spending
+            # a try. Busy answers with no chunk stored in between do spend tries, so an
+            # owner that is busy forever still ends the download.
             self.limit = max(1, len(self.inflight))
+            self._stored_since_busy = False
             heapq.heappush(self.retry_at, (time.monotonic() + _BUSY_DELAY, offset, n, attempt))
             return
         delay = self.req.judge(reply, attempt)
