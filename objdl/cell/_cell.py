@@ -22,10 +22,11 @@ import zmq
 from objdl import fqcn as _fqcn
 from objdl._wake import Waker
 from objdl.cell._core import CellCore
+from objdl.cell._dealer import start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread
 from objdl.cell._pending import OnDone, PendingRequest
-from objdl.errors import BrokerUnavailableError, CellError, NameTakenError
+from objdl.errors import CellError
 from objdl.message import (
     Message,
     MessageHeaderKey,
@@ -34,7 +35,6 @@ from objdl.message import (
     make_reply,
 )
 from objdl.security import (
-    AuthenticationError,
     KeySource,
     PeerKeySource,
     PublicKeySource,
@@ -209,29 +209,11 @@ class Cell:
         ok = self._io.ready.wait(timeout)
         if ok and self._io.registered:
             return
-        refused, auth, handshake = (
-            self._io.refused,
-            self._io.auth_refused,
-            self._io.handshake_failed,
+        error = start_error(
+            self.broker_url, self._fqcn, timeout, self._io.refused, self._io.handshake
         )
         self.stop()
-        if auth:
-            raise AuthenticationError(self.broker_url, auth)
-        if refused:
-            if refused.startswith("not allowed"):
-                raise AuthenticationError(
-                    self.broker_url, f"name {self._fqcn!r} {refused}", kind="name"
-                )
-            if refused == "taken":  # PROTOCOL.md: exactly this reason
-                raise NameTakenError(self._fqcn, refused)
-            raise CellError(f"the broker refused cell {self._fqcn!r}: {refused}")
-        if handshake:
-            raise AuthenticationError(
-                self.broker_url,
-                f"{handshake} (is broker_public_key this broker's key, and does it use CURVE?)",
-                kind="handshake",
-            )
-        raise BrokerUnavailableError(self.broker_url, timeout)
+        raise error
 
     def stop(self, timeout: float = 5.0) -> None:
         """Unregister, end every thread and close the socket. Idempotent."""

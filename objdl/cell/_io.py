@@ -17,12 +17,12 @@ import time
 from typing import Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from objdl._logutil import RateLimitedLog
 from objdl._session import Action, SessionState
 from objdl._wake import Waker
 from objdl.cell._core import CellCore
+from objdl.cell._dealer import Handshake, close_dealer, new_dealer
 from objdl.security import KeyPair
 
 __all__ = ["IOThread"]
@@ -31,12 +31,6 @@ log = logging.getLogger("objdl.cell")
 
 _CLOSE_LINGER_MS = 250  # time given to the last queued replies and BYE at stop
 _DRAIN = 256  # messages read per wake-up, so timers and the outgoing queue get their turn
-_HANDSHAKE_EVENTS = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
-    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
-)
 
 
 class IOThread:
@@ -70,8 +64,7 @@ class IOThread:
         self.connected = threading.Event()  # set while registered
         self.registered = False
         self.refused = ""  # the broker refused the registration
-        self.auth_refused = ""  # the broker turned our key away (ZAP)
-        self.handshake_failed = ""  # the last CURVE handshake failure, until one succeeds
+        self.handshake = Handshake()  # what the CURVE handshakes said
 
     @property
     def ident(self) -> int:
@@ -139,7 +132,7 @@ class IOThread:
                 stalled = None
                 core.socket_replaced(now)
             self._apply(act, sock)
-            if self.refused or self.auth_refused:
+            if self.refused or self.handshake.auth_refused:
                 return
             if session.state is SessionState.REGISTERED:
                 stalled = self._flush(sock, stalled)
@@ -216,55 +209,26 @@ class IOThread:
     # ---------------------------------------------------------------- the socket
 
     def _new_socket(self) -> zmq.Socket:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a broker that is not there
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        if self._broker_key is not None:
-            assert self._keys is not None
-            sock.curve_serverkey = self._broker_key
-            sock.curve_publickey = self._keys.public
-            sock.curve_secretkey = self._keys.secret
-            self._monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
-            self._monitor.setsockopt(zmq.LINGER, 0)
-        sock.connect(self._url)
+        sock, self._monitor = new_dealer(self._ctx, self._url, self._keys, self._broker_key)
         return sock
 
     def _close_socket(self, sock: zmq.Socket) -> None:
-        if self._monitor is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            self._monitor.close(linger=0)
-            self._monitor = None
         # A short, bounded linger at stop lets the last replies and BYE leave; on a
         # reconnect (or a dead broker) nothing queued is worth waiting for.
-        sock.close(linger=self._closing_linger)
+        close_dealer(sock, self._monitor, self._closing_linger)
+        self._monitor = None
 
     def _on_handshake(self, monitor: zmq.Socket) -> None:
         """Read CURVE handshake events; a key the broker refuses ends a pending start."""
-        for _ in range(64):
-            try:
-                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            except (zmq.ZMQError, ValueError, IndexError):
-                return
-            kind, value = event["event"], event["value"]
-            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.handshake_failed = ""
-            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-                why = f"it does not allow this cell's key (ZAP status {value})"
-                if not self.ready.is_set():
-                    self.auth_refused = why
-                    self.ready.set()
-                else:  # libzmq does not retry a refused key: this cell stays offline
-                    self._rlog.log(
-                        logging.ERROR,
-                        "auth",
-                        "cell %s: the broker at %s refused this cell's key on reconnect",
-                        self._name,
-                        self._url,
-                    )
-            else:
-                self.handshake_failed = f"the CURVE handshake failed ({zmq.Event(kind).name})"
+        if not self.handshake.read(monitor):
+            return
+        if not self.ready.is_set():
+            self.ready.set()
+        else:  # libzmq does not retry a refused key: this cell stays offline
+            self._rlog.log(
+                logging.ERROR,
+                "auth",
+                "cell %s: the broker at %s refused this cell's key on reconnect",
+                self._name,
+                self._url,
+            )

@@ -1,0 +1,104 @@
+"""The DEALER connection to the broker, shared by every shell of a cell (threads, asyncio).
+
+It makes and closes the socket (options, CURVE client keys, the monitor socket that
+reports handshakes), turns CURVE handshake events into what a shell needs to know, and
+turns a failed start into the exception the caller gets. No loop and no thread here:
+the shell that owns the socket calls these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from objdl.errors import BrokerUnavailableError, CellError, NameTakenError
+from objdl.security import AuthenticationError, KeyPair
+
+__all__ = ["Handshake", "close_dealer", "new_dealer", "start_error"]
+
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+def new_dealer(
+    ctx: zmq.Context, url: str, keys: KeyPair | None, broker_key: bytes | None
+) -> tuple[zmq.Socket, zmq.Socket | None]:
+    """A DEALER connecting to `url`, with CURVE and its monitor if `broker_key` is given."""
+    sock = ctx.socket(zmq.DEALER)
+    monitor = None
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing toward a broker that is not there
+    sock.setsockopt(zmq.RECONNECT_IVL, 100)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+    if broker_key is not None:
+        assert keys is not None
+        sock.curve_serverkey = broker_key
+        sock.curve_publickey = keys.public
+        sock.curve_secretkey = keys.secret
+        monitor = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        monitor.setsockopt(zmq.LINGER, 0)
+    sock.connect(url)
+    return sock, monitor
+
+
+def close_dealer(sock: zmq.Socket, monitor: zmq.Socket | None, linger_ms: int) -> None:
+    """Close `sock` (and its monitor); `linger_ms` bounds how long queued messages may wait."""
+    if monitor is not None:
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)
+    sock.close(linger=linger_ms)
+
+
+@dataclass
+class Handshake:
+    """What the CURVE handshakes so far say: a refused key, or the last failure."""
+
+    auth_refused: str = ""  # the broker turned our key away (ZAP)
+    failed: str = ""  # the last handshake failure, until one succeeds
+
+    def read(self, monitor: zmq.Socket, limit: int = 64) -> bool:
+        """Read up to `limit` monitor events; True if the broker refused our key."""
+        refused = False
+        for _ in range(limit):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except (zmq.ZMQError, ValueError, IndexError):  # Again included: nothing more
+                break
+            kind, value = event["event"], event["value"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed = ""
+            elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self.auth_refused = f"it does not allow this cell's key (ZAP status {value})"
+                refused = True
+            else:
+                self.failed = f"the CURVE handshake failed ({zmq.Event(kind).name})"
+        return refused
+
+
+def start_error(
+    url: str, fqcn: str, timeout: float, refused: str, handshake: Handshake
+) -> Exception:
+    """The exception for a start that did not register (see ``Cell.start``)."""
+    if handshake.auth_refused:
+        return AuthenticationError(url, handshake.auth_refused)
+    if refused:
+        if refused.startswith("not allowed"):
+            return AuthenticationError(url, f"name {fqcn!r} {refused}", kind="name")
+        if refused == "taken":  # PROTOCOL.md: exactly this reason
+            return NameTakenError(fqcn, refused)
+        return CellError(f"the broker refused cell {fqcn!r}: {refused}")
+    if handshake.failed:
+        return AuthenticationError(
+            url,
+            f"{handshake.failed} (is broker_public_key this broker's key, and does it use CURVE?)",
+            kind="handshake",
+        )
+    return BrokerUnavailableError(url, timeout)
