@@ -22,7 +22,7 @@ import zmq
 from objdl import fqcn as _fqcn
 from objdl._wake import Waker
 from objdl.cell._core import CellCore
-from objdl.cell._dealer import start_error
+from objdl.cell._dealer import settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread
 from objdl.cell._pending import OnDone, PendingRequest
@@ -32,19 +32,15 @@ from objdl.message import (
     MessageHeaderKey,
     ReturnCode,
     Signal,
-    make_reply,
 )
 from objdl.security import (
     KeySource,
     PeerKeySource,
     PublicKeySource,
-    end_to_end,
-    load_keypair,
-    load_public_key,
 )
 
 if TYPE_CHECKING:
-    from objdl.security._e2e import EndToEnd
+    pass
 
 __all__ = ["Cell"]
 
@@ -110,25 +106,14 @@ class Cell:
         peer_keys: PeerKeySource | None = None,
         drain_timeout: float = 1.0,
     ) -> None:
-        self._fqcn = _fqcn.validate(fqcn)
-        if not isinstance(broker_url, str) or not _URL.fullmatch(broker_url):
-            raise ValueError(
-                f"broker_url must look like tcp://HOST:PORT (or ipc://PATH), got {broker_url!r}"
-            )
-        if max_workers < 1 or max_pending < 1:
-            raise ValueError("max_workers and max_pending must be at least 1")
+        conf = settings(
+            fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
+        )
+        self._fqcn = conf.fqcn
         self.broker_url = broker_url
         self._start_timeout = start_timeout
         self._ctx = context or zmq.Context.instance()
-        if curve_keys is None and (broker_public_key is not None or peer_keys is not None):
-            raise ValueError("broker_public_key and peer_keys need curve_keys (this cell's keys)")
-        self._keys = load_keypair(curve_keys) if curve_keys is not None else None
-        self._broker_key = (
-            load_public_key(broker_public_key) if broker_public_key is not None else None
-        )
-        self._e2e: EndToEnd | None = None
-        if peer_keys is not None and self._keys is not None:
-            self._e2e = end_to_end(self._fqcn, self._keys, peer_keys)
+        self._keys, self._broker_key, self._e2e = conf.keys, conf.broker_key, conf.e2e
         self._waker = Waker()
         self._core = core = CellCore(
             self._fqcn,
@@ -336,28 +321,8 @@ class Cell:
         finally:
             for p in pending:
                 p.cancel()
-        result: dict[str, Message] = {}
-        for p in pending:
-            if p.reply is None and abort_signal is not None and abort_signal.triggered:
-                p.resolve(make_reply(ReturnCode.ABORT_RUN, "aborted by the caller's signal"))
-            elif p.reply is None:
-                p.resolve(
-                    make_reply(ReturnCode.TIMEOUT, f"no reply from {p.target} within {timeout:g}s")
-                )
-            reply = p.result()
-            rc = reply.get_header(_H.RETURN_CODE)
-            if rc != ReturnCode.OK:
-                self._log_failure(
-                    optional,
-                    "request %s/%s to %s: %s %s",
-                    channel,
-                    topic,
-                    p.target,
-                    rc,
-                    reply.get_header(_H.ERROR, ""),
-                )
-            result[p.target] = reply
-        return result
+        aborted = abort_signal is not None and abort_signal.triggered
+        return self._core.collect(pending, timeout, aborted, optional, channel, topic)
 
     def request_async(
         self,
@@ -412,7 +377,7 @@ class Cell:
         )
         if not self._core.registered and pending[0].reply is not None:
             err = pending[0].reply.get_header(_H.ERROR, "")
-            self._log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
+            self._core.log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
         return pending
 
     def add_stop_callback(self, cb: Callable[[], None]) -> None:
@@ -436,7 +401,9 @@ class Cell:
         """
         tlist = self._check_send(channel, topic, targets, message, secure)
         if not self._core.registered:
-            self._log_failure(optional, "fire_and_forget on %s/%s: not connected", channel, topic)
+            self._core.log_failure(
+                optional, "fire_and_forget on %s/%s: not connected", channel, topic
+            )
             return dict.fromkeys(tlist, ReturnCode.COMM_ERROR)
         failed: dict[str, str] = {}
         if secure:
@@ -509,8 +476,3 @@ class Cell:
                     return
                 if w.wait(min(left, _ABORT_POLL)):
                     break
-
-    def _log_failure(self, optional: bool, msg: str, *args: Any) -> None:
-        log.log(
-            logging.DEBUG if optional else logging.WARNING, "cell %s: " + msg, self._fqcn, *args
-        )

@@ -396,6 +396,43 @@ class CellCore:
             self.wake()
         return pending
 
+    def collect(
+        self,
+        pending: list[PendingRequest],
+        timeout: float,
+        aborted: bool,
+        optional: bool,
+        channel: str,
+        topic: str,
+    ) -> dict[str, Message]:
+        """The reply per target once the wait is over: ``timeout`` (or ``abort_run`` if
+        `aborted`) for each that has none; every failure logged (debug if `optional`)."""
+        result: dict[str, Message] = {}
+        for p in pending:
+            if p.reply is None and aborted:
+                p.resolve(make_reply(ReturnCode.ABORT_RUN, "aborted by the caller's signal"))
+            elif p.reply is None:
+                p.resolve(
+                    make_reply(ReturnCode.TIMEOUT, f"no reply from {p.target} within {timeout:g}s")
+                )
+            reply = p.result()
+            rc = reply.get_header(_H.RETURN_CODE)
+            if rc != ReturnCode.OK:
+                self.log_failure(
+                    optional,
+                    "request %s/%s to %s: %s %s",
+                    channel,
+                    topic,
+                    p.target,
+                    rc,
+                    reply.get_header(_H.ERROR, ""),
+                )
+            result[p.target] = reply
+        return result
+
+    def log_failure(self, optional: bool, msg: str, *args: Any) -> None:
+        log.log(logging.DEBUG if optional else logging.WARNING, "cell %s: " + msg, self.fqcn, *args)
+
     def fire(
         self, channel: str, topic: str, targets: list[str], message: Message, secure: bool
     ) -> None:

@@ -9,15 +9,69 @@ the shell that owns the socket calls these.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from objdl import fqcn as _fqcn
 from objdl.errors import BrokerUnavailableError, CellError, NameTakenError
-from objdl.security import AuthenticationError, KeyPair
+from objdl.security import (
+    AuthenticationError,
+    KeyPair,
+    KeySource,
+    PeerKeySource,
+    PublicKeySource,
+    end_to_end,
+    load_keypair,
+    load_public_key,
+)
 
-__all__ = ["Handshake", "close_dealer", "new_dealer", "start_error"]
+if TYPE_CHECKING:
+    from objdl.security._e2e import EndToEnd
+
+__all__ = ["Handshake", "Settings", "close_dealer", "new_dealer", "settings", "start_error"]
+
+_URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
+
+
+@dataclass
+class Settings:
+    """A cell's checked name, broker address and keys (every shell takes the same)."""
+
+    fqcn: str
+    broker_url: str
+    keys: KeyPair | None
+    broker_key: bytes | None
+    e2e: EndToEnd | None
+
+
+def settings(
+    fqcn: str,
+    broker_url: str,
+    max_workers: int,
+    max_pending: int,
+    curve_keys: KeySource | None,
+    broker_public_key: PublicKeySource | None,
+    peer_keys: PeerKeySource | None,
+) -> Settings:
+    """Check a cell's constructor arguments and load its keys (see ``Cell``)."""
+    name = _fqcn.validate(fqcn)
+    if not isinstance(broker_url, str) or not _URL.fullmatch(broker_url):
+        raise ValueError(
+            f"broker_url must look like tcp://HOST:PORT (or ipc://PATH), got {broker_url!r}"
+        )
+    if max_workers < 1 or max_pending < 1:
+        raise ValueError("max_workers and max_pending must be at least 1")
+    if curve_keys is None and (broker_public_key is not None or peer_keys is not None):
+        raise ValueError("broker_public_key and peer_keys need curve_keys (this cell's keys)")
+    keys = load_keypair(curve_keys) if curve_keys is not None else None
+    broker_key = load_public_key(broker_public_key) if broker_public_key is not None else None
+    e2e = end_to_end(name, keys, peer_keys) if peer_keys is not None and keys is not None else None
+    return Settings(name, broker_url, keys, broker_key, e2e)
+
 
 _HANDSHAKE_EVENTS = (
     zmq.EVENT_HANDSHAKE_SUCCEEDED

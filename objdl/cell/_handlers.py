@@ -113,56 +113,92 @@ class Handlers:
         with self._idle:
             self._idle.wait_for(lambda: self._pending == 0, timeout)
 
-    def run(self, job: Message | Sealed, origin: str) -> None:
-        """Open `job` if sealed, call its handler and send the reply (if it is a request)."""
-        seal: bytes | bool = False  # or the request's seal: the reply goes sealed, bound to it
+    def entry(self, channel: Any, topic: Any) -> _Entry | None:
+        """The handler registered for (channel, topic), if any."""
+        return self._table.get((channel, topic))
+
+    def begin(
+        self, job: Message | Sealed, origin: str
+    ) -> tuple[Message, bytes | bool, _Entry | None] | None:
+        """Open `job` if sealed and mark whether it was; None if it must not run.
+
+        Returns the request, the seal its reply is bound to (False: plaintext) and its
+        handler (None: there is none; :meth:`end` with :meth:`no_handler` answers it).
+        """
+        seal: bytes | bool = False
         if isinstance(job, Sealed):
             opened = self._open_sealed(job, origin)
             if opened is None:
-                return
+                return None
             request, seal = opened, job.seal
         else:
             request = job
         # The one mark a handler can trust: True only for a request opened here.
         request.headers[_H.SECURE] = isinstance(job, Sealed)
-        channel = request.get_header(_H.CHANNEL)
-        topic = request.get_header(_H.TOPIC)
-        entry = self._table.get((channel, topic))
-        if entry is None:
-            reply = make_reply(
-                ReturnCode.INVALID_REQUEST,
-                f"cell {self._name} has no handler for channel {channel!r} topic {topic!r}",
-            )
-            self._rlog.log(
-                logging.WARNING,
-                "nohandler",
-                "cell %s: no handler for %s/%s from %s",
-                self._name,
-                channel,
-                topic,
-                origin,
-            )
-        else:
-            reply = self._call(entry, request, channel, topic)
+        return (
+            request,
+            seal,
+            self.entry(request.get_header(_H.CHANNEL), request.get_header(_H.TOPIC)),
+        )
+
+    def no_handler(self, request: Message, origin: str) -> Message:
+        channel, topic = request.get_header(_H.CHANNEL), request.get_header(_H.TOPIC)
+        self._rlog.log(
+            logging.WARNING,
+            "nohandler",
+            "cell %s: no handler for %s/%s from %s",
+            self._name,
+            channel,
+            topic,
+            origin,
+        )
+        return make_reply(
+            ReturnCode.INVALID_REQUEST,
+            f"cell {self._name} has no handler for channel {channel!r} topic {topic!r}",
+        )
+
+    def reply_of(self, result: Any, request: Message) -> Message:
+        """What a handler returned, as the reply (a wrong type is a ``process_exception``)."""
+        if result is None:
+            return make_reply(ReturnCode.OK)
+        if isinstance(result, Message):
+            if result.get_header(_H.RETURN_CODE) is None:
+                result.set_header(_H.RETURN_CODE, ReturnCode.OK)
+            return result
+        channel, topic = request.get_header(_H.CHANNEL), request.get_header(_H.TOPIC)
+        return self.raised(
+            TypeError(
+                f"handler for {channel}/{topic} returned {type(result).__name__}, "
+                "expected a Message or None"
+            ),
+            request,
+        )
+
+    def raised(self, exc: BaseException, request: Message) -> Message:
+        """The reply to a request whose handler raised `exc`."""
+        channel, topic = request.get_header(_H.CHANNEL), request.get_header(_H.TOPIC)
+        log.error("cell %s: handler for %s/%s raised", self._name, channel, topic, exc_info=exc)
+        return make_reply(ReturnCode.PROCESS_EXCEPTION, f"{type(exc).__name__}: {exc}")
+
+    def end(self, request: Message, origin: str, seal: bytes | bool, reply: Message) -> None:
+        """Send `reply` if `request` was a request (a fire gets none)."""
         if request.get_header(_H.MSG_TYPE) == MessageType.REQUEST:
             self._send_reply(reply, request, origin, seal)
 
-    def _call(self, entry: _Entry, request: Message, channel: Any, topic: Any) -> Message:
-        try:
-            result = entry.cb(request, *entry.args, **entry.kwargs)
-            if result is None:
-                return make_reply(ReturnCode.OK)
-            if isinstance(result, Message):
-                if result.get_header(_H.RETURN_CODE) is None:
-                    result.set_header(_H.RETURN_CODE, ReturnCode.OK)
-                return result
-            raise TypeError(
-                f"handler for {channel}/{topic} returned {type(result).__name__}, "
-                "expected a Message or None"
-            )
-        except Exception as exc:
-            log.exception("cell %s: handler for %s/%s raised", self._name, channel, topic)
-            return make_reply(ReturnCode.PROCESS_EXCEPTION, f"{type(exc).__name__}: {exc}")
+    def run(self, job: Message | Sealed, origin: str) -> None:
+        """Open `job` if sealed, call its handler here and send the reply (if a request)."""
+        begun = self.begin(job, origin)
+        if begun is None:
+            return
+        request, seal, entry = begun
+        if entry is None:
+            reply = self.no_handler(request, origin)
+        else:
+            try:
+                reply = self.reply_of(entry.cb(request, *entry.args, **entry.kwargs), request)
+            except Exception as exc:
+                reply = self.raised(exc, request)
+        self.end(request, origin, seal, reply)
 
 
 class HandlerPool:
@@ -187,10 +223,19 @@ class HandlerPool:
         """Queue an admitted request or fire."""
         self._jobs.put((job, origin))
 
-    def stop(self, deadline: float, now: Callable[[], float]) -> None:
-        """End every handler thread (one that is the caller ends once its handler returns)."""
+    def signal_stop(self) -> None:
+        """Tell every handler thread to end once the jobs queued before are done."""
         for _ in self._threads:
             self._jobs.put(None)
+
+    def alive(self) -> bool:
+        """True while a handler thread (other than the caller) still runs."""
+        me = threading.current_thread()
+        return any(t.is_alive() and t is not me for t in self._threads)
+
+    def stop(self, deadline: float, now: Callable[[], float]) -> None:
+        """End every handler thread (one that is the caller ends once its handler returns)."""
+        self.signal_stop()
         for t in self._threads:
             if t is threading.current_thread():
                 continue
