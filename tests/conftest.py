@@ -96,3 +96,12 @@ def fake_cells(fake_net: Any) -> tuple[Any, Any]:
     owner.start()
     site.start()
     return owner, site
+
+
+@pytest.fixture(params=["broker", "fake"])
+def any_cells(request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """`cells` (through a real broker), then `fake_cells`: for tests run on both."""
+    cells: tuple[Any, Any] = request.getfixturevalue(
+        "cells" if request.param == "broker" else "fake_cells"
+    )
+    return cells
