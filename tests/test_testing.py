@@ -138,6 +138,11 @@ def test_a_cell_without_keys_neither_sends_nor_accepts_secure(net: FakeNetwork) 
     assert rc(reply) == ReturnCode.AUTHENTICATION_ERROR
     assert reply.get_header("auth_reason") == "no_keys" and reply.payload is None
     assert rc(site.send_request("t", "plain", "echo", Message(), 5.0)) == ReturnCode.OK
+    fired = site.fire_and_forget("t", "echo", ["plain", "nobody"], Message(), secure=True)
+    assert fired == {
+        "plain": ReturnCode.AUTHENTICATION_ERROR,
+        "nobody": ReturnCode.TARGET_UNREACHABLE,
+    }
 
 
 def test_an_owner_serving_only_sealed_requests_refuses_plaintext(net: FakeNetwork) -> None:

@@ -32,18 +32,17 @@ from objdl.message import (
     make_reply,
 )
 from objdl.security import SecureUnavailableError
+from objdl.testing._handlers import Handlers, no_keys_reply, unsealed
 
 if TYPE_CHECKING:
     from objdl.testing._clock import FakeClock
     from objdl.testing._network import Envelope, FakeNetwork
 
-__all__ = ["AUTH_REASON", "FakeCell"]
+__all__ = ["FakeCell"]
 
 log = logging.getLogger("objdl.testing")
 
 _H = MessageHeaderKey
-AUTH_REASON = "auth_reason"
-"""Header of an ``authentication_error`` reply saying why (the real cell's name for it)."""
 _NACK_RC = {
     wire.NACK_UNREACHABLE: ReturnCode.TARGET_UNREACHABLE,
     wire.NACK_TOO_BIG: ReturnCode.MSG_TOO_BIG,
@@ -81,19 +80,14 @@ class FakeCell:
         drain_timeout: float = 1.0,
     ) -> None:
         self._fqcn = _fqcn.validate(name)
-        if max_pending < 1:
-            raise ValueError("max_pending must be at least 1")
         self.network = net
         self.clock: FakeClock = net.clock
-        self._max_pending = max_pending
+        self._handlers = Handlers(self._fqcn, max_pending)
         self._keys = keys
         self._drain = drain_timeout
-        self._lock = threading.Condition(threading.RLock())
-        self._handlers: dict[tuple[str, str], tuple[RequestCallback, tuple, dict]] = {}
+        self._lock = threading.Lock()
         self._waiting: dict[int, PendingRequest] = {}
         self._req_ids = itertools.count(1)
-        self._running = 0  # handlers running now, on any thread
-        self._mine = threading.local()  # handlers running on this thread
         self._started = False
         self._stopped = False
         self._killed = False
@@ -149,8 +143,7 @@ class FakeCell:
                 self._stopped = True
                 return
             self._stopped = True
-            mine = getattr(self._mine, "depth", 0)
-            self._lock.wait_for(lambda: self._running <= mine, min(self._drain, timeout / 2))
+        self._handlers.drain(min(self._drain, timeout / 2))
         self.network._unregister(self)
         self._set_connected(False, f"cell {self._fqcn} stopped")
         with self._lock:
@@ -204,8 +197,7 @@ class FakeCell:
             raise TypeError(f"cb must be callable, got {type(cb).__name__}")
         if not isinstance(channel, str) or not isinstance(topic, str):
             raise TypeError("channel and topic must be str")
-        with self._lock:
-            self._handlers[(channel, topic)] = (cb, args, kwargs)
+        self._handlers.register(channel, topic, cb, args, kwargs)
 
     # ---------------------------------------------------------------- sending
 
@@ -296,8 +288,9 @@ class FakeCell:
         """Send `message` without waiting; ``ok`` per target handed to the network.
 
         As with the real cell, ``ok`` does not mean it arrived. A secure fire to a
-        cell that is not connected returns ``target_unreachable`` (the real cell
-        learns that from its first-contact handshake).
+        cell that is not connected returns ``target_unreachable``, to one without
+        keys ``authentication_error`` (the real cell learns both from its
+        first-contact handshake).
         """
         tlist = self._check_send(channel, topic, targets, message, secure)
         if not self._connected:
@@ -306,8 +299,12 @@ class FakeCell:
         out: dict[str, str] = {}
         for t in tlist:
             frames = self._encode(message, channel, topic, t, MessageType.FIRE, None, secure)
-            if secure and self.network.get(t) is None:
+            peer = self.network.get(t) if secure else None
+            if secure and (peer is None or not peer.is_connected):
                 out[t] = ReturnCode.TARGET_UNREACHABLE
+                continue
+            if peer is not None and not peer._keys:
+                out[t] = ReturnCode.AUTHENTICATION_ERROR
                 continue
             self.stats["sent"] += 1
             self.network._route(self, MessageType.FIRE, t, frames, secure, None)
@@ -448,13 +445,7 @@ class FakeCell:
         elif env.secure and not self._keys:
             self.stats["rejected_secure"] += 1
             if env.kind == MessageType.REQUEST:
-                why = "this cell cannot open secure messages: it has no curve_keys and peer_keys"
-                reply = make_reply(
-                    ReturnCode.AUTHENTICATION_ERROR,
-                    f"cell {self._fqcn} rejected the request: {why}",
-                )
-                reply.set_header(AUTH_REASON, "no_keys")
-                self._send_reply(reply, env.message, env.origin, False)
+                self._send_reply(no_keys_reply(self._fqcn), env.message, env.origin, False)
         else:
             self._on_request(env)
 
@@ -471,68 +462,26 @@ class FakeCell:
         if p is None:
             self.stats["dropped_late_reply"] += 1
             return
-        msg = env.message
-        if p.secure and not env.secure:  # a plaintext answer to a sealed request
-            msg = _unsealed(msg, env.origin)
-        p.resolve(msg)
+        # A plaintext answer to a sealed request passes on its error code only.
+        p.resolve(unsealed(env.message, env.origin) if p.secure and not env.secure else env.message)
 
     def _on_request(self, env: Envelope) -> None:
         request = env.message
-        with self._lock:
-            busy = self._running >= self._max_pending
-            if not busy:
-                self._running += 1
-                self._mine.depth = getattr(self._mine, "depth", 0) + 1
-        if busy:
+        if not self._handlers.admit():
             if env.kind == MessageType.REQUEST:
-                reply = make_reply(
+                busy = make_reply(
                     ReturnCode.SERVICE_UNAVAILABLE, f"cell {self._fqcn} is overloaded"
                 )
-                self._send_reply(reply, request, env.origin, False)
+                self._send_reply(busy, request, env.origin, False)
             return
         try:
             # The one mark a handler can trust: True only for a request sent secure.
             request.headers[_H.SECURE] = env.secure
-            reply = self._run_handler(request, env)
+            reply = self._handlers.run(request, env.channel, env.topic, env.origin)
         finally:
-            with self._lock:
-                self._running -= 1
-                self._mine.depth -= 1
-                self._lock.notify_all()
+            self._handlers.done()
         if env.kind == MessageType.REQUEST:
             self._send_reply(reply, request, env.origin, env.secure)
-
-    def _run_handler(self, request: Message, env: Envelope) -> Message:
-        with self._lock:
-            entry = self._handlers.get((env.channel, env.topic))
-        if entry is None:
-            log.warning(
-                "cell %s: no handler for %s/%s from %s",
-                self._fqcn, env.channel, env.topic, env.origin,
-            )  # fmt: skip
-            return make_reply(
-                ReturnCode.INVALID_REQUEST,
-                f"cell {self._fqcn} has no handler for channel {env.channel!r} topic {env.topic!r}",
-            )
-        cb, args, kwargs = entry
-        try:
-            result = cb(request, *args, **kwargs)
-            if result is None:
-                return make_reply(ReturnCode.OK)
-            if isinstance(result, Message):
-                if result.get_header(_H.RETURN_CODE) is None:
-                    result.set_header(_H.RETURN_CODE, ReturnCode.OK)
-                return result
-            raise TypeError(
-                f"handler for {env.channel}/{env.topic} returned {type(result).__name__}, "
-                "expected a Message or None"
-            )
-        except Exception as exc:
-            log.warning(
-                "cell %s: handler for %s/%s raised", self._fqcn, env.channel, env.topic,
-                exc_info=True,
-            )  # fmt: skip
-            return make_reply(ReturnCode.PROCESS_EXCEPTION, f"{type(exc).__name__}: {exc}")
 
     def _send_reply(self, reply: Message, request: Message, origin: str, secure: bool) -> None:
         if not self._connected:
@@ -551,20 +500,3 @@ class FakeCell:
             )  # fmt: skip
         self.stats["sent"] += 1
         self.network._route(self, MessageType.REPLY, origin, frames, secure, None)
-
-
-def _unsealed(reply: Message, origin: str) -> Message:
-    """What a secure request gets for a plaintext reply: its error code, nothing more."""
-    rc = reply.get_header(_H.RETURN_CODE)
-    if rc is None or rc == ReturnCode.OK:
-        return make_reply(
-            ReturnCode.AUTHENTICATION_ERROR,
-            f"the reply from {origin} to a secure request was not sealed",
-        )
-    out = Message(
-        {_H.RETURN_CODE: rc, _H.ERROR: str(reply.get_header(_H.ERROR, "")), _H.ORIGIN: origin}
-    )
-    reason = reply.get_header(AUTH_REASON)
-    if isinstance(reason, str):
-        out.set_header(AUTH_REASON, reason)
-    return out
