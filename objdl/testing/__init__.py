@@ -71,8 +71,9 @@ something its requester does after sending needs the real cell.
 
 Other differences, on purpose: a partitioned cell and its peers notice at once (the
 real ones after ``broker_timeout``); there are no heartbeats, reconnects, CURVE or
-seals; a secure fire to a cell that is not connected (or has no keys) returns
-``target_unreachable``. Code that reads ``time.monotonic()`` itself rather than its
+seals; a secure fire says at once ``target_unreachable`` for a cell that is not
+connected and ``authentication_error`` for one without keys (the real cell learns it
+from its first-contact handshake, and says ``ok`` to later fires). Code that reads ``time.monotonic()`` itself rather than its
 cell's ``clock`` (:func:`objdl.cell.clock_of`) keeps real time: today that is the
 site side of ``download_object`` (per-request timeouts, retry back-off, the overall
 deadline), so a download whose replies are delayed or held waits in real time for
