@@ -73,11 +73,13 @@ Other differences, on purpose: a partitioned cell and its peers notice at once (
 real ones after ``broker_timeout``); there are no heartbeats, reconnects, CURVE or
 seals; a secure fire says at once ``target_unreachable`` for a cell that is not
 connected and ``authentication_error`` for one without keys (the real cell learns it
-from its first-contact handshake, and says ``ok`` to later fires). Code that reads ``time.monotonic()`` itself rather than its
-cell's ``clock`` (:func:`objdl.cell.clock_of`) keeps real time: today that is the
-site side of ``download_object`` (per-request timeouts, retry back-off, the overall
-deadline), so a download whose replies are delayed or held waits in real time for
-them while the test moves the clock from another thread; without such faults a
+from its first-contact handshake, and says ``ok`` to later fires).
+
+Code that reads ``time.monotonic()`` itself rather than its cell's ``clock``
+(:func:`objdl.cell.clock_of`) keeps real time: today that is the site side of
+``download_object`` (per-request timeouts of its window, retry back-off, the overall
+deadline), so a windowed download whose replies are delayed or held waits in real time
+for them while the test moves the clock from another thread; without such faults a
 download completes without waiting at all.
 """
 
