@@ -129,6 +129,31 @@ def test_import_is_light_and_starts_no_thread() -> None:
     assert seen["threads"] == [], f"import objdl started threads {seen['threads']}"
 
 
+def test_the_testing_package_imports_without_starting_anything() -> None:
+    probe = (
+        "import json, sys, threading\n"
+        "before = {t.ident for t in threading.enumerate()}\n"
+        "import objdl\n"
+        "light = 'objdl.testing' not in sys.modules\n"
+        "import objdl.testing\n"
+        "from objdl.testing import *\n"
+        "threads = [t.name for t in threading.enumerate() if t.ident not in before]\n"
+        "print(json.dumps({'light': light, 'threads': threads}))\n"
+    )
+    proc = run([sys.executable, "-c", probe], timeout=30.0)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"light": True, "threads": []}
+
+
+def test_the_testing_package_documents_its_names() -> None:
+    testing = importlib.import_module("objdl.testing")
+    assert testing.__doc__ and "from objdl.testing import" in testing.__doc__
+    for name in testing.__all__:
+        obj = getattr(testing, name)
+        if inspect.isclass(obj):
+            assert _own_docstring(obj), f"objdl.testing.{name} has no docstring"
+
+
 def test_version_has_one_source() -> None:
     project = _pyproject()
     assert "version" not in project["project"], "the version is written in objdl/__init__.py"
@@ -157,7 +182,7 @@ def test_packages_and_py_typed_are_shipped() -> None:
         assert "py.typed" in tool["package-data"][package]
 
 
-@pytest.mark.parametrize("module", ["objdl", *LAYERS, "broker"])
+@pytest.mark.parametrize("module", ["objdl", *LAYERS, "objdl.testing", "broker"])
 def test_every_layer_has_an_api_page(module: str) -> None:
     pages = {p.read_text().strip() for p in (ROOT / "docs" / "api").glob("*.md")}
     assert any(line.strip() == f"::: {module}" for page in pages for line in page.splitlines())

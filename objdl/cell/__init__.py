@@ -23,5 +23,6 @@ that did not authenticate.
 from objdl.cell._cell import Cell
 from objdl.cell._handlers import RequestCallback
 from objdl.cell._pending import PendingRequest
+from objdl.cell._protocol import CellLike, check_cell, clock_of
 
-__all__ = ["Cell", "PendingRequest", "RequestCallback"]
+__all__ = ["Cell", "CellLike", "PendingRequest", "RequestCallback", "check_cell", "clock_of"]

@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from objdl._logutil import peer_text
-from objdl.cell import Cell, PendingRequest
+from objdl.cell import CellLike, PendingRequest, check_cell
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
     OBJ_DOWNLOADER_TOPIC,
@@ -109,7 +109,7 @@ class _Requester:
 
     def __init__(
         self,
-        cell: Cell,
+        cell: CellLike,
         owner: str,
         ref_id: str,
         per_request_timeout: float,
@@ -280,7 +280,7 @@ def download_object(
     from_fqcn: str,
     ref_id: str,
     per_request_timeout: float,
-    cell: Cell,
+    cell: CellLike,
     consumer: Consumer,
     secure: bool = False,
     optional: bool = False,
@@ -336,8 +336,7 @@ def download_object(
     """
     if not isinstance(consumer, Consumer):
         raise TypeError(f"consumer must be a Consumer, got {type(consumer).__name__}")
-    if not isinstance(cell, Cell):
-        raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
+    check_cell(cell)
     if not isinstance(ref_id, str) or not ref_id:
         raise ValueError(f"ref_id must be a non-empty str, got {ref_id!r}")
     if per_request_timeout <= 0:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from objdl.cell import Cell
+from objdl.cell import CellLike
 from objdl.downloader import SizedConsumer, SizedSource, new_hash
 from objdl.objects import _folder
 from objdl.objects._buffers import BufferPool
@@ -467,7 +467,7 @@ def check_destination(dest: str | os.PathLike[str]) -> Path:
 
 
 def download_file(
-    cell: Cell,
+    cell: CellLike,
     from_fqcn: str,
     ref_id: str,
     dest: str | os.PathLike[str],
