@@ -120,6 +120,9 @@ class AsyncCell:
         if conf.e2e is not None:
             core.handlers.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
 
+    clock = staticmethod(time.monotonic)
+    """The clock request deadlines are measured on (``objdl.testing`` cells have a fake one)."""
+
     # ---------------------------------------------------------------- lifecycle
 
     @property

@@ -145,6 +145,9 @@ class Cell:
         if self._e2e is not None:  # the handshake a first sealed fire waits for
             core.handlers.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
 
+    clock = staticmethod(time.monotonic)
+    """The clock request deadlines are measured on (``objdl.testing`` cells have a fake one)."""
+
     # ---------------------------------------------------------------- lifecycle
 
     @property

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol, runtime_checkable
 
 from objdl.cell._handlers import RequestCallback
-from objdl.cell._pending import PendingRequest
+from objdl.cell._pending import OnDone, PendingRequest
 from objdl.message import Message, Signal
 
 __all__ = ["CellLike", "check_cell", "clock_of"]
@@ -91,9 +91,11 @@ class CellLike(Protocol):
         done_queue: queue.SimpleQueue[Any] | None = None,
         secure: bool = False,
         optional: bool = False,
+        on_done: OnDone | None = None,
     ) -> PendingRequest:
-        """Send `request` and return at once; the reply lands on the pending request
-        (and on `done_queue`). Nothing resolves it at its deadline: ``result()`` does."""
+        """Send `request` and return at once; the reply lands on the pending request,
+        then `on_done` is called with it and it is put on `done_queue`. Nothing
+        resolves it at its deadline: ``result()`` does."""
         ...
 
     def fire_and_forget(

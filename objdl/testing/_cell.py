@@ -12,7 +12,6 @@ True only when the request was sent with ``secure=True``.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
@@ -22,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 from objdl import fqcn as _fqcn
 from objdl import wire
 from objdl.cell import PendingRequest, RequestCallback
+from objdl.cell._core import new_request_id
+from objdl.cell._pending import OnDone
 from objdl.errors import CellError, NameTakenError
 from objdl.message import (
     Message,
@@ -87,7 +88,6 @@ class FakeCell:
         self._drain = drain_timeout
         self._lock = threading.Lock()
         self._waiting: dict[int, PendingRequest] = {}
-        self._req_ids = itertools.count(1)
         self._started = False
         self._stopped = False
         self._killed = False
@@ -268,13 +268,14 @@ class FakeCell:
         done_queue: queue.SimpleQueue[Any] | None = None,
         secure: bool = False,
         optional: bool = False,
+        on_done: OnDone | None = None,
     ) -> PendingRequest:
         """Send `request` and return its pending request at once (the reply may already
-        be on it: delivery is synchronous). As with the real cell, nothing resolves it
-        at its deadline; its ``deadline`` is on the network's clock."""
-        return self._submit(channel, topic, target, request, timeout, secure, optional, done_queue)[
-            0
-        ]
+        be on it: delivery is synchronous, and so is `on_done`). As with the real cell,
+        nothing resolves it at its deadline; its ``deadline`` is on the network's clock."""
+        return self._submit(
+            channel, topic, target, request, timeout, secure, optional, done_queue, on_done
+        )[0]
 
     def fire_and_forget(
         self,
@@ -358,6 +359,7 @@ class FakeCell:
         secure: bool,
         optional: bool,
         done_queue: queue.SimpleQueue[Any] | None,
+        on_done: OnDone | None = None,
     ) -> list[PendingRequest]:
         tlist = self._check_send(channel, topic, targets, request, secure)
         if not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -365,11 +367,11 @@ class FakeCell:
         deadline = self.clock() + timeout
         batch = []
         for target in tlist:
-            req_id = next(self._req_ids)
+            req_id = new_request_id()  # random, as the real cell's
             frames = self._encode(
                 request, channel, topic, target, MessageType.REQUEST, req_id, secure
             )
-            p = PendingRequest(self._forget, req_id, target, deadline, done_queue, secure)
+            p = PendingRequest(self._forget, req_id, target, deadline, done_queue, secure, on_done)
             batch.append((p, frames))
         pending = [p for p, _ in batch]
         with self._lock:
