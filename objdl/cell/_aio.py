@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from objdl._frames import POLLIN, POLLOUT, recv_frames, send_frames, zmq_events
 from objdl._session import Action
 from objdl.cell._core import CellCore
 from objdl.cell._dealer import Handshake, close_dealer, new_dealer, settings, start_error
@@ -496,10 +497,10 @@ class AsyncCell:
         self._busy = True
         try:
             for _ in range(_DRAIN):
-                if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                if not zmq_events(sock) & POLLIN:
                     break
                 try:
-                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    frames = recv_frames(sock)
                 except zmq.Again:
                     break
                 act = core.on_frames(frames, time.monotonic())
@@ -526,15 +527,15 @@ class AsyncCell:
             if frames is None:
                 break
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(sock, frames)
             except zmq.Again:
                 self._stalled = frames  # POLLOUT comes through the same descriptor
                 break
             self._stalled = None
             stats["sent"] += 1
         # The descriptor only signals changes, and our sends may have consumed one.
-        events = int(sock.getsockopt(zmq.EVENTS))
-        ready = events & zmq.POLLIN or (self._stalled is not None and events & zmq.POLLOUT)
+        events = zmq_events(sock)
+        ready = events & POLLIN or (self._stalled is not None and events & POLLOUT)
         if ready and not self._read_scheduled:
             self._read_scheduled = True
             assert self._loop is not None
@@ -554,7 +555,7 @@ class AsyncCell:
                     self._fqcn,
                     self.broker_url,
                 )
-        if int(monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        if zmq_events(monitor) & POLLIN:
             assert self._loop is not None
             self._loop.call_soon(self._on_monitor)
 

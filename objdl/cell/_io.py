@@ -18,6 +18,7 @@ from typing import Any
 
 import zmq
 
+from objdl._frames import POLLIN, recv_frames, send_frames, zmq_events
 from objdl._logutil import RateLimitedLog
 from objdl._session import Action, SessionState
 from objdl._wake import Waker
@@ -163,10 +164,10 @@ class IOThread:
         core = self._core
         for _ in range(_DRAIN):
             # Asking for EVENTS is cheaper than letting recv raise zmq.Again at the end.
-            if not int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            if not zmq_events(sock) & POLLIN:
                 return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(sock)
             except zmq.Again:
                 return
             act = core.on_frames(frames, time.monotonic())
@@ -182,7 +183,7 @@ class IOThread:
             if frames is None:
                 return None
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                send_frames(sock, frames)
             except zmq.Again:
                 return frames
             stalled = None
