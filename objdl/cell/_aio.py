@@ -26,6 +26,7 @@ import zmq
 
 from objdl._frames import POLLIN, POLLOUT, recv_frames, send_frames, zmq_events
 from objdl._session import Action
+from objdl.cell._aioview import ThreadView
 from objdl.cell._core import CellCore
 from objdl.cell._dealer import Handshake, close_dealer, new_dealer, settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
@@ -118,6 +119,8 @@ class AsyncCell:
         self.handshake = Handshake()
         self._state = "new"  # new -> started -> stopped
         self._stop_cbs: list[Callable[[], None]] = []
+        self.threaded = ThreadView(self)
+        """This cell as a blocking :class:`~objdl.cell.CellLike`, for threads beside its loop."""
         if conf.e2e is not None:
             core.handlers.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
 
@@ -192,6 +195,7 @@ class AsyncCell:
             self._close_socket(_CLOSE_LINGER_MS)
         self._core.close()  # CLOSED even if the socket never opened
         self._core.waiters.fail_all(ReturnCode.COMM_ERROR, f"cell {self._fqcn} stopped")
+        self.threaded.connected.set()  # wake threads waiting to be connected: they look again
         self._pool.signal_stop()
         while self._pool.alive() and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
@@ -480,9 +484,11 @@ class AsyncCell:
             again = " again" if self._ready.is_set() else ""
             log.info("cell %s registered%s with broker %s", self._fqcn, again, self.broker_url)
             self._connected.set()
+            self.threaded.connected.set()
             self._ready.set()
         if act.lost:
             self._connected.clear()
+            self.threaded.connected.clear()
             log.warning("cell %s lost the broker: %s; reconnecting", self._fqcn, act.lost)
         if act.refused:
             self.refused = act.refused

@@ -128,15 +128,22 @@ _MEMBERS = (
 )
 
 
-def check_cell(cell: object, name: str = "cell") -> None:
-    """Raise TypeError, naming what is missing, unless `cell` has :class:`CellLike`'s members.
+def check_cell(cell: object, name: str = "cell") -> CellLike:
+    """The cell to use for `cell`; TypeError, naming what is missing, if it is none.
+
+    A cell with :class:`CellLike`'s members is used as it is; an asyncio cell
+    (:class:`objdl.aio.Cell`) through its blocking face, its ``threaded`` attribute
+    (so threaded code may serve and download with it from threads beside its loop).
 
     Args:
         cell: the argument to check.
         name: the argument's name, for the message.
     """
+    view = getattr(cell, "threaded", None)
+    if view is not None and isinstance(view, CellLike):
+        return view
     if isinstance(cell, CellLike):
-        return
+        return cell
     missing = [m for m in _MEMBERS if not hasattr(cell, m)]
     raise TypeError(
         f"{name} must be a Cell (objdl.cell.Cell, a cell of objdl.testing.FakeNetwork, or "

@@ -375,8 +375,10 @@ def _state_for(cell: CellLike) -> _OwnerState:
     Making a state registers its handler on the cell, replacing any other: two states
     made at once for one cell would leave the cell serving one table while the
     registry kept the other. So states are made one at a time, under `_create_lock`
-    (not `_registry_lock`, which the handler and stop callbacks take).
+    (not `_registry_lock`, which the handler and stop callbacks take). An asyncio
+    cell is served through its blocking face (:func:`objdl.cell.check_cell`).
     """
+    cell = check_cell(cell)
     with _registry_lock:
         state = _states.get(id(cell))
         if state is not None and state.cell is cell:
@@ -432,7 +434,6 @@ class ObjDownloader:
         Raises:
             TypeError / ValueError: a bad argument, or `tx_id` already in use.
         """
-        check_cell(cell)
         state = _state_for(cell)
         tx = Transaction(producer, timeout, state.clock(), tx_id, timeout_cb, **cb_kwargs)
         with _registry_lock:
@@ -564,7 +565,6 @@ class ObjDownloader:
         Raises:
             ValueError: a limit that is not a positive int.
         """
-        check_cell(cell)
         _state_for(cell).inflight.set_limits(per_site, total)
 
     @classmethod

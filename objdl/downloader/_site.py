@@ -336,7 +336,7 @@ def download_object(
     """
     if not isinstance(consumer, Consumer):
         raise TypeError(f"consumer must be a Consumer, got {type(consumer).__name__}")
-    check_cell(cell)
+    cell = check_cell(cell)  # an asyncio cell: its blocking face
     if not isinstance(ref_id, str) or not ref_id:
         raise ValueError(f"ref_id must be a non-empty str, got {ref_id!r}")
     if per_request_timeout <= 0:
