@@ -22,6 +22,8 @@ from objdl.errors import CellError
 from objdl.objects import (
     DownloadError,
     download_bytes,
+    download_dict,
+    download_file,
     offer_bytes,
     offer_dict,
     offer_file,
@@ -91,9 +93,12 @@ def test_an_asyncio_site_downloads_bytes_files_and_dicts_from_a_threaded_owner(
 
 
 def test_an_asyncio_owner_serves_a_threaded_site_off_its_loop(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, threaded: Callable[..., Cell], tmp_path: Path
 ) -> None:
     data = os.urandom(3 * MiB)
+    src = tmp_path / "model.bin"
+    src.write_bytes(data[: 2 * MiB])
+    arrays = {"w": np.arange(100_000, dtype=np.int64)}
     ready = threading.Event()
     stop = threading.Event()
     ref: list[str] = []
@@ -106,6 +111,8 @@ def test_an_asyncio_owner_serves_a_threaded_site_off_its_loop(
         async with aio.Cell("server", broker.url) as cell:
             tx = new_tx(cell, timeout=30.0)
             ref.append(offer_bytes(cell, data, transaction_id=tx, obj_downloaded_cb=downloaded))
+            ref.append(offer_file(cell, src))
+            ref.append(offer_dict(cell, arrays))
             state = ObjDownloader.inflight_stats(cell)
             assert state["held"] == 0
             ready.set()
@@ -119,6 +126,9 @@ def test_an_asyncio_owner_serves_a_threaded_site_off_its_loop(
         site = threaded("site-1")
         got = download_bytes(site, "server", ref[0], chunk_size=512 * 1024)
         assert bytes(got) == data
+        dest = tmp_path / "got.bin"
+        assert download_file(site, "server", ref[1], dest).read_bytes() == data[: 2 * MiB]
+        assert np.array_equal(download_dict(site, "server", ref[2])["w"], arrays["w"])
     finally:
         stop.set()
         loop_thread.join(10)

@@ -660,6 +660,60 @@ def test_secure_download_of_bytes(make_cell: Callable[..., Cell], secure_broker:
     assert owner.secure_stats["opened"] >= 11 and site.secure_stats["opened"] >= 11
 
 
+def test_asyncio_cells_seal_end_to_end_with_threaded_ones(
+    make_cell: Callable[..., Cell], keys: Keys, secure_broker: TapBroker
+) -> None:
+    """CURVE to the broker and sealed messages both ways between objdl.aio and Cell."""
+    import asyncio
+
+    from objdl import aio
+    from objdl.objects import offer_bytes
+
+    server = make_cell("server")
+    server.register_request_cb("ch", "echo", echo)
+    got: list[Any] = []
+    server.register_request_cb("ch", "note", lambda req: got.append(req.payload))
+    data = (MARKER + os.urandom(4000)) * 300
+    ref = offer_bytes(server, data, timeout=30.0, chunk_size=256 * 1024)
+    seen: list[Any] = []
+
+    async def main() -> tuple[Message, dict[str, str], bytes, Message]:
+        cell = aio.Cell(
+            "site-1",
+            secure_broker.url,
+            curve_keys=keys.secret("site-1"),
+            broker_public_key=keys.public("broker"),
+            peer_keys=keys.allowed,
+        )
+        async with cell:
+
+            async def served(req: Message) -> Message:
+                seen.append(req.get_header("secure"))
+                return Message(payload=req.payload)
+
+            cell.register_request_cb("ch", "aio-echo", served)
+            reply = await cell.send_request(
+                "ch", "server", "echo", Message(payload=MARKER), 5.0, secure=True
+            )
+            fired = await cell.fire_and_forget(
+                "ch", "note", ["server"], Message(payload=MARKER), secure=True
+            )
+            blob = bytes(await aio.download_bytes(cell, "server", ref, secure=True))
+            back = await asyncio.to_thread(
+                server.send_request, "ch", "site-1", "aio-echo", Message(payload=MARKER), 5.0, True
+            )
+            return reply, fired, blob, back
+
+    reply, fired, blob, back = asyncio.run(main())
+    assert reply.get_header(RC) == ReturnCode.OK and reply.payload == MARKER
+    assert reply.get_header("was_secure") is True
+    assert fired == {"server": ReturnCode.OK}
+    wait_for(lambda: got == [MARKER])
+    assert blob == data
+    assert back.get_header(RC) == ReturnCode.OK and back.payload == MARKER and seen == [True]
+    assert not secure_broker.saw(MARKER)
+
+
 def test_broker_sees_plaintext_only_without_secure(
     make_cell: Callable[..., Cell], secure_broker: TapBroker
 ) -> None:
