@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -67,7 +67,7 @@ class AsyncCell:
     def __init__(
         self,
         fqcn: str,
-        broker_url: str,
+        broker_url: str | Sequence[str],
         *,
         max_workers: int = 8,
         max_pending: int = 1024,
@@ -85,7 +85,8 @@ class AsyncCell:
         )
         self._conf = conf
         self._fqcn = conf.fqcn
-        self.broker_url = broker_url
+        self.broker_urls = conf.broker_urls
+        self._url_index = 0
         self._start_timeout = start_timeout
         self._drain = drain_timeout
         self._ctx = context or zmq.Context.instance()
@@ -97,8 +98,9 @@ class AsyncCell:
             heartbeat_interval=heartbeat_interval,
             broker_timeout=broker_timeout,
             e2e=conf.e2e,
+            switch_after=conf.switch_after(broker_timeout, start_timeout),
         )
-        core.broker_url = broker_url
+        core.broker_url = ",".join(conf.broker_urls)
         core.dispatch = self._dispatch
         self.stats = core.stats
         self._pool = HandlerPool(conf.fqcn, max_workers, core.handlers)
@@ -137,6 +139,11 @@ class AsyncCell:
         return self._fqcn
 
     @property
+    def broker_url(self) -> str:
+        """The broker this cell is on (or tries next)."""
+        return self.broker_urls[self._url_index]
+
+    @property
     def is_connected(self) -> bool:
         """True while the broker has accepted this cell's registration."""
         return self._state == "started" and self._core.registered
@@ -167,7 +174,8 @@ class AsyncCell:
             await asyncio.wait_for(self._ready.wait(), timeout)
         if self._core.registered:
             return
-        error = start_error(self.broker_url, self._fqcn, timeout, self.refused, self.handshake)
+        urls = ", ".join(self.broker_urls)
+        error = start_error(urls, self._fqcn, timeout, self.refused, self.handshake)
         await self.stop()
         raise error
 
@@ -464,6 +472,9 @@ class AsyncCell:
             act = self._core.on_tick(now)
             if act.reconnect:
                 self._close_socket(0)
+                if len(self.broker_urls) > 1:
+                    self._url_index = (self._url_index + 1) % len(self.broker_urls)
+                    log.info("cell %s: trying broker %s", self._fqcn, self.broker_url)
                 self._open_socket()
                 self._core.socket_replaced(now)
             self._apply(act)
@@ -515,6 +526,12 @@ class AsyncCell:
         finally:
             self._busy = False
         self._flush()
+        timer, loop = self._timer, self._loop
+        if timer is not None and loop is not None:
+            due_in = self._core.session.next_deadline() - time.monotonic()
+            if due_in < timer.when() - loop.time() - 0.001:
+                timer.cancel()  # the session's deadline moved earlier (e.g. a standby said so)
+                self._timer = loop.call_later(max(0.0, due_in), self._tick)
 
     def _flush(self) -> None:
         """Send what the core queued, without blocking; then look at EVENTS again."""

@@ -14,7 +14,7 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -64,7 +64,12 @@ class Cell:
 
     Args:
         fqcn: this cell's name, e.g. ``"site-1"`` or ``"site-1.w0"``.
-        broker_url: the broker's address, e.g. ``"tcp://127.0.0.1:8002"``.
+        broker_url: the broker's address, e.g. ``"tcp://127.0.0.1:8002"``; or several,
+            a list or a comma-separated string: the first, then its standbys. The cell
+            registers with the first that answers (:meth:`start` gives each a share
+            of its timeout), and when the broker it is on goes silent for
+            `broker_timeout` it moves to the next one, round the list, and registers
+            there (docs/RELIABILITY.md, "Standby brokers").
         max_workers: threads that run request handlers.
         max_pending: requests allowed to wait for a handler thread; beyond that a
             request is answered ``service_unavailable`` at once.
@@ -93,7 +98,7 @@ class Cell:
     def __init__(
         self,
         fqcn: str,
-        broker_url: str,
+        broker_url: str | Sequence[str],
         *,
         max_workers: int = 8,
         max_pending: int = 1024,
@@ -110,7 +115,7 @@ class Cell:
             fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
         )
         self._fqcn = conf.fqcn
-        self.broker_url = broker_url
+        self.broker_urls = conf.broker_urls
         self._start_timeout = start_timeout
         self._ctx = context or zmq.Context.instance()
         self._keys, self._broker_key, self._e2e = conf.keys, conf.broker_key, conf.e2e
@@ -123,8 +128,9 @@ class Cell:
             heartbeat_interval=heartbeat_interval,
             broker_timeout=broker_timeout,
             e2e=self._e2e,
+            switch_after=conf.switch_after(broker_timeout, start_timeout),
         )
-        core.broker_url = broker_url
+        core.broker_url = ",".join(conf.broker_urls)
         self.stats = core.stats
         self._drain = drain_timeout
         self._state_lock = threading.Lock()
@@ -135,7 +141,7 @@ class Cell:
         core.dispatch = self._pool.put
         self._io = IOThread(
             self._fqcn,
-            broker_url,
+            conf.broker_urls,
             self._ctx,
             core,
             self._waker,
@@ -153,6 +159,11 @@ class Cell:
     @property
     def fqcn(self) -> str:
         return self._fqcn
+
+    @property
+    def broker_url(self) -> str:
+        """The broker this cell is on (or tries next)."""
+        return self._io.url
 
     @property
     def is_connected(self) -> bool:
@@ -198,7 +209,7 @@ class Cell:
         if ok and self._io.registered:
             return
         error = start_error(
-            self.broker_url, self._fqcn, timeout, self._io.refused, self._io.handshake
+            ", ".join(self.broker_urls), self._fqcn, timeout, self._io.refused, self._io.handshake
         )
         self.stop()
         raise error

@@ -106,6 +106,8 @@ class CellCore:
         max_pending: requests allowed to wait for a pool thread.
         heartbeat_interval, broker_timeout: the session's liveness settings.
         e2e: the cell's end-to-end keys, or None.
+        switch_after: with standby brokers, how long to wait for one broker's REG_OK
+            before the shell moves to the next (None: one broker).
     """
 
     def __init__(
@@ -118,12 +120,15 @@ class CellCore:
         heartbeat_interval: float = 0.5,
         broker_timeout: float = 2.0,
         e2e: EndToEnd | None = None,
+        switch_after: float | None = None,
     ) -> None:
         self.fqcn = fqcn
         self.out: deque[list[Any]] = deque()
         self.wake = wake
         self.dispatch: Dispatch = self._no_pool
-        self.session = Session(fqcn, now, heartbeat_interval, broker_timeout)
+        self.session = Session(
+            fqcn, now, heartbeat_interval, broker_timeout, switch_after=switch_after
+        )
         self.waiters = Waiters()
         self.e2e = e2e
         self.stats: dict[str, int] = {

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -32,25 +33,58 @@ from objdl.security import (
 if TYPE_CHECKING:
     from objdl.security._e2e import EndToEnd
 
-__all__ = ["Handshake", "Settings", "close_dealer", "new_dealer", "settings", "start_error"]
+__all__ = [
+    "Handshake",
+    "Settings",
+    "broker_urls",
+    "close_dealer",
+    "new_dealer",
+    "settings",
+    "start_error",
+]
 
 _URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
 
 
 @dataclass
 class Settings:
-    """A cell's checked name, broker address and keys (every shell takes the same)."""
+    """A cell's checked name, broker addresses and keys (every shell takes the same)."""
 
     fqcn: str
-    broker_url: str
+    broker_urls: list[str]  # the first, then its standbys, in the order given
     keys: KeyPair | None
     broker_key: bytes | None
     e2e: EndToEnd | None
 
+    def switch_after(self, broker_timeout: float, start_timeout: float) -> float | None:
+        """How long a cell with standbys waits for one broker's REG_OK before the next:
+        short enough that a dead first broker leaves the others most of a start."""
+        n = len(self.broker_urls)
+        if n == 1:
+            return None
+        return min(broker_timeout, max(0.5, start_timeout / (2 * n)))
+
+
+def broker_urls(broker_url: str | Sequence[str]) -> list[str]:
+    """The broker addresses of ``broker_url``: one URL, a comma-separated list, or a list."""
+    urls = broker_url.split(",") if isinstance(broker_url, str) else list(broker_url)
+    urls = [u.strip() if isinstance(u, str) else u for u in urls]
+    if not urls:
+        raise ValueError("broker_url: give at least one broker address")
+    for url in urls:
+        if not isinstance(url, str) or not _URL.fullmatch(url):
+            raise ValueError(
+                f"broker_url must look like tcp://HOST:PORT (or ipc://PATH), or a list of "
+                f"them, got {url!r}"
+            )
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"broker_url: {urls} names a broker twice")
+    return urls
+
 
 def settings(
     fqcn: str,
-    broker_url: str,
+    broker_url: str | Sequence[str],
     max_workers: int,
     max_pending: int,
     curve_keys: KeySource | None,
@@ -59,10 +93,7 @@ def settings(
 ) -> Settings:
     """Check a cell's constructor arguments and load its keys (see ``Cell``)."""
     name = _fqcn.validate(fqcn)
-    if not isinstance(broker_url, str) or not _URL.fullmatch(broker_url):
-        raise ValueError(
-            f"broker_url must look like tcp://HOST:PORT (or ipc://PATH), got {broker_url!r}"
-        )
+    urls = broker_urls(broker_url)
     if max_workers < 1 or max_pending < 1:
         raise ValueError("max_workers and max_pending must be at least 1")
     if curve_keys is None and (broker_public_key is not None or peer_keys is not None):
@@ -70,7 +101,7 @@ def settings(
     keys = load_keypair(curve_keys) if curve_keys is not None else None
     broker_key = load_public_key(broker_public_key) if broker_public_key is not None else None
     e2e = end_to_end(name, keys, peer_keys) if peer_keys is not None and keys is not None else None
-    return Settings(name, broker_url, keys, broker_key, e2e)
+    return Settings(name, urls, keys, broker_key, e2e)
 
 
 _HANDSHAKE_EVENTS = (

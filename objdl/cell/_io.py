@@ -40,7 +40,7 @@ class IOThread:
     def __init__(
         self,
         name: str,
-        broker_url: str,
+        broker_urls: list[str],
         ctx: zmq.Context,
         core: CellCore,
         waker: Waker,
@@ -49,7 +49,8 @@ class IOThread:
         broker_key: bytes | None,
     ) -> None:
         self._name = name
-        self._url = broker_url
+        self._urls = broker_urls
+        self._url_index = 0
         self._ctx = ctx
         self._core = core
         self._waker = waker
@@ -66,6 +67,11 @@ class IOThread:
         self.registered = False
         self.refused = ""  # the broker refused the registration
         self.handshake = Handshake()  # what the CURVE handshakes said
+
+    @property
+    def url(self) -> str:
+        """The broker this cell connects to now (the next one after each failover)."""
+        return self._urls[self._url_index]
 
     @property
     def ident(self) -> int:
@@ -124,6 +130,9 @@ class IOThread:
                 if monitor is not None:
                     poller.unregister(monitor)
                 self._close_socket(sock)
+                if len(self._urls) > 1:
+                    self._url_index = (self._url_index + 1) % len(self._urls)
+                    log.info("cell %s: trying broker %s", self._name, self.url)
                 sock = self._sock = self._new_socket()
                 poller.register(sock, zmq.POLLIN)
                 monitor = self._monitor
@@ -197,7 +206,7 @@ class IOThread:
             self.registered = True
             self.connected.set()
             again = " again" if self.ready.is_set() else ""
-            log.info("cell %s registered%s with broker %s", self._name, again, self._url)
+            log.info("cell %s registered%s with broker %s", self._name, again, self.url)
             self.ready.set()
         if act.lost:
             self.registered = False
@@ -210,7 +219,7 @@ class IOThread:
     # ---------------------------------------------------------------- the socket
 
     def _new_socket(self) -> zmq.Socket:
-        sock, self._monitor = new_dealer(self._ctx, self._url, self._keys, self._broker_key)
+        sock, self._monitor = new_dealer(self._ctx, self.url, self._keys, self._broker_key)
         return sock
 
     def _close_socket(self, sock: zmq.Socket) -> None:
@@ -231,5 +240,5 @@ class IOThread:
                 "auth",
                 "cell %s: the broker at %s refused this cell's key on reconnect",
                 self._name,
-                self._url,
+                self.url,
             )
