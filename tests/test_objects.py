@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
 import threading
@@ -199,7 +200,7 @@ def test_write_pieces_continues_short_writes(
     piece = 64 * 1024
     assert asked[0] == (100, piece - 100)  # the first piece ends on a piece boundary
     assert all(off // piece == (off + n - 1) // piece for off, n in asked)
-    for (off, n), (nxt, _) in zip(asked, asked[1:]):
+    for (off, n), (nxt, _) in itertools.pairwise(asked):
         assert nxt == off + min(n, 1000)  # on from where the short write stopped
 
 

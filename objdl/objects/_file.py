@@ -44,15 +44,15 @@ TMP_SUFFIX = ".objdl-tmp"
 # part's and state's suffixes are shorter), so every derived name fits once this does.
 TMP_EXTRA = max(len(PART_SUFFIX), len(STATE_SUFFIX), 1 + 8 + len(TMP_SUFFIX))
 SAVE_INTERVAL = 0.5  # seconds between records of a resumable download's progress
-# The most bytes one ``pwrite`` puts into the page cache. Linux (6.x) gives ext4 and
-# XFS files page-cache folios as large as each write, up to 2 MiB, and a 2 MiB folio
-# comes from a free 2 MiB block of memory: in a VM that reports free memory to its
-# host (virtio-balloon free page reporting, as here), those blocks are handed back
-# to the host about 2 s after they are freed, and each one costs host page faults
-# when it is first written. Writing a 2 MiB chunk in one call cost 2.6-3.4 ms of CPU
-# per MiB there, against 0.25-0.3 ms in pieces of 512 KiB or less, whose smaller
-# folios come from memory never handed back (docs/PERFORMANCE.md, "the disk path").
-# Pieces cost one system call each, about 1 us: nothing on any machine.
+# The most bytes one ``pwrite`` puts into the page cache. Recent Linux kernels give
+# ext4 and XFS files page-cache folios as large as each write, up to 2 MiB, and a
+# 2 MiB folio takes a free 2 MiB block of memory. A VM that reports free memory to
+# its host (virtio-balloon free page reporting) hands such blocks back about 2 s
+# after they are freed, and each costs host page faults when it is next written:
+# there, a 2 MiB chunk written in one call cost 2.6-3.4 ms of CPU per MiB, pieces of
+# 512 KiB or less 0.25-0.3 ms, as their smaller folios come from memory the host
+# still backs (docs/PERFORMANCE.md, "the disk path"). A piece costs one system call,
+# about a microsecond: nothing, on any machine.
 WRITE_PIECE = 256 * 1024
 
 # How long serving a chunk waits for a pooled buffer when all are on their way to
