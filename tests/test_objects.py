@@ -8,6 +8,7 @@ a 200 MB file, a dict of arrays) and one file to three site processes.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
 import threading
@@ -22,6 +23,7 @@ from objdl.cell import Cell, CellLike
 from objdl.downloader import DownloadStatus, ObjDownloader, sized
 from objdl.objects import (
     DownloadError,
+    FileConsumer,
     ObjectProducer,
     download_bytes,
     download_dict,
@@ -31,6 +33,7 @@ from objdl.objects import (
     offer_dict,
     offer_file,
 )
+from objdl.objects._file import WRITE_PIECE, write_pieces
 from objdl.testing import FakeCell
 from tests import _procs
 from tests.conftest import wait_for
@@ -154,6 +157,75 @@ def test_file_200_mb_with_digest(cells: tuple[Cell, Cell], tmp_path: Path) -> No
             d.update(piece)
     assert d.hexdigest() == h.hexdigest()
     assert leftovers(tmp_path) == []
+
+
+def test_file_chunks_reach_the_file_in_aligned_pieces(
+    cells: tuple[Cell, Cell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each pwrite fills whole page-cache folios of at most WRITE_PIECE bytes (big
+    # writes draw 2 MiB folios, which cost a VM host page faults): an odd chunk size
+    # must not make a call straddle a piece boundary, and every byte still lands.
+    owner, site = cells
+    src = tmp_path / "src.bin"
+    data = os.urandom(5 * MiB + 777)
+    src.write_bytes(data)
+    calls: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def spy(fd: int, buf: Any, offset: int) -> int:
+        calls.append((offset, memoryview(buf).nbytes))
+        return real(fd, buf, offset)
+
+    ref = offer_file(owner, src, chunk_size=MiB + 12345)
+    monkeypatch.setattr(os, "pwrite", spy)
+    dest = download_file(site, "server", ref, tmp_path / "copy.bin", window=3)
+    monkeypatch.undo()
+    assert dest.read_bytes() == data
+    assert sum(n for _, n in calls) == len(data)
+    assert all(0 < n <= WRITE_PIECE for _, n in calls)
+    assert all(off // WRITE_PIECE == (off + n - 1) // WRITE_PIECE for off, n in calls)
+
+
+def test_write_pieces_continues_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pwrite may write less than asked (a signal, a full pipe of a FUSE file
+    # system): the rest goes on from where it stopped, at the right offsets.
+    data = np.arange(300_000, dtype=np.int32)  # a view whose format is not "B"
+    real = os.pwrite
+    asked: list[tuple[int, int]] = []
+
+    def short(fd: int, buf: Any, offset: int) -> int:
+        asked.append((offset, memoryview(buf).nbytes))
+        return real(fd, memoryview(buf)[:1000], offset)
+
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        monkeypatch.setattr(os, "pwrite", short)
+        assert write_pieces(fd, memoryview(data), 100, piece=64 * 1024) == data.nbytes
+        monkeypatch.undo()
+        assert os.pread(fd, data.nbytes, 100) == data.tobytes()
+    finally:
+        os.close(fd)
+    piece = 64 * 1024
+    assert asked[0] == (100, piece - 100)  # the first piece ends on a piece boundary
+    assert all(off // piece == (off + n - 1) // piece for off, n in asked)
+    for (off, n), (nxt, _) in itertools.pairwise(asked):
+        assert nxt == off + min(n, 1000)  # on from where the short write stopped
+
+
+def test_file_consumer_writes_pieces_of_every_buffer(tmp_path: Path) -> None:
+    # A chunk may arrive as several frames; each is written at its own offset.
+    c = FileConsumer(tmp_path / "out.bin")
+    c.begin("ref", 3 * WRITE_PIECE, None)
+    parts = [os.urandom(WRITE_PIECE + 5), os.urandom(3), os.urandom(WRITE_PIECE - 8)]
+    c.write(WRITE_PIECE, [memoryview(p) for p in parts])
+    assert c.read(WRITE_PIECE, 2 * WRITE_PIECE) == b"".join(parts)
+    assert c.read(0, WRITE_PIECE) == bytes(WRITE_PIECE)  # untouched: still the hole
+    part = c.part
+    assert part is not None
+    c.download_failed("ref", "test over")  # removes the part file, closes the descriptors
+    assert not part.exists()
 
 
 class Corrupting(ObjectProducer):
