@@ -88,7 +88,7 @@ __all__ = [
     "write_source",
 ]
 
-MODES = ("windowed", "seed", "seed-views", "dict", "raw")
+MODES = ("windowed", "aio", "seed", "seed-views", "dict", "raw")
 DEFAULT_MODES = ("windowed", "seed", "raw")  # seed-views only when asked for
 _THIS = os.path.abspath(__file__)
 _PROXY = os.path.join(os.path.dirname(_THIS), "_proxy.py")
@@ -307,6 +307,9 @@ def _objdl_site(
     from objdl.objects import DownloadError, download_dict, download_file
 
     signal.signal(signal.SIGTERM, _interrupt)
+    if mode == "aio":
+        _aio_site(url, name, ref, dest, chunk, window, timeout, fsync)
+        return
     if mode == "dict":  # as a trainer has: importing torch is not the download's cost
         import torch  # noqa: F401
     cmds = Commands()
@@ -352,6 +355,42 @@ def _objdl_site(
             t1 = time.monotonic()
         emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
         _hold(cmds)
+
+
+def _aio_site(
+    url: str, name: str, ref: str, dest: str, chunk: int, window: int, timeout: float, fsync: bool
+) -> None:
+    """The ``windowed`` site written for asyncio: ``await objdl.aio.download_file``."""
+    import asyncio
+
+    from objdl import aio
+
+    cmds = Commands()
+
+    async def main() -> None:
+        async with aio.Cell(name, url) as cell:
+            emit("READY", {"pid": os.getpid()})
+            await asyncio.to_thread(cmds.expect, "GO", _LIFETIME)
+            ok, reason = True, ""
+            t0 = time.monotonic()
+            try:
+                await aio.download_file(
+                    cell,
+                    _OWNER,
+                    ref,
+                    dest,
+                    window=window,
+                    chunk_size=chunk,
+                    per_request_timeout=timeout,
+                    fsync=fsync,
+                )
+            except aio.DownloadError as exc:
+                ok, reason = False, exc.reason
+            t1 = time.monotonic()
+            emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
+            await asyncio.to_thread(_hold, cmds)
+
+    asyncio.run(main())
 
 
 def _write_tensors(state: dict[str, Any], dest: str) -> None:

@@ -15,6 +15,7 @@ the previous run's files were deleted writes into memory the host still backs, a
 is faster for it. One table per folder, medians over repeats:
 
 - ``windowed``: ``offer_file`` / ``download_file`` (window of requests, site-side digest);
+- ``aio``: the same file, each site an ``objdl.aio.Cell`` awaiting ``objdl.aio.download_file``;
 - ``seed``: ``download_object`` with a plain ``Consumer`` that ``pwrite``s (one at a time);
 - ``seed-views`` (only when asked for): the same consumer with ``accepts_views = True``,
   so each chunk arrives as a view of the received frame instead of a ``bytes`` copy; with
@@ -374,6 +375,27 @@ def _copy_cost(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None
             print(f"  {line}")
 
 
+def _aio_ratio(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
+    """The asyncio site against the threaded one (issue 15's target: at least 0.95x)."""
+    lines = []
+    for key, by_mode in groups.items():
+        a, w = by_mode.get("aio"), by_mode.get("windowed")
+        if a is None or w is None or w["agg"] <= 0:
+            continue
+        sites, size = key[:2]
+        ratio = a["agg"] / w["agg"]
+        verdict = "PASS" if ratio >= 0.95 else "MISS"
+        lines.append(
+            f"{sites} site(s), {fmt_size(size)}: asyncio {a['agg']:.0f} MiB/s, threaded "
+            f"{w['agg']:.0f} MiB/s ({ratio:.2f}x; target >= 0.95x: {verdict})"
+        )
+    if lines:
+        print()
+        print("asyncio site (objdl.aio.download_file) vs threaded (download_file):")
+        for line in lines:
+            print(f"  {line}")
+
+
 def _best(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
     combos = {(k[2], k[3]) for k in groups}
     if len(combos) < 2:
@@ -450,7 +472,7 @@ def _parser() -> argparse.ArgumentParser:
         "--modes",
         type=_mode_list,
         default=list(DEFAULT_MODES),
-        help="some of windowed,seed,seed-views,dict,raw (windowed,seed,raw)",
+        help="some of windowed,aio,seed,seed-views,dict,raw (windowed,seed,raw)",
     )
     p.add_argument(
         "--tmpdir",
@@ -655,6 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= _targets(groups, args.chunk[0] if len(args.chunk) == 1 else DEFAULT_CHUNK_SIZE)
         ok &= _dict_targets(groups)
         _copy_cost(groups)
+        _aio_ratio(groups)
         _best(groups)
     _compare_folders(by_folder)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
