@@ -216,6 +216,41 @@ def _repeat(one: Callable[[], int], count: int) -> list[int]:
     return [one() for _ in range(count)]
 
 
+def _measure_async(
+    loop: Any,
+    one: Callable[[], Any],
+    requests: int,
+    threads: list[int],
+    peers: dict[str, int],
+) -> dict[str, Any]:
+    """:func:`_measure` for an asyncio client: `one()` is a coroutine function returning
+    its round trip in ns; T requests in flight are T tasks on `loop`."""
+    import asyncio
+
+    async def run_sequential(count: int) -> list[int]:
+        return [await one() for _ in range(count)]
+
+    async def run_in_flight(n: int, total: int) -> float:
+        per = total // n
+
+        async def worker() -> None:
+            for _ in range(per):
+                await one()
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(n)))
+        return per * n / (time.perf_counter() - t0)
+
+    return _measure(
+        None,
+        lambda n, total: loop.run_until_complete(run_in_flight(n, total)),
+        requests,
+        threads,
+        peers,
+        sequential=lambda count: loop.run_until_complete(run_sequential(count)),
+    )
+
+
 def _threaded_rate(one: Callable[[], int], n: int, total: int) -> float:
     """Requests/s with `n` threads each sending ``total // n`` requests back to back."""
     per = total // n
@@ -412,28 +447,7 @@ def _nats_client(
                 errors[0] += 1
             return t1 - t0
 
-        async def run_sequential(count: int) -> list[int]:
-            return [await one() for _ in range(count)]
-
-        async def run_in_flight(n: int, total: int) -> float:
-            per = total // n
-
-            async def worker() -> None:
-                for _ in range(per):
-                    await one()
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(n)))
-            return per * n / (time.perf_counter() - t0)
-
-        result = _measure(
-            None,
-            lambda n, total: loop.run_until_complete(run_in_flight(n, total)),
-            requests,
-            threads,
-            peers,
-            sequential=lambda count: loop.run_until_complete(run_sequential(count)),
-        )
+        result = _measure_async(loop, one, requests, threads, peers)
         result["errors"] = errors[0]
         emit("RESULT", result)
     finally:
@@ -491,28 +505,7 @@ def _aio_client(
                 errors[0] += 1
             return t1 - t0
 
-        async def run_sequential(count: int) -> list[int]:
-            return [await one() for _ in range(count)]
-
-        async def run_in_flight(n: int, total: int) -> float:
-            per = total // n
-
-            async def worker() -> None:
-                for _ in range(per):
-                    await one()
-
-            t0 = time.perf_counter()
-            await asyncio.gather(*(worker() for _ in range(n)))
-            return per * n / (time.perf_counter() - t0)
-
-        result = _measure(
-            None,
-            lambda n, total: loop.run_until_complete(run_in_flight(n, total)),
-            requests,
-            threads,
-            peers,
-            sequential=lambda count: loop.run_until_complete(run_sequential(count)),
-        )
+        result = _measure_async(loop, one, requests, threads, peers)
         result["errors"] = errors[0]
         emit("RESULT", result)
     finally:
