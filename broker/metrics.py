@@ -69,7 +69,6 @@ REQUEST_TIMEOUT = 5.0
 TOP_PEERS = 10
 """How many peers ``objdl_broker_peer_queued_bytes`` names: those holding the most."""
 
-_POLL_S = 0.25  # the longest the thread sleeps before it looks at deadlines again
 _BACKLOG = 16
 
 
@@ -241,8 +240,9 @@ class MetricsServer:
                 now = time.monotonic()
                 for conn in [c for c in conns.values() if c.deadline <= now]:
                     self._close(sel, conns, conn)
-                wait = min([_POLL_S, *(c.deadline - now for c in conns.values())])
-                for key, events in sel.select(max(wait, 0.0)):
+                # No connection, no deadline: sleep until one comes or stop() wakes us.
+                wait = min((c.deadline - now for c in conns.values()), default=None)
+                for key, events in sel.select(None if wait is None else max(wait, 0.0)):
                     if key.fileobj is wake:
                         return
                     if key.fileobj is listener:
