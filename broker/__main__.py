@@ -1,7 +1,9 @@
 """Command line: ``python -m broker`` / ``objdl-broker`` runs a broker until SIGINT/SIGTERM.
 
 With ``--curve-keys`` and ``--allowed-keys`` it runs CURVE (docs/SECURITY.md); SIGHUP
-then reads the allow-list directory again.
+then reads the allow-list directory again. With ``--metrics HOST:PORT`` it serves
+Prometheus metrics at ``http://HOST:PORT/metrics`` (no authentication: a private
+interface only; README, "Watching a broker").
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 import threading
 from types import FrameType
 
+from broker.metrics import MetricsUnavailableError
 from broker.routing import DEFAULT_MAX_PEER_QUEUE
 from broker.server import Broker, BrokerError
 from objdl.security import KeyFileError
@@ -49,6 +52,13 @@ def _parser() -> argparse.ArgumentParser:
         "needs --curve-keys",
     )
     p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9102 "
+        "(port 0: any free one); no authentication, so bind a private interface; "
+        "needs pip install 'objdl[metrics]'",
+    )
+    p.add_argument(
         "--log-level",
         default="warning",
         type=str.lower,
@@ -73,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             max_peer_queue=args.max_peer_queue,
             curve_keys=args.curve_keys,
             allowed_keys=args.allowed_keys,
+            metrics=args.metrics,
         )
-    except ValueError as exc:  # KeyFileError is one too
+    except (ValueError, MetricsUnavailableError) as exc:  # KeyFileError is a ValueError too
         print(f"objdl-broker: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
@@ -103,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mode = f" (CURVE, public key {broker.public_key.decode()})" if broker.public_key else ""
             print(f"objdl broker listening on {broker.url}{mode}", flush=True)
+            if broker.metrics_url is not None:
+                print(f"objdl broker metrics at {broker.metrics_url}", flush=True)
             while not stop.is_set():
                 wake.wait(1.0)
                 wake.clear()

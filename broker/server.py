@@ -35,6 +35,7 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
+from broker.metrics import MetricsServer
 from broker.routing import DEFAULT_MAX_PEER_QUEUE, Actions, Event, RoutingTable, Send
 from objdl import wire
 from objdl._logutil import RateLimitedLog
@@ -119,6 +120,16 @@ class Broker:
             an allow-list directory (``NAME.key`` files and ``allowed.json``, see
             docs/SECURITY.md; read again on each start and by :meth:`reload_keys`)
             or a :class:`~objdl.security.KeyPolicy`.
+        metrics: ``"HOST:PORT"`` to serve Prometheus metrics at
+            ``http://HOST:PORT/metrics`` while the broker runs (port 0: any free one,
+            read it back from :attr:`metrics_url`); needs ``prometheus_client``
+            (``pip install 'objdl[metrics]'``). No authentication: bind it to loopback
+            or a private interface. Default: no metrics.
+
+    Raises:
+        ValueError: an argument is out of range, or `metrics` is not HOST:PORT.
+        MetricsUnavailableError: `metrics` was given and ``prometheus_client`` is
+            not installed.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. A stopped
     broker can be started again: it binds the same address it had (the same port,
@@ -140,6 +151,7 @@ class Broker:
         context: zmq.Context[Any] | None = None,
         curve_keys: KeySource | None = None,
         allowed_keys: str | os.PathLike[str] | KeyPolicy | None = None,
+        metrics: str | None = None,
     ) -> None:
         for arg, value in (("sndhwm", sndhwm), ("rcvhwm", rcvhwm)):
             if value < 0:
@@ -178,6 +190,7 @@ class Broker:
         self._stalled: set[bytes] = set()  # peers libzmq refused in the current batch
         self._acting = False
         self._log = RateLimitedLog(logger)
+        self._metrics = MetricsServer(metrics, self) if metrics is not None else None
 
     # -- public --------------------------------------------------------------------
 
@@ -185,6 +198,11 @@ class Broker:
     def url(self) -> str:
         """The bound endpoint (actual port once started), else the bind address."""
         return self._url or self._bind
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the metrics are served (``http://HOST:PORT/metrics``), or None without them."""
+        return self._metrics.url if self._metrics is not None else None
 
     @property
     def public_key(self) -> bytes | None:
@@ -268,6 +286,13 @@ class Broker:
             if not started.wait(timeout):
                 self._stop_locked(timeout)
                 raise BrokerError(self.url, f"I/O thread did not start within {timeout:g}s")
+            if self._metrics is not None:
+                try:
+                    self._metrics.start(timeout)
+                except OSError as exc:
+                    self._stop_locked(timeout)
+                    why = f"cannot serve metrics at {self._metrics.url}: {exc.strerror or exc}"
+                    raise BrokerError(self.url, why) from exc
         if self._policy is not None:
             logger.info(
                 "objdl broker listening on %s (CURVE, %d allowed keys)",
@@ -402,6 +427,11 @@ class Broker:
         thread, wake = self._thread, self._wake
         if thread is None or wake is None:
             return
+        if self._metrics is not None:
+            try:
+                self._metrics.stop(timeout)
+            except TimeoutError as exc:
+                raise BrokerError(self.url, str(exc)) from exc
         with contextlib.suppress(zmq.ZMQError):  # a stop already queued: join decides
             wake.send(b"stop", zmq.NOBLOCK)
         thread.join(timeout)
