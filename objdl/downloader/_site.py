@@ -5,14 +5,11 @@ that timed out or could not reach the owner (same state, growing back-off, never
 past the overall deadline) and turns everything else into a failure reason. A plain
 :class:`Consumer` gets the seed's exchange, one request at a time, and the seed's
 types: ``bytes``, not views of the received frames, unless it sets ``accepts_views``. A
-:class:`SizedConsumer` gets a sliding window: up to ``window`` chunk requests in
-flight, chunks written where they belong as they arrive, hashed in order, and the
-next chunk asked for only while it lies within ``window`` chunks of the first byte
-not yet hashed (so memory stays bounded when one chunk, or the hashing, is slow). A
-costly digest (sha256, blake2b) of an object larger than the window is computed on
-a thread of its own beside the writes, which wakes the loop as it moves on; the
-download ends once every byte is hashed. Every download ends in exactly one call of
-``download_completed`` or ``download_failed``.
+:class:`SizedConsumer` gets a sliding window of chunk requests in flight, chunks
+written where they belong as they arrive and hashed in order: its rules live in the
+sans-I/O :class:`~objdl.downloader._window.DownloadWindow`, and the shell that sends,
+writes and waits for it in :mod:`objdl.downloader._windowed`. Every download ends in
+exactly one call of ``download_completed`` or ``download_failed``.
 """
 
 from __future__ import annotations

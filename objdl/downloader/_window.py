@@ -296,7 +296,8 @@ class DownloadWindow:
         return step
 
     def on_reply(self, key: int, reply: Message, now: float) -> Step:
-        """The answer to request `key` (any thread's view of it; checked here)."""
+        """The answer to request `key`: the owner's reply, or the cell's own (a NACK, a
+        ``comm_error`` when the broker went away); every field is checked here."""
         step = Step()
         req = self._inflight.pop(key, None) if self.state in _ASKING else None
         if req is None:
