@@ -25,8 +25,17 @@ The ways (``mode``):
   bytes in order, so its file is the source again and its sha256 checks the dict;
 - ``raw``: bare pyzmq with the same chunk size and window: a ROUTER relay forwarding by
   a destination frame, an owner DEALER answering ``(offset, length)`` with ``os.pread``,
-  site DEALERs keeping `window` requests in flight and ``pwrite``-ing each chunk. No
-  digest, no headers, no handler threads: the ceiling.
+  site DEALERs keeping `window` requests in flight. No digest, no headers, no handler
+  threads: the ceiling.
+
+Every mode does the same file I/O as objdl's :func:`download_file`, so that the
+relay is a ceiling for the same work, not for less: the owner reads the file it
+serves (``fstat`` and ``pread`` per chunk); the site creates a part file beside the
+destination with ``O_EXCL``, sets its size with ``ftruncate``, writes each chunk at
+its offset in the pieces objdl writes (``WRITE_PIECE`` of the objdl under test:
+the page-cache folios a write allocates depend on its size), with ``fsync`` of the
+file and of the rename when the plan says so, as ``download_file(fsync=True)``
+does, and renames it into place before its clock stops.
 
 Child processes run this file with ``--role``; they talk to the parent with
 ``TAG {json}`` lines on stdout and take commands (``GO``, ``STATS``, ``EXIT``) on stdin.
@@ -79,7 +88,7 @@ __all__ = [
     "write_source",
 ]
 
-MODES = ("windowed", "seed", "seed-views", "dict", "raw")
+MODES = ("windowed", "aio", "seed", "seed-views", "dict", "raw")
 DEFAULT_MODES = ("windowed", "seed", "raw")  # seed-views only when asked for
 _THIS = os.path.abspath(__file__)
 _PROXY = os.path.join(os.path.dirname(_THIS), "_proxy.py")
@@ -116,12 +125,66 @@ def _answer(got: str | None, stats: Any = None) -> bool:
     return True
 
 
-def _pwrite_all(fd: int, data: Any, offset: int) -> int:
+def _write_piece() -> int:
+    """The most bytes objdl (the copy under test) puts in one ``pwrite``; 0 for no limit."""
+    try:
+        from objdl.objects import _file
+    except ImportError:
+        return 0
+    return int(getattr(_file, "WRITE_PIECE", 0))  # older objdl: one call per chunk
+
+
+def _pwrite_all(fd: int, data: Any, offset: int, piece: int = 0) -> int:
+    """``pwrite`` all of `data` at `offset`, in calls that end on multiples of `piece`."""
     view = memoryview(data).cast("B")
     done = 0
     while done < view.nbytes:
-        done += os.pwrite(fd, view[done:], offset + done)
+        pos = offset + done
+        end = view.nbytes if not piece else min(view.nbytes, done + piece - pos % piece)
+        done += os.pwrite(fd, view[done:end], pos)
     return done
+
+
+class _PartFile:
+    """A destination written as objdl's FileConsumer writes one (see the module docstring)."""
+
+    def __init__(self, dest: str, fsync: bool, piece: int) -> None:
+        self.dest = dest
+        self.fsync = fsync
+        self.piece = piece
+        folder, name = os.path.split(dest)
+        self.part = os.path.join(folder, f".{name}.{os.getpid()}.objdl-part")
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        self.fd = os.open(self.part, flags, 0o644)
+
+    def begin(self, size: int) -> None:
+        os.ftruncate(self.fd, size)
+
+    def write(self, data: Any, offset: int) -> int:
+        return _pwrite_all(self.fd, data, offset, self.piece)
+
+    def finish(self) -> None:
+        """Flush (with `fsync`), close and rename into place."""
+        if self.fsync:
+            os.fsync(self.fd)
+        self.close()
+        os.rename(self.part, self.dest)
+        if self.fsync:
+            dirfd = os.open(os.path.dirname(self.dest) or ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dirfd)
+            finally:
+                os.close(dirfd)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def discard(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.part)
 
 
 # ---------------------------------------------------------------- child side: objdl
@@ -182,53 +245,71 @@ def _objdl_owner(url: str, path: str, chunk: int, mode: str = "windowed") -> Non
         _hold(cmds, lambda: dict(cell.stats))
 
 
-def _seed_consumer(dest: str, views: bool = False) -> Any:
-    """A seed-style Consumer: pwrite each chunk at its offset, hand the owner's state back.
+def _seed_consumer(dest: str, views: bool = False, fsync: bool = False) -> Any:
+    """A seed-style Consumer: write each chunk at its offset, hand the owner's state back.
 
     With `views`, it opts in to read-only views of the received frames (no copy);
-    without, it gets ``bytes``, as seed-era consumers do.
+    without, it gets ``bytes``, as seed-era consumers do. Its file I/O is objdl's
+    (:class:`_PartFile`), so that only the exchange differs from ``windowed``.
     """
     from objdl.downloader import Consumer
+
+    piece = _write_piece()
 
     class FileSink(Consumer):
         accepts_views = views
 
         def __init__(self) -> None:
             super().__init__()
-            self.fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.file = _PartFile(dest, fsync, piece)
             self.pos = 0
             self.ok: bool | None = None
             self.reason = ""
 
         def consume(self, ref_id: str, state: dict, data: Any) -> dict:
-            n = _pwrite_all(self.fd, data, self.pos) if data is not None else 0
-            self.pos += n
             if "size" in state:  # the first reply: the object's description and chunk 0
-                os.ftruncate(self.fd, state["size"])
+                self.file.begin(state["size"])
+            n = self.file.write(data, self.pos) if data is not None else 0
+            self.pos += n
+            if "size" in state:
                 return {"offset": self.pos}
             if state.get("offset") != self.pos:
                 raise ValueError(f"owner's offset {state.get('offset')} is not ours, {self.pos}")
             return state  # {"offset": next}, as the owner gave it
 
         def download_completed(self, ref_id: str) -> None:
-            os.close(self.fd)
-            self.ok = True
+            try:
+                self.file.finish()
+                self.ok = True
+            except OSError as exc:
+                self.download_failed(ref_id, f"could not move the file into place: {exc}")
 
         def download_failed(self, ref_id: str, reason: str) -> None:
-            os.close(self.fd)
+            self.file.discard()
             self.ok, self.reason = False, reason
 
     return FileSink()
 
 
 def _objdl_site(
-    url: str, name: str, ref: str, dest: str, chunk: int, window: int, mode: str, timeout: float
+    url: str,
+    name: str,
+    ref: str,
+    dest: str,
+    chunk: int,
+    window: int,
+    mode: str,
+    timeout: float,
+    fsync: bool = False,
 ) -> None:
     from objdl.cell import Cell
     from objdl.downloader import download_object
     from objdl.objects import DownloadError, download_dict, download_file
 
     signal.signal(signal.SIGTERM, _interrupt)
+    if mode == "aio":
+        _aio_site(url, name, ref, dest, chunk, window, timeout, fsync)
+        return
     if mode == "dict":  # as a trainer has: importing torch is not the download's cost
         import torch  # noqa: F401
     cmds = Commands()
@@ -262,17 +343,54 @@ def _objdl_site(
                     window=window,
                     chunk_size=chunk,
                     per_request_timeout=timeout,
+                    fsync=fsync,
                 )
             except DownloadError as exc:
                 ok, reason = False, exc.reason
         else:
-            sink = _seed_consumer(dest, views=mode == "seed-views")
+            sink = _seed_consumer(dest, views=mode == "seed-views", fsync=fsync)
             download_object(_OWNER, ref, timeout, cell, sink)
             ok, reason = sink.ok is True, sink.reason
         if mode != "dict":
             t1 = time.monotonic()
         emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
         _hold(cmds)
+
+
+def _aio_site(
+    url: str, name: str, ref: str, dest: str, chunk: int, window: int, timeout: float, fsync: bool
+) -> None:
+    """The ``windowed`` site written for asyncio: ``await objdl.aio.download_file``."""
+    import asyncio
+
+    from objdl import aio
+
+    cmds = Commands()
+
+    async def main() -> None:
+        async with aio.Cell(name, url) as cell:
+            emit("READY", {"pid": os.getpid()})
+            await asyncio.to_thread(cmds.expect, "GO", _LIFETIME)
+            ok, reason = True, ""
+            t0 = time.monotonic()
+            try:
+                await aio.download_file(
+                    cell,
+                    _OWNER,
+                    ref,
+                    dest,
+                    window=window,
+                    chunk_size=chunk,
+                    per_request_timeout=timeout,
+                    fsync=fsync,
+                )
+            except aio.DownloadError as exc:
+                ok, reason = False, exc.reason
+            t1 = time.monotonic()
+            emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
+            await asyncio.to_thread(_hold, cmds)
+
+    asyncio.run(main())
 
 
 def _write_tensors(state: dict[str, Any], dest: str) -> None:
@@ -363,6 +481,7 @@ def _raw_owner(url: str, path: str) -> None:
                 except ValueError:
                     continue
                 offset, length = _HDR.unpack(hdr)
+                os.fstat(fd)  # objdl checks the size before every read
                 data = os.pread(fd, length, offset)
                 sock.send_multipart([src, hdr, data], copy=False)
     finally:
@@ -372,7 +491,14 @@ def _raw_owner(url: str, path: str) -> None:
 
 
 def _raw_site(
-    url: str, name: str, dest: str, size: int, chunk: int, window: int, timeout: float
+    url: str,
+    name: str,
+    dest: str,
+    size: int,
+    chunk: int,
+    window: int,
+    timeout: float,
+    fsync: bool = False,
 ) -> None:
     import zmq
 
@@ -381,7 +507,8 @@ def _raw_site(
     ctx = zmq.Context()
     sock = _raw_socket(ctx, zmq.DEALER, name.encode())
     sock.rcvtimeo = int(timeout * 1000)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    out: _PartFile | None = None
+    piece = _write_piece()  # imports objdl: before the clock starts
     try:
         sock.connect(url)
         raw_hello(sock)
@@ -389,7 +516,8 @@ def _raw_site(
         cmds.expect("GO", _LIFETIME)
         ok, reason = True, ""
         t0 = time.monotonic()
-        os.ftruncate(fd, size)
+        out = _PartFile(dest, fsync, piece)  # created in the clock, as objdl's begin() does
+        out.begin(size)
         nxt = got = 0
         inflight = 0
         try:
@@ -403,15 +531,18 @@ def _raw_site(
                 offset, length = _HDR.unpack(hdr.bytes)
                 if len(data) != length:
                     raise RuntimeError(f"got {len(data)} bytes at {offset}, asked {length}")
-                got += _pwrite_all(fd, data.buffer, offset)
+                got += out.write(data.buffer, offset)
                 inflight -= 1
-        except (zmq.Again, RuntimeError, ValueError) as exc:
+            out.finish()
+        except (zmq.Again, RuntimeError, ValueError, OSError) as exc:
             ok, reason = False, f"{type(exc).__name__}: {exc}"
+            out.discard()
         t1 = time.monotonic()
         emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
         _hold(cmds)
     finally:
-        os.close(fd)
+        if out is not None:
+            out.close()
         sock.close(linger=0)
         ctx.term()
 
@@ -461,6 +592,7 @@ class Plan:
     window: int
     workdir: str
     delay: float | None = None  # one-way delay of a proxy between sites and broker
+    fsync: bool = False  # the sites fsync the file and the rename (download_file(fsync=True))
     profile_dir: str | None = None  # py-spy the owner, broker and first site into here
     profile_rate: int = 250
     profile_roles: tuple[str, ...] = ("owner", "broker", "site")
@@ -561,6 +693,7 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
                     chunk=plan.chunk,
                     window=plan.window,
                     timeout=plan.request_timeout,
+                    fsync=plan.fsync,
                 )
             else:
                 argv = child_argv(
@@ -574,6 +707,7 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
                     window=plan.window,
                     mode=plan.mode,
                     timeout=plan.request_timeout,
+                    fsync=plan.fsync,
                 )
             site = Child(name, argv, stdin=True)
             children.append(site)
@@ -650,7 +784,7 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
         for dest in dests:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(dest)
-        for leftover in os.listdir(plan.workdir):  # an objdl part file of a failed run
+        for leftover in os.listdir(plan.workdir):  # a part file of a failed run
             if leftover.endswith(".objdl-part"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(plan.workdir, leftover))

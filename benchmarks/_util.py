@@ -31,6 +31,8 @@ __all__ = [
     "emit",
     "file_sha256",
     "fmt_size",
+    "free_page_reporting",
+    "fs_type",
     "machine_info",
     "machine_line",
     "median",
@@ -470,6 +472,65 @@ def file_sha256(path: str | os.PathLike[str], block: int = 8 * 1024 * 1024) -> s
             if not n:
                 return h.hexdigest()
             h.update(view[:n])
+
+
+def fs_type(path: str | os.PathLike[str]) -> str:
+    """The type of the file system `path` is on (``ext4``, ``tmpfs``...), from /proc/self/mounts.
+
+    The mount point that is the longest prefix of the real path wins (the last one
+    listed, when one is mounted over another); ``"?"`` when /proc is not there.
+    """
+    real = os.path.realpath(path)
+    best, kind = -1, "?"
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return kind
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # Mount points escape spaces and the like as octal (\040).
+        point = fields[1].encode().decode("unicode_escape")
+        inside = real == point or real.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= best:
+            best, kind = len(point), fields[2]
+    return kind
+
+
+_BALLOON_F_REPORTING = 5  # virtio-balloon feature bit (features: one 0/1 char per bit)
+
+
+def free_page_reporting() -> str | None:
+    """A note when this (virtual) machine hands free memory back to its host, else None.
+
+    With virtio-balloon free page reporting, blocks of free memory of 2**order pages
+    go back to the host a couple of seconds after they are freed; the next write
+    into them pays host page faults. It changes what a file write costs, depending
+    on how long ago the memory it lands in was freed (see docs/PERFORMANCE.md).
+    """
+    reporting = False
+    root = "/sys/bus/virtio/devices"
+    with contextlib.suppress(OSError):
+        for dev in os.listdir(root):
+            try:
+                with open(os.path.join(root, dev, "device"), encoding="ascii") as f:
+                    balloon = f.read().strip() == "0x0005"
+                with open(os.path.join(root, dev, "features"), encoding="ascii") as f:
+                    bits = f.read().strip()
+            except OSError:
+                continue
+            bit = _BALLOON_F_REPORTING
+            reporting |= balloon and len(bits) > bit and bits[bit] == "1"
+    if not reporting:
+        return None
+    order = 9
+    with contextlib.suppress(OSError, ValueError):
+        path = "/sys/module/page_reporting/parameters/page_reporting_order"
+        with open(path, encoding="ascii") as f:
+            order = int(f.read().strip())
+    return f"free page reporting to the host is on (free blocks of {4 << order} KiB and up)"
 
 
 # ---------------------------------------------------------------- sizes

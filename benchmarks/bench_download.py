@@ -3,17 +3,27 @@
 How it works: for every combination of sites, size, chunk and window asked for, and
 every repeat, each mode runs as its own set of processes on 127.0.0.1 (broker or
 relay, owner, N sites; see :mod:`benchmarks._transfer`), the modes alternating which
-goes first so drift hits them alike. The source file (random bytes) is written once
-per size in a temporary folder; every destination is checked against its sha256 and
-deleted after its run; the folder goes at the end. One table, medians over repeats:
+goes first so drift hits them alike. The files go on an ordinary file system by
+default (a new folder under the current directory; ``--tmpdir`` names others, e.g.
+``--tmpdir .,/dev/shm`` for the disk and tmpfs side by side, interleaved). The source
+file (random bytes) is written once per size in each folder; every destination is
+checked against its sha256 and deleted after its run; the folders go at the end.
+Before each run the benchmark waits ``--gap`` seconds (3), so that every mode starts
+with memory freed as long ago: in a VM that hands free memory back to its host
+(free page reporting, about 2 s after it is freed), a run that starts sooner after
+the previous run's files were deleted writes into memory the host still backs, and
+is faster for it. One table per folder, medians over repeats:
 
 - ``windowed``: ``offer_file`` / ``download_file`` (window of requests, site-side digest);
+- ``aio``: the same file, each site an ``objdl.aio.Cell`` awaiting ``objdl.aio.download_file``;
 - ``seed``: ``download_object`` with a plain ``Consumer`` that ``pwrite``s (one at a time);
 - ``seed-views`` (only when asked for): the same consumer with ``accepts_views = True``,
   so each chunk arrives as a view of the received frame instead of a ``bytes`` copy; with
   both, a last line gives what the seed's ``bytes`` cost against views;
 - ``raw``: a bare pyzmq DEALER -> ROUTER -> DEALER relay, same chunk and window, no
-  digest: the ceiling that ``vs raw`` compares with.
+  digest: the ceiling that ``vs raw`` compares with. It does objdl's file I/O (the
+  owner reads the file it serves, the site writes a part file in objdl's pieces and
+  renames it; ``--fsync`` for both).
 
 Memory: each process's RSS is read when idle, just before the transfer, and its peak
 (VmHWM, reset at that moment) after it; ``idle→peak`` shows growth. CPU: user+sys of
@@ -22,6 +32,7 @@ each whole process during the transfer, per MiB moved (all sites together).
 Usage::
 
     python benchmarks/bench_download.py                      # quick: 1,4 sites x 256MiB, 3x
+    python benchmarks/bench_download.py --tmpdir .,/dev/shm  # disk and tmpfs, interleaved
     python benchmarks/bench_download.py --sites 1,4,8 --size 256MiB,1GiB --repeat 1  # full
     python benchmarks/bench_download.py --sites 1 --chunk 256KiB,1MiB,2MiB,4MiB \\
         --window 4,8,16 --modes windowed,raw                  # chunk/window sweep
@@ -58,6 +69,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks._transfer import DEFAULT_MODES, MODES, Plan, run_transfer, write_source
 from benchmarks._util import (
     fmt_size,
+    free_page_reporting,
+    fs_type,
     machine_line,
     median,
     parse_size,
@@ -75,14 +88,23 @@ _GIB = 1 << 30
 _DICT_RATIO_TARGET = 0.9  # a state dict >= this x the same bytes as a file
 _DICT_GROWTH_MIB = 64  # owner above the dict it holds; site above the dict it received
 _QUIET_WAIT = 60.0  # the longest a run waits for the machine to calm down
+_GAP = 3.0  # seconds before each run: longer than free page reporting's 2 s delay
 
 
-def quiet_run(plan: Plan, quiet: float, max_others: float, tries: int = 3) -> dict[str, Any]:
+def quiet_run(
+    plan: Plan, quiet: float, max_others: float, tries: int = 3, gap: float = 0.0
+) -> dict[str, Any]:
     """Run `plan` when the machine is quiet; run again (up to `tries` in all) while other
-    work took more than `max_others` of the CPUs during it, and keep the quietest run."""
+    work took more than `max_others` of the CPUs during it, and keep the quietest run.
+
+    Each try starts at least `gap` seconds after the previous run ended (see the
+    module docstring: memory freed that long ago costs every mode the same).
+    """
     best: dict[str, Any] | None = None
     for _ in range(tries):
+        t0 = time.monotonic()
         wait_quiet(quiet, _QUIET_WAIT)
+        time.sleep(max(0.0, gap - (time.monotonic() - t0)))
         r = run_transfer(plan)
         others = r.get("others_share")
         if best is None or (others or 0.0) < (best.get("others_share") or 0.0):
@@ -353,6 +375,27 @@ def _copy_cost(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None
             print(f"  {line}")
 
 
+def _aio_ratio(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
+    """The asyncio site against the threaded one (issue 15's target: at least 0.95x)."""
+    lines = []
+    for key, by_mode in groups.items():
+        a, w = by_mode.get("aio"), by_mode.get("windowed")
+        if a is None or w is None or w["agg"] <= 0:
+            continue
+        sites, size = key[:2]
+        ratio = a["agg"] / w["agg"]
+        verdict = "PASS" if ratio >= 0.95 else "MISS"
+        lines.append(
+            f"{sites} site(s), {fmt_size(size)}: asyncio {a['agg']:.0f} MiB/s, threaded "
+            f"{w['agg']:.0f} MiB/s ({ratio:.2f}x; target >= 0.95x: {verdict})"
+        )
+    if lines:
+        print()
+        print("asyncio site (objdl.aio.download_file) vs threaded (download_file):")
+        for line in lines:
+            print(f"  {line}")
+
+
 def _best(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
     combos = {(k[2], k[3]) for k in groups}
     if len(combos) < 2:
@@ -429,9 +472,25 @@ def _parser() -> argparse.ArgumentParser:
         "--modes",
         type=_mode_list,
         default=list(DEFAULT_MODES),
-        help="some of windowed,seed,seed-views,dict,raw (windowed,seed,raw)",
+        help="some of windowed,aio,seed,seed-views,dict,raw (windowed,seed,raw)",
     )
-    p.add_argument("--tmpdir", default=None, help="where the files go (the system's temp dir)")
+    p.add_argument(
+        "--tmpdir",
+        default=None,
+        help="folders the files go in, comma-separated, each with its own table (a new "
+        "folder under the current directory: an ordinary file system; e.g. .,/dev/shm)",
+    )
+    p.add_argument(
+        "--fsync",
+        action="store_true",
+        help="sites fsync the file and its rename before they stop the clock (every mode)",
+    )
+    p.add_argument(
+        "--gap",
+        type=float,
+        default=_GAP,
+        help=f"seconds between one run's end and the next's start ({_GAP:g}; see above)",
+    )
     p.add_argument("--profile", metavar="DIR", default=None, help="py-spy recordings into DIR")
     p.add_argument(
         "--profile-roles",
@@ -463,6 +522,58 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _folders(text: str | None) -> list[str | None]:
+    """The folders ``--tmpdir`` names (None: a new one under the current directory)."""
+    if text is None:
+        return [None]
+    return [v.strip() or None for v in text.split(",")] or [None]
+
+
+def _make_workdirs(folders: list[str | None]) -> dict[str, str]:
+    """A fresh folder inside each of `folders`, by its label (its path and file system)."""
+    made: dict[str, str] = {}
+    try:
+        for folder in folders:
+            where = os.getcwd() if folder is None else folder
+            workdir = tempfile.mkdtemp(prefix="objdl-bench-", dir=where)
+            label = f"{where} ({fs_type(workdir)})"
+            if label in made:
+                os.rmdir(workdir)
+                continue
+            made[label] = workdir
+    except BaseException:
+        for workdir in made.values():
+            shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return made
+
+
+_Groups = dict[tuple[Any, ...], dict[str, dict[str, Any]]]  # case -> mode -> summary
+
+
+def _compare_folders(by_folder: dict[str, _Groups]) -> None:
+    """One line per case and mode: MiB/s in each folder, and its ratio to the relay there."""
+    if len(by_folder) < 2:
+        return
+    labels = list(by_folder)
+    print()
+    print("by folder (MiB/s, x the relay in the same folder):")
+    for key in next(iter(by_folder.values())):
+        sites, size, chunk, window = key[:4]
+        for mode in MODES:
+            parts = []
+            for label in labels:
+                s = by_folder[label].get(key, {}).get(mode)
+                raw = by_folder[label].get(key, {}).get("raw")
+                if s is None:
+                    continue
+                vs = f" = {s['agg'] / raw['agg']:.2f}x" if raw and raw["agg"] > 0 else ""
+                parts.append(f"{label}: {s['agg']:.0f}{vs}")
+            if parts:
+                head = f"{sites} site(s) x {fmt_size(size)}, {fmt_size(chunk)} w{window}, {mode}"
+                print(f"  {head}: " + "; ".join(parts))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.size is None:
@@ -472,58 +583,79 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         print("--repeat must be >= 1", file=sys.stderr)
         return 2
+    if args.gap < 0:
+        print("--gap must be >= 0", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)  # so the finally blocks end every child
     print(machine_line())
+    note = free_page_reporting()
+    if note:
+        print(f"memory: {note}")
     print(
         f"run: sites {','.join(map(str, args.sites))} | size "
         f"{','.join(map(fmt_size, args.size))} | chunk {','.join(map(fmt_size, args.chunk))} | "
         f"window {','.join(map(str, args.window))} | modes {','.join(args.modes)} | "
-        f"{args.repeat} repeat(s), medians shown | broker, owner and each site in its own "
-        "process on 127.0.0.1"
+        f"{args.repeat} repeat(s), medians shown | fsync {'on' if args.fsync else 'off'} | "
+        f"{args.gap:g} s before each run | broker, owner and each site in its own process "
+        "on 127.0.0.1"
     )
     sys.stdout.flush()
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
     started = time.monotonic()
-    groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
-    workdir = tempfile.mkdtemp(prefix="objdl-bench-", dir=args.tmpdir)
+    workdirs = _make_workdirs(_folders(args.tmpdir))
+    print(f"files in: {'; '.join(workdirs)}")
+    sys.stdout.flush()
+    by_folder: dict[str, _Groups] = {label: {} for label in workdirs}
     try:
         for size in sorted(args.size):
-            src = os.path.join(workdir, f"src-{fmt_size(size)}.bin")
-            digest = write_source(src, size)
+            sources = {}
+            for label, workdir in workdirs.items():
+                src = os.path.join(workdir, f"src-{fmt_size(size)}.bin")
+                sources[label] = (src, write_source(src, size))
             for sites, chunk, window in itertools.product(args.sites, args.chunk, args.window):
                 key = (sites, size, chunk, window)
-                runs: dict[str, list[dict[str, Any]]] = {m: [] for m in args.modes}
+                runs: dict[str, dict[str, list[dict[str, Any]]]] = {
+                    label: {m: [] for m in args.modes} for label in workdirs
+                }
                 for i in range(args.repeat):
                     order = args.modes if i % 2 == 0 else list(reversed(args.modes))
-                    for mode in order:
-                        tag = f"{mode}-{sites}s-{fmt_size(size)}-{fmt_size(chunk)}-w{window}"
-                        plan = Plan(
-                            mode=mode,
-                            sites=sites,
-                            src=src,
-                            size=size,
-                            digest=digest,
-                            chunk=chunk,
-                            window=window,
-                            workdir=workdir,
-                            profile_dir=args.profile,
-                            profile_roles=tuple(args.profile_roles.split(",")),
-                            profile_gil=args.profile_gil,
-                            tag=tag,
-                        )
-                        r = quiet_run(plan, args.quiet, args.max_others)
-                        runs[mode].append(r)
-                        print(
-                            f"  {tag} repeat {i + 1}/{args.repeat}: {r['agg_mibps']:.0f} MiB/s, "
-                            f"sha256 {r['digests_ok']}/{sites}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                groups[key] = {m: summarize(rs) for m, rs in runs.items()}
-            os.unlink(src)
+                    for label, workdir in workdirs.items():
+                        src, digest = sources[label]
+                        for mode in order:
+                            tag = f"{mode}-{sites}s-{fmt_size(size)}-{fmt_size(chunk)}-w{window}"
+                            if len(workdirs) > 1:
+                                tag += f"-{fs_type(workdir)}"
+                            plan = Plan(
+                                mode=mode,
+                                sites=sites,
+                                src=src,
+                                size=size,
+                                digest=digest,
+                                chunk=chunk,
+                                window=window,
+                                workdir=workdir,
+                                fsync=args.fsync,
+                                profile_dir=args.profile,
+                                profile_roles=tuple(args.profile_roles.split(",")),
+                                profile_gil=args.profile_gil,
+                                tag=tag,
+                            )
+                            r = quiet_run(plan, args.quiet, args.max_others, gap=args.gap)
+                            runs[label][mode].append(r)
+                            print(
+                                f"  {tag} repeat {i + 1}/{args.repeat}: "
+                                f"{r['agg_mibps']:.0f} MiB/s, sha256 {r['digests_ok']}/{sites}",
+                                file=sys.stderr,
+                                flush=True,
+                            )
+                for label in workdirs:
+                    by_folder[label][key] = {m: summarize(rs) for m, rs in runs[label].items()}
+            for src, _ in sources.values():
+                os.unlink(src)
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        for workdir in workdirs.values():
+            shutil.rmtree(workdir, ignore_errors=True)
 
     print()
     print(
@@ -532,16 +664,22 @@ def main(argv: list[str] | None = None) -> int:
         "moved (all sites together). others %: share of the machine busy with other work "
         "(not this run's processes) during the transfer."
     )
-    headers, rows = table_rows(groups)
-    print_table(headers, rows)
-    if not all(s["peak_reset"] for m in groups.values() for s in m.values()):
-        print("(peak RSS could not be reset before the transfer: peaks are the whole life's)")
-    if args.by_thread:
-        print_threads(groups)
-    ok = _targets(groups, args.chunk[0] if len(args.chunk) == 1 else DEFAULT_CHUNK_SIZE)
-    ok &= _dict_targets(groups)
-    _copy_cost(groups)
-    _best(groups)
+    ok = True
+    for label, groups in by_folder.items():
+        print()
+        print(f"files in {label}:")
+        headers, rows = table_rows(groups)
+        print_table(headers, rows)
+        if not all(s["peak_reset"] for m in groups.values() for s in m.values()):
+            print("(peak RSS could not be reset before the transfer: peaks are the whole life's)")
+        if args.by_thread:
+            print_threads(groups)
+        ok &= _targets(groups, args.chunk[0] if len(args.chunk) == 1 else DEFAULT_CHUNK_SIZE)
+        ok &= _dict_targets(groups)
+        _copy_cost(groups)
+        _aio_ratio(groups)
+        _best(groups)
+    _compare_folders(by_folder)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"\n(took {time.monotonic() - started:.1f} s; load avg now {load}; a shared 2-core")
     print(" machine widens the spread: compare ratios within one run, and rerun when in doubt)")

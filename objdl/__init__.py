@@ -13,7 +13,7 @@ Importing objdl is light: it does not import numpy, torch, cryptography or tqdm,
 starts no thread; a `Cell` starts its threads when it starts.
 """
 
-from objdl.cell import Cell, PendingRequest
+from objdl.cell import Cell, CellLike, PendingRequest
 from objdl.downloader import (
     Consumer,
     DownloadStatus,
@@ -75,7 +75,7 @@ __version__ = "0.1.0"
 # fmt: off
 __all__ = [  # noqa: RUF022 (grouped by layer, not sorted)
     # cells
-    "Cell", "PendingRequest",
+    "Cell", "CellLike", "PendingRequest",
     # messages
     "Message", "MessageHeaderKey", "MessageType", "ReturnCode", "Signal",
     "make_reply", "new_cell_message",

@@ -11,6 +11,12 @@ While CONNECTING the session sends ``REG`` every ``register_interval``; while
 REGISTERED it sends ``HB`` every ``heartbeat_interval``. Every frame from the broker
 counts as a sign of life. The I/O thread feeds it frames and the time, and carries
 out the actions it returns.
+
+With several brokers to choose from (``switch_after`` set: the cell was given a
+standby), CONNECTING also ends after ``switch_after`` seconds without ``REG_OK``, and
+at once on ``REG_ERR standby`` (a broker that is not the active one of its pair): both
+return ``reconnect``, and the shell connects to the next broker. Each ``reconnect``
+moves on; the order is the shell's.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class Session:
         heartbeat_interval: float = 0.5,
         broker_timeout: float = 2.0,
         register_interval: float = 0.1,
+        switch_after: float | None = None,
     ) -> None:
         if heartbeat_interval <= 0 or broker_timeout <= heartbeat_interval:
             raise ValueError(
@@ -61,8 +68,12 @@ class Session:
         self.heartbeat_interval = heartbeat_interval
         self.broker_timeout = broker_timeout
         self.register_interval = register_interval
+        if switch_after is not None and switch_after <= 0:
+            raise ValueError(f"switch_after must be positive, got {switch_after}")
+        self.switch_after = switch_after
         self.state = SessionState.CONNECTING
         self._last_heard = now
+        self._connecting_since = now
         self._next_send = now  # next REG (connecting) or HB (registered)
         self._reg = [wire.KIND_REG, wire.PROTOCOL_VERSION, fqcn.encode()]
 
@@ -74,6 +85,8 @@ class Session:
         """The time by which :meth:`tick` must run next."""
         if self.state is SessionState.REGISTERED:
             return min(self._next_send, self._last_heard + self.broker_timeout)
+        if self.switch_after is not None and self.state is SessionState.CONNECTING:
+            return min(self._next_send, self._connecting_since + self.switch_after)
         return self._next_send
 
     def tick(self, now: float) -> Action:
@@ -88,9 +101,13 @@ class Session:
             if now >= self._next_send:
                 act.send.append([wire.KIND_HB])
                 self._next_send = now + self.heartbeat_interval
-        elif self.state is SessionState.CONNECTING and now >= self._next_send:
-            act.send.append(self._reg)
-            self._next_send = now + self.register_interval
+        elif self.state is SessionState.CONNECTING:
+            if self.switch_after is not None and now - self._connecting_since >= self.switch_after:
+                act.reconnect = True  # no answer here: the next broker
+                return act
+            if now >= self._next_send:
+                act.send.append(self._reg)
+                self._next_send = now + self.register_interval
         return act
 
     def on_frame(self, kind: bytes, frames: list[bytes], now: float) -> Action:
@@ -108,8 +125,12 @@ class Session:
                 act.registered = True
         elif kind == wire.KIND_REG_ERR:
             if self.state is SessionState.CONNECTING:
-                self.state = SessionState.REFUSED
                 reason = frames[2] if len(frames) > 2 else b"refused"
+                if reason == wire.REG_STANDBY and self.switch_after is not None:
+                    # Not the active broker of its pair: the next tick moves on.
+                    self._connecting_since = now - self.switch_after
+                    return act
+                self.state = SessionState.REFUSED
                 act.refused = reason.decode("utf-8", "replace")
         elif kind == wire.KIND_WHO:
             self.forget(now, act, "the broker no longer knows this cell (restarted?)")
@@ -129,6 +150,7 @@ class Session:
     def socket_replaced(self, now: float) -> None:
         """The shell made a new socket: give the new connection a full timeout."""
         self._last_heard = now
+        self._connecting_since = now
         self._next_send = now
 
     def close(self) -> list[bytes] | None:
@@ -139,6 +161,7 @@ class Session:
 
     def _to_connecting(self, now: float, act: Action, reason: str) -> None:
         self.state = SessionState.CONNECTING
+        self._connecting_since = now
         self._next_send = now
         self._last_heard = now
         act.lost = reason

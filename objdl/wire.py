@@ -63,6 +63,7 @@ __all__ = [
     "NACK_UNREACHABLE",
     "NACK_UNREGISTERED",
     "PROTOCOL_VERSION",
+    "REG_STANDBY",
     "decode",
     "decode_headers",
     "encode",
@@ -88,6 +89,7 @@ NACK_UNREACHABLE = b"unreachable"
 NACK_BUSY = b"busy"
 NACK_TOO_BIG = b"too_big"
 NACK_UNREGISTERED = b"unregistered"
+REG_STANDBY = b"standby"  # REG_ERR reason: a standby broker, not active; try the next one
 
 BULK_THRESHOLD = 64 * 1024
 """Bytes-likes and arrays of at least this many bytes travel as their own frames."""

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real broker on loopback with a port chosen at run time."""
+"""Shared fixtures: a real broker on loopback with a port chosen at run time, and the
+fake network of objdl.testing for tests that need only request/reply semantics."""
 
 from __future__ import annotations
 
@@ -71,3 +72,36 @@ def dead_url() -> Iterator[str]:
         yield f"tcp://127.0.0.1:{s.getsockname()[1]}"
     finally:
         s.close()
+
+
+@pytest.fixture
+def fake_net() -> Iterator[Any]:
+    """A fake network whose clock jumps ahead whenever everything on it waits; its cells
+    are stopped and the downloader state shut down after the test."""
+    from objdl.downloader import ObjDownloader
+    from objdl.testing import FakeClock, FakeNetwork
+
+    net = FakeNetwork(FakeClock(autojump=True))
+    try:
+        yield net
+    finally:
+        ObjDownloader.shutdown()
+        net.close()
+
+
+@pytest.fixture
+def fake_cells(fake_net: Any) -> tuple[Any, Any]:
+    """As `cells`, on the fake network: "server" and "site-1", started."""
+    owner, site = fake_net.cell("server"), fake_net.cell("site-1")
+    owner.start()
+    site.start()
+    return owner, site
+
+
+@pytest.fixture(params=["broker", "fake"])
+def any_cells(request: pytest.FixtureRequest) -> tuple[Any, Any]:
+    """`cells` (through a real broker), then `fake_cells`: for tests run on both."""
+    cells: tuple[Any, Any] = request.getfixturevalue(
+        "cells" if request.param == "broker" else "fake_cells"
+    )
+    return cells

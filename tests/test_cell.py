@@ -416,20 +416,115 @@ def test_a_handler_may_stop_its_own_cell(broker: Broker) -> None:
         cell.stop()
 
 
-def test_outbox_wake_after_close_writes_nowhere(tmp_path: Path) -> None:
+def test_waker_wake_after_close_writes_nowhere(tmp_path: Path) -> None:
     # A handler still running after stop() may queue a reply: its wake-up must not
     # land in a file that reused the closed pipe's descriptor number.
-    from objdl.cell._io import Outbox
+    from objdl._wake import Waker
 
-    box = Outbox()
+    box = Waker()
     box.open()
     box.close()
     files = [open(tmp_path / f"f{i}", "wb") for i in range(2)]  # noqa: SIM115
     try:
-        box.put([[b"late reply"]])
+        box.wake()
         box.wake()
         box.close()  # idempotent
     finally:
         for f in files:
             f.close()
     assert all((tmp_path / f"f{i}").read_bytes() == b"" for i in range(2))
+
+
+# ---------------------------------------------------------------- inline handlers, on_done
+
+
+def test_an_inline_handler_runs_on_the_io_thread_and_a_pool_one_does_not(
+    make_cell: Callable[..., Cell],
+) -> None:
+    server, site = make_cell("server"), make_cell("site-1")
+    threads: dict[str, str] = {}
+
+    def where(req: Message, kind: str) -> Message:
+        threads[kind] = threading.current_thread().name
+        return Message(payload=req.payload)
+
+    server.register_request_cb("ch", "inline", where, "inline", inline=True)
+    server.register_request_cb("ch", "pool", where, "pool")
+    for topic in ("inline", "pool"):
+        reply = site.send_request("ch", "server", topic, Message(payload=topic), 5.0)
+        assert reply.get_header(RC) == ReturnCode.OK and reply.payload == topic
+    assert threads == {"inline": "objdl-server-io", "pool": threads["pool"]}
+    assert threads["pool"].startswith("objdl-server-handler-")
+
+
+def test_an_inline_handler_cannot_block_on_a_request(make_cell: Callable[..., Cell]) -> None:
+    """Waiting for a reply on the I/O thread would wait for itself: it raises at once."""
+    server, site = make_cell("server"), make_cell("site-1")
+    site.register_request_cb("ch", "echo", echo)
+
+    def relay(req: Message) -> Message:
+        return server.send_request("ch", "site-1", "echo", req, 5.0)
+
+    server.register_request_cb("ch", "relay", relay, inline=True)
+    t0 = time.monotonic()
+    reply = site.send_request("ch", "server", "relay", Message(payload=1), 5.0)
+    assert time.monotonic() - t0 < 2.0
+    assert reply.get_header(RC) == ReturnCode.PROCESS_EXCEPTION
+    assert "CellError" in reply.get_header(MessageHeaderKey.ERROR)
+    # The cell goes on serving.
+    server.register_request_cb("ch", "echo", echo, inline=True)
+    assert site.send_request("ch", "server", "echo", Message(payload=2), 5.0).payload == 2
+
+
+def test_a_flood_at_an_inline_handler_is_answered_in_order(
+    make_cell: Callable[..., Cell],
+) -> None:
+    """Inline requests bypass the pool's admission: each is answered as it is read,
+    so nothing queues up in the cell however many arrive at once."""
+    server, site = make_cell("server", max_pending=1), make_cell("site-1")
+    seen: list[int] = []
+    server.register_request_cb("ch", "n", lambda req: seen.append(req.payload), inline=True)
+    pending = [
+        site.request_async("ch", "server", "n", Message(payload=i), 10.0) for i in range(500)
+    ]
+    replies = [p.result() if p.wait(10.0) else None for p in pending]
+    assert all(r is not None and r.get_header(RC) == ReturnCode.OK for r in replies)
+    assert seen == list(range(500))  # one DEALER pipe, one thread: order kept
+
+
+def test_requests_chained_from_on_done_leave_from_the_io_thread(
+    make_cell: Callable[..., Cell],
+) -> None:
+    """on_done runs on the I/O thread; a request_async made there goes out at once."""
+    server, site = make_cell("server"), make_cell("site-1")
+    server.register_request_cb("ch", "echo", echo, inline=True)
+    done = threading.Event()
+    seen: list[tuple[Any, str]] = []
+
+    def next_one(p: Any) -> None:
+        seen.append((p.reply.payload, threading.current_thread().name))
+        if len(seen) == 200:
+            done.set()
+            return
+        site.request_async(
+            "ch", "server", "echo", Message(payload=len(seen)), 5.0, on_done=next_one
+        )
+
+    site.request_async("ch", "server", "echo", Message(payload=0), 5.0, on_done=next_one)
+    assert done.wait(10.0)
+    assert [v for v, _ in seen] == list(range(200))
+    assert {name for _, name in seen} == {"objdl-site-1-io"}
+
+
+def test_an_on_done_hook_that_raises_does_not_break_the_cell(
+    make_cell: Callable[..., Cell],
+) -> None:
+    server, site = make_cell("server"), make_cell("site-1")
+    server.register_request_cb("ch", "echo", echo)
+
+    def boom(p: Any) -> None:
+        raise RuntimeError("hook failed")
+
+    p = site.request_async("ch", "server", "echo", Message(payload=1), 5.0, on_done=boom)
+    assert p.wait(5.0) and p.result().payload == 1
+    assert site.send_request("ch", "server", "echo", Message(payload=2), 5.0).payload == 2

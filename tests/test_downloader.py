@@ -1,4 +1,10 @@
-"""The seed's Object Downloader behaviours, through a real broker and cells."""
+"""The seed's Object Downloader behaviours.
+
+Most run on objdl.testing's fake network (request/reply semantics, a clock the test
+moves, faults instead of slow producers); those that prove the real shells (the
+monitor thread's own timing, an abort while a real cell waits) stay on a real broker,
+and the basic exchange runs on both.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +16,7 @@ from typing import Any
 
 import pytest
 
-from broker import Broker
-from objdl.cell import Cell
+from objdl.cell import Cell, CellLike
 from objdl.downloader import (
     Consumer,
     DownloadStatus,
@@ -20,7 +25,8 @@ from objdl.downloader import (
     ProduceRC,
     download_object,
 )
-from objdl.message import Signal
+from objdl.message import MessageType, Signal
+from objdl.testing import FakeCell, FakeNetwork
 from tests.conftest import wait_for
 
 
@@ -59,7 +65,7 @@ class ListConsumer(Consumer):
         self.failed = reason
 
 
-def fetch(site: Cell, ref: str, consumer: Consumer | None = None, **kw: Any) -> ListConsumer:
+def fetch(site: CellLike, ref: str, consumer: Consumer | None = None, **kw: Any) -> ListConsumer:
     c = consumer or ListConsumer()
     kw.setdefault("per_request_timeout", 5.0)
     timeout = kw.pop("per_request_timeout")
@@ -68,8 +74,8 @@ def fetch(site: Cell, ref: str, consumer: Consumer | None = None, **kw: Any) -> 
     return c
 
 
-def test_download_and_callback_arguments(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_download_and_callback_arguments(any_cells: tuple[CellLike, CellLike]) -> None:
+    owner, site = any_cells
     calls: list[tuple[Any, ...]] = []
     producer = ListProducer()
     tx = ObjDownloader.new_transaction(owner, producer, 30.0)
@@ -88,8 +94,8 @@ def test_download_and_callback_arguments(cells: tuple[Cell, Cell]) -> None:
     assert set(producer.requesters) == {"site-1"}
 
 
-def test_explicit_ids_are_used(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_explicit_ids_are_used(fake_cells: tuple[FakeCell, FakeCell]) -> None:
+    owner, site = fake_cells
     tx = ObjDownloader.new_transaction(owner, ListProducer(), 30.0, tx_id="T-mine")
     assert tx == "T-mine"
     assert ObjDownloader.add_download_object(tx, [1], ref_id="R-mine") == "R-mine"
@@ -100,8 +106,8 @@ def test_explicit_ids_are_used(cells: tuple[Cell, Cell]) -> None:
     assert fetch(site, "R-mine").items == [1]
 
 
-def test_bad_arguments_raise(cells: tuple[Cell, Cell]) -> None:
-    owner, _ = cells
+def test_bad_arguments_raise(fake_cells: tuple[FakeCell, FakeCell]) -> None:
+    owner, _ = fake_cells
     with pytest.raises(TypeError, match="Producer"):
         ObjDownloader.new_transaction(owner, object(), 30.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout"):
@@ -137,25 +143,49 @@ def test_inactivity_timeout_calls_timeout_cb_once(cells: tuple[Cell, Cell]) -> N
     assert c.failed is not None and "invalid_request" in c.failed and "no such ref" in c.failed
 
 
-def test_requests_restart_the_inactivity_clock(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_inactivity_timeout_is_at_the_deadline_on_the_cells_clock(
+    fake_cells: tuple[FakeCell, FakeCell],
+) -> None:
+    owner, site = fake_cells
+    clock = owner.clock
+    fired: list[tuple[Any, ...]] = []
+    t0 = clock()
+    tx = ObjDownloader.new_transaction(
+        owner, ListProducer(), 0.5, timeout_cb=lambda *a, **k: fired.append((a, k, clock())), n=7
+    )
+    ref = ObjDownloader.add_download_object(tx, ["x"])
+    clock.advance_to(t0 + 0.499)
+    assert fired == []  # not before the deadline
+    clock.advance_to(t0 + 0.5)
+    assert fired == [((tx, [["x"]]), {"n": 7}, t0 + 0.5)]  # at it, once
+    clock.advance(3600.0)
+    assert len(fired) == 1
+    c = fetch(site, ref, tries=1)
+    assert c.failed is not None and "invalid_request" in c.failed and "no such ref" in c.failed
+
+
+def test_requests_restart_the_inactivity_clock(fake_cells: tuple[FakeCell, FakeCell]) -> None:
+    owner, site = fake_cells
     fired: list[str] = []
 
     class Slow(ListProducer):
         def produce(self, *a: Any) -> tuple[str, Any, dict]:
-            time.sleep(0.1)
+            owner.clock.advance(0.1)  # each request takes 0.1 s of the owner's time
             return super().produce(*a)
 
     tx = ObjDownloader.new_transaction(owner, Slow(), 0.6, timeout_cb=lambda t, o: fired.append(t))
-    ref = ObjDownloader.add_download_object(tx, list(range(12)))  # ~1.3 s of requests
+    ref = ObjDownloader.add_download_object(tx, list(range(12)))  # 1.3 s of requests
     c = fetch(site, ref)
     assert c.completed and c.items == list(range(12))
     assert fired == []
-    wait_for(lambda: fired == [tx], timeout=3)
+    owner.clock.advance(0.6)
+    assert fired == [tx]
 
 
-def test_delete_transaction_with_and_without_callback(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_delete_transaction_with_and_without_callback(
+    fake_cells: tuple[FakeCell, FakeCell],
+) -> None:
+    owner, site = fake_cells
     fired: list[str] = []
     tx1 = ObjDownloader.new_transaction(
         owner, ListProducer(), 30.0, timeout_cb=lambda t, o: fired.append(t)
@@ -174,8 +204,10 @@ def test_delete_transaction_with_and_without_callback(cells: tuple[Cell, Cell]) 
     assert c.failed is not None and "no such ref" in c.failed
 
 
-def test_shutdown_deletes_all_and_allows_new_transactions(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_shutdown_deletes_all_and_allows_new_transactions(
+    fake_cells: tuple[FakeCell, FakeCell],
+) -> None:
+    owner, site = fake_cells
     fired: list[str] = []
     txs = [
         ObjDownloader.new_transaction(
@@ -191,9 +223,9 @@ def test_shutdown_deletes_all_and_allows_new_transactions(cells: tuple[Cell, Cel
     assert fetch(site, ref).items == ["again"]
 
 
-def test_cell_stop_ends_monitor_and_transactions(broker: Broker) -> None:
+def test_cell_stop_ends_monitor_and_transactions(fake_net: FakeNetwork) -> None:
     fired: list[str] = []
-    with Cell("server", broker.url) as owner:
+    with fake_net.cell("server") as owner:
         tx = ObjDownloader.new_transaction(
             owner, ListProducer(), 30.0, timeout_cb=lambda t, o: fired.append(t)
         )
@@ -201,11 +233,11 @@ def test_cell_stop_ends_monitor_and_transactions(broker: Broker) -> None:
     wait_for(lambda: not any(t.name == "objdl-server-txmonitor" for t in threading.enumerate()))
 
 
-def test_two_cells_in_one_process_keep_apart(broker: Broker) -> None:
+def test_two_cells_in_one_process_keep_apart(fake_net: FakeNetwork) -> None:
     with (
-        Cell("owner-a", broker.url) as a,
-        Cell("owner-b", broker.url) as b,
-        Cell("site-1", broker.url) as s,
+        fake_net.cell("owner-a") as a,
+        fake_net.cell("owner-b") as b,
+        fake_net.cell("site-1") as s,
     ):
         try:
             fired: list[str] = []
@@ -253,16 +285,18 @@ def boom(n: int) -> tuple[str, Any, dict]:
         (lambda n: ("weird", None, {}), ["process_exception", "unknown return code"]),
     ],
 )
-def test_owner_side_failures(cells: tuple[Cell, Cell], behaviour: Any, expect: list[str]) -> None:
-    owner, site = cells
+def test_owner_side_failures(
+    fake_cells: tuple[FakeCell, FakeCell], behaviour: Any, expect: list[str]
+) -> None:
+    owner, site = fake_cells
     statuses: list[str] = []
     tx = ObjDownloader.new_transaction(owner, Scripted(behaviour), 30.0)
     ref = ObjDownloader.add_download_object(
         tx, None, obj_downloaded_cb=lambda r, s, st, o: statuses.append(st)
     )
-    t0 = time.monotonic()
+    t0 = owner.clock()
     c = fetch(site, ref)
-    assert time.monotonic() - t0 < 2.0  # promptly, not by waiting out a timeout
+    assert owner.clock() == t0  # at once, not by waiting out a timeout
     assert c.failed is not None and not c.completed
     for text in expect:
         assert text in c.failed
@@ -288,8 +322,8 @@ class BadConsumer(ListConsumer):
         (["x"], "should be dict"),
     ],
 )
-def test_consumer_failures(cells: tuple[Cell, Cell], result: Any, expect: str) -> None:
-    owner, site = cells
+def test_consumer_failures(fake_cells: tuple[FakeCell, FakeCell], result: Any, expect: str) -> None:
+    owner, site = fake_cells
     tx = ObjDownloader.new_transaction(owner, ListProducer(), 30.0)
     ref = ObjDownloader.add_download_object(tx, [1, 2, 3])
     c = BadConsumer(result)
@@ -316,8 +350,26 @@ def test_abort_ends_download_promptly(cells: tuple[Cell, Cell]) -> None:
     assert c.failed is not None and "abort" in c.failed
 
 
-def test_owner_unreachable_fails_after_retries(cells: tuple[Cell, Cell]) -> None:
-    _, site = cells
+def test_abort_ends_a_download_waiting_on_the_fake_clock(
+    fake_net: FakeNetwork, fake_cells: tuple[FakeCell, FakeCell]
+) -> None:
+    owner, site = fake_cells
+    tx = ObjDownloader.new_transaction(owner, ListProducer(), 30.0)
+    ref = ObjDownloader.add_download_object(tx, [1, 2])
+    outcome = ObjDownloader.track_transaction(tx, num_sites=1)
+    sig = Signal()
+    fake_net.hold(kind=MessageType.REQUEST)  # requests never arrive: the site waits
+    t0 = fake_net.clock()
+    fake_net.clock.call_at(t0 + 1.0, sig.trigger)
+    c = fetch(site, ref, per_request_timeout=10.0, abort_signal=sig)
+    assert fake_net.clock() == t0 + 1.0  # ended by the signal, not by the timeout
+    assert c.failed is not None and "abort" in c.failed
+    # The site told the owner it gave up (a fire, which the hold let through).
+    assert "cancelled by the site" in outcome.refs[ref].failed["site-1"]
+
+
+def test_owner_unreachable_fails_after_retries(fake_cells: tuple[FakeCell, FakeCell]) -> None:
+    _, site = fake_cells
     c = ListConsumer()
     t0 = time.monotonic()
     download_object("gone", "R-x", 5.0, site, c, tries=3, backoff=0.1)
@@ -327,61 +379,63 @@ def test_owner_unreachable_fails_after_retries(cells: tuple[Cell, Cell]) -> None
     assert 0.3 <= elapsed < 2.0  # 0.1 + 0.2 of back-off, no timeout waited out
 
 
-def test_timeout_fails_with_reason(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
-    release = threading.Event()
-
-    def slow(n: int) -> tuple[str, Any, dict]:
-        release.wait(3)
-        return ProduceRC.EOF, None, {}
-
-    tx = ObjDownloader.new_transaction(owner, Scripted(slow), 30.0)
+def test_timeout_fails_with_reason(
+    fake_net: FakeNetwork, fake_cells: tuple[FakeCell, FakeCell]
+) -> None:
+    owner, site = fake_cells
+    tx = ObjDownloader.new_transaction(owner, Scripted(lambda n: (ProduceRC.EOF, None, {})), 30.0)
     ref = ObjDownloader.add_download_object(tx, None)
+    fake_net.drop(kind=MessageType.REPLY)  # the owner answers; the answers are lost
     c = fetch(site, ref, per_request_timeout=0.3, tries=2, backoff=0.05)
-    release.set()
     assert c.failed is not None and "timeout" in c.failed and "after 2 tries" in c.failed
 
 
-def test_retry_after_timeout_succeeds(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_retry_after_timeout_succeeds(
+    fake_net: FakeNetwork, fake_cells: tuple[FakeCell, FakeCell]
+) -> None:
+    owner, site = fake_cells
 
-    def first_slow(n: int) -> tuple[str, Any, dict]:
-        if n == 1:
-            time.sleep(0.6)
+    def data_then_eof(n: int) -> tuple[str, Any, dict]:
         return (ProduceRC.OK, "data", {"done": True}) if n <= 2 else (ProduceRC.EOF, None, {})
 
-    producer = Scripted(first_slow)
+    producer = Scripted(data_then_eof)
     tx = ObjDownloader.new_transaction(owner, producer, 30.0)
     ref = ObjDownloader.add_download_object(tx, None)
+    fake_net.drop(kind=MessageType.REPLY, count=1)  # the first reply is lost: a retry
     c = fetch(site, ref, per_request_timeout=0.3, tries=3, backoff=0.05)
-    assert c.completed and c.items == ["data"]
+    assert c.completed and c.items == ["data"] and producer.calls == 3
 
 
-def test_retry_landing_after_eof_gets_eof_again(cells: tuple[Cell, Cell]) -> None:
-    """The owner deletes the transaction on EOF, but its reply comes too late: the
-    site's retry must find EOF (from the finished record), not 'no such ref'."""
-    owner, site = cells
+def test_retry_landing_after_eof_gets_eof_again(
+    fake_net: FakeNetwork, fake_cells: tuple[FakeCell, FakeCell]
+) -> None:
+    """The owner deletes the transaction on EOF, but its reply is lost: the site's
+    retry must find EOF (from the finished record), not 'no such ref'."""
+    owner, site = fake_cells
     calls: list[str] = []
     tx_holder: list[str] = []
 
     def downloaded(ref_id: str, to_site: str, status: str, obj: Any) -> None:
         calls.append(status)
         ObjDownloader.delete_transaction(tx_holder[0])
-        time.sleep(0.6)  # the site's request times out meanwhile and is retried
+
+    def is_eof(env: Any) -> bool:
+        return isinstance(env.payload, dict) and env.payload.get("status") == ProduceRC.EOF
 
     tx = ObjDownloader.new_transaction(owner, ListProducer(), 30.0)
     tx_holder.append(tx)
     ref = ObjDownloader.add_download_object(tx, ["only"], obj_downloaded_cb=downloaded)
+    lost = fake_net.drop(is_eof, kind=MessageType.REPLY, count=1)
     c = fetch(site, ref, per_request_timeout=0.3, tries=3, backoff=0.05)
+    assert lost.hits == 1  # the first EOF was lost and the request retried
     assert c.completed and c.failed is None and c.items == ["only"]
-    time.sleep(0.5)
     assert calls == [DownloadStatus.SUCCESS]  # and never twice
 
 
 def test_callback_exceptions_are_logged_not_raised(
-    cells: tuple[Cell, Cell], caplog: pytest.LogCaptureFixture
+    fake_cells: tuple[FakeCell, FakeCell], caplog: pytest.LogCaptureFixture
 ) -> None:
-    owner, site = cells
+    owner, site = fake_cells
 
     def bad_cb(*a: Any) -> None:
         raise RuntimeError("callback bug")
@@ -395,11 +449,11 @@ def test_callback_exceptions_are_logged_not_raised(
     assert sum("callback" in r.getMessage() and r.exc_info is not None for r in caplog.records) == 2
 
 
-def test_malformed_requests_get_invalid_request(cells: tuple[Cell, Cell]) -> None:
+def test_malformed_requests_get_invalid_request(fake_cells: tuple[FakeCell, FakeCell]) -> None:
     from objdl.downloader import OBJ_DOWNLOADER_CHANNEL, OBJ_DOWNLOADER_TOPIC
     from objdl.message import Message, MessageHeaderKey, ReturnCode
 
-    owner, site = cells
+    owner, site = fake_cells
     tx = ObjDownloader.new_transaction(owner, ListProducer(), 30.0)
     ref = ObjDownloader.add_download_object(tx, [1])
     for payload in (None, "x", {}, {"ref_id": 5}, {"ref_id": ref, "state": "notadict"}):

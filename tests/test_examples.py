@@ -10,14 +10,25 @@ FEDERATION = ROOT / "examples" / "federation"
 
 
 def test_federation_two_rounds_two_sites() -> None:
+    federation("site.py", "site.py")
+
+
+def test_federation_with_an_asyncio_site() -> None:
+    """The asyncio site takes part beside a threaded one, with the threaded server."""
+    out = federation("site.py", "aio_site.py")
+    assert any("(asyncio)" in line for line in out[1])
+
+
+def federation(*site_scripts: str) -> list[list[str]]:
+    """Run the server and one site per script for 2 rounds; the sites' output lines."""
     broker = Child([sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*"])
     procs: list[Child] = []
     try:
         url = broker.wait_for_line(lambda line: "listening on" in line).rsplit(" ", 1)[-1]
         # Sites first: they wait for the server, as in the README's terminals.
-        site = [sys.executable, str(FEDERATION / "site.py"), "--broker", url, "--timeout", "30"]
-        for name in ("site-1", "site-2"):
-            procs.append(Child([*site, "--name", name]))
+        for i, script in enumerate(site_scripts, 1):
+            site = [sys.executable, str(FEDERATION / script), "--broker", url, "--timeout", "30"]
+            procs.append(Child([*site, "--name", f"site-{i}"]))
         server = Child(
             [sys.executable, str(FEDERATION / "server.py"), "--broker", url, "--name", "server",
              "--sites", "2", "--rounds", "2", "--size-mib", "1", "--timeout", "30"]
@@ -34,6 +45,7 @@ def test_federation_two_rounds_two_sites() -> None:
             assert any(line.startswith(f"{name}: round 2:") for line in site.out), site.out
         for p in procs:
             assert not any("Traceback" in line or "error" in line for line in p.err), p.err
+        return [p.out for p in procs[:2]]
     finally:
         for p in procs:
             p.stop()

@@ -577,7 +577,7 @@ def test_a_flood_of_replies_to_requests_never_made(
             }
         )
         junk = {"status": "ok", "state": {"offset": 0, "size": 1}, "data": 12345}
-        cell._send_reply(make_reply(ReturnCode.OK, body=junk), fake, "site-1", False)
+        cell._core.send_reply(make_reply(ReturnCode.OK, body=junk), fake, "site-1", False)
 
     def flooding(owner: HostileOwner, state: Any) -> Body:
         nonlocal sent

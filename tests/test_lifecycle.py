@@ -1,4 +1,8 @@
-"""Transfer lifecycle beyond the seed: goals, outcome, progress, cancel, withdraw, who may fetch."""
+"""Transfer lifecycle beyond the seed: goals, outcome, progress, cancel, withdraw, who may fetch.
+
+On objdl.testing's fake network (the first test also through a real broker): these are
+the owner's tables and outcomes, which need request/reply semantics, not sockets.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +13,44 @@ from typing import Any
 
 import pytest
 
-from broker import Broker
-from objdl.cell import Cell
+from objdl.cell import Cell, CellLike
 from objdl.downloader import ObjDownloader, TransferStatus
 from objdl.message import Signal
 from objdl.objects import DownloadError, download_bytes, new_transaction, offer_bytes
+from objdl.testing import FakeCell, FakeNetwork
 from tests.conftest import wait_for
 
 MiB = 1024 * 1024
+NAMES = ("server", "site-1", "site-2", "site-3")
 
 
 @pytest.fixture
-def net(broker: Broker) -> Iterator[dict[str, Cell]]:
-    cells = {n: Cell(n, broker.url) for n in ("server", "site-1", "site-2", "site-3")}
+def net(fake_net: FakeNetwork) -> dict[str, FakeCell]:
+    cells = {n: fake_net.cell(n) for n in NAMES}
+    for c in cells.values():
+        c.start()
+    return cells
+
+
+@pytest.fixture(params=["broker", "fake"])
+def any_net(request: pytest.FixtureRequest) -> Iterator[dict[str, CellLike]]:
+    if request.param == "fake":
+        yield request.getfixturevalue("net")
+        return
+    url = request.getfixturevalue("broker").url
+    cells = {n: Cell(n, url) for n in NAMES}
     for c in cells.values():
         c.start()
     try:
-        yield cells
+        yield dict(cells)
     finally:
         ObjDownloader.shutdown()
         for c in cells.values():
             c.stop()
 
 
-def test_named_sites_finish_the_transaction_by_itself(net: dict[str, Cell]) -> None:
+def test_named_sites_finish_the_transaction_by_itself(any_net: dict[str, CellLike]) -> None:
+    net = any_net
     done: list[tuple[str, str]] = []
     tx = new_transaction(
         net["server"],
@@ -63,7 +81,7 @@ def test_named_sites_finish_the_transaction_by_itself(net: dict[str, Cell]) -> N
     assert outcome.refs[r2].sites["site-1"].bytes_sent == 3 * MiB
 
 
-def test_num_sites_and_minimum(net: dict[str, Cell]) -> None:
+def test_num_sites_and_minimum(net: dict[str, FakeCell]) -> None:
     tx = new_transaction(net["server"], timeout=1.0, num_sites=3, min_sites=2)
     outcome = ObjDownloader.get_outcome(tx)
     assert outcome is not None
@@ -72,11 +90,12 @@ def test_num_sites_and_minimum(net: dict[str, Cell]) -> None:
     assert not outcome.min_met
     download_bytes(net["site-2"], "server", ref)
     assert outcome.min_met and not outcome.complete
-    assert outcome.wait(5).status == TransferStatus.TIMEOUT  # the third never came
+    net["server"].clock.advance(1.0)
+    assert outcome.status == TransferStatus.TIMEOUT  # the third never came
     assert outcome.refs[ref].finished == ["site-1", "site-2"]
 
 
-def test_delete_reports_deleted(net: dict[str, Cell]) -> None:
+def test_delete_reports_deleted(net: dict[str, FakeCell]) -> None:
     got: list[str] = []
     tx = new_transaction(
         net["server"], timeout=60.0, num_sites=1, done_cb=lambda t, st, o: got.append(st)
@@ -85,7 +104,7 @@ def test_delete_reports_deleted(net: dict[str, Cell]) -> None:
     assert got == [TransferStatus.DELETED]
 
 
-def test_progress_on_both_sides(net: dict[str, Cell]) -> None:
+def test_progress_on_both_sides(net: dict[str, FakeCell]) -> None:
     owner_calls: list[tuple[Any, ...]] = []
     site_calls: list[tuple[Any, ...]] = []
     tx = new_transaction(net["server"], num_sites=1, progress_cb=lambda *a: owner_calls.append(a))
@@ -106,7 +125,7 @@ def test_progress_on_both_sides(net: dict[str, Cell]) -> None:
     assert len(owner_calls) < 20
 
 
-def test_site_cancel_is_recorded_by_owner(net: dict[str, Cell]) -> None:
+def test_site_cancel_is_recorded_by_owner(net: dict[str, FakeCell]) -> None:
     tx = new_transaction(net["server"], timeout=60.0, num_sites=1)
     outcome = ObjDownloader.get_outcome(tx)
     assert outcome is not None
@@ -131,10 +150,14 @@ def test_site_cancel_is_recorded_by_owner(net: dict[str, Cell]) -> None:
     assert outcome.refs[ref].sites["site-1"].state == "cancelled"
 
 
-def test_withdraw_fails_downloads_promptly(net: dict[str, Cell]) -> None:
+def test_withdraw_fails_downloads_promptly(net: dict[str, FakeCell]) -> None:
     ref = offer_bytes(net["server"], bytes(64 * MiB))
     errors: list[str] = []
-    started = threading.Event()
+    started, withdrawn = threading.Event(), threading.Event()
+
+    def on_progress(*a: object) -> None:
+        started.set()
+        withdrawn.wait(10)  # the download is under way while the owner withdraws
 
     def fetch() -> None:
         try:
@@ -143,7 +166,7 @@ def test_withdraw_fails_downloads_promptly(net: dict[str, Cell]) -> None:
                 "server",
                 ref,
                 window=1,
-                progress_cb=lambda *a: started.set(),
+                progress_cb=on_progress,
                 progress_interval=0.0,
             )
         except DownloadError as exc:
@@ -153,6 +176,7 @@ def test_withdraw_fails_downloads_promptly(net: dict[str, Cell]) -> None:
     t.start()
     assert started.wait(10)
     assert ObjDownloader.withdraw(ref, "a newer model exists")
+    withdrawn.set()
     t0 = time.monotonic()
     t.join(10)
     assert time.monotonic() - t0 < 2.0
@@ -161,7 +185,7 @@ def test_withdraw_fails_downloads_promptly(net: dict[str, Cell]) -> None:
 
 
 def test_only_allowed_sites_may_download(
-    net: dict[str, Cell], caplog: pytest.LogCaptureFixture
+    net: dict[str, FakeCell], caplog: pytest.LogCaptureFixture
 ) -> None:
     tx = new_transaction(net["server"], allowed_sites=["site-1"])
     ref = offer_bytes(net["server"], b"secret", transaction_id=tx)
@@ -172,7 +196,7 @@ def test_only_allowed_sites_may_download(
     assert any("site-2 may not download" in r.getMessage() for r in caplog.records)
 
 
-def test_ref_ids_are_unguessable(net: dict[str, Cell]) -> None:
+def test_ref_ids_are_unguessable(net: dict[str, FakeCell]) -> None:
     import uuid
 
     refs = {offer_bytes(net["server"], b"x") for _ in range(50)}
@@ -181,7 +205,7 @@ def test_ref_ids_are_unguessable(net: dict[str, Cell]) -> None:
         assert uuid.UUID(r[1:]).version == 4  # 122 random bits
 
 
-def test_track_rejects_bad_input(net: dict[str, Cell]) -> None:
+def test_track_rejects_bad_input(net: dict[str, FakeCell]) -> None:
     with pytest.raises(ValueError, match="no such transaction"):
         ObjDownloader.track_transaction("T-none", num_sites=1)
     tx = new_transaction(net["server"])

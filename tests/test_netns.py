@@ -142,3 +142,60 @@ def test_download_across_hosts_survives_a_cut_link(hosts: dict[str, str], tmp_pa
     finally:
         for p in procs:
             end(p)
+
+
+@pytest.mark.timeout(120)
+def test_cells_across_hosts_move_to_the_standby_when_the_primary_dies(
+    hosts: dict[str, str], tmp_path: Path
+) -> None:
+    """Primary and standby brokers on the hub; the primary is killed mid-download and
+    the owner (hub) and the site (other host) finish on the standby, verified."""
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(6 * MiB))
+    primary = f"tcp://{hosts['hub_addr']}:18331"
+    standby = f"tcp://{hosts['hub_addr']}:18332"
+    urls = f"{primary},{standby}"
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        brokers = []
+        for url in (primary, standby):
+            b = in_ns(
+                hosts["hub"], "-m", "broker", "--bind", url,
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+            procs.append(b)
+            assert b.stdout is not None and "listening" in b.stdout.readline()
+            brokers.append(b)
+        ref_file = tmp_path / "ref"
+        procs.append(
+            in_ns(
+                hosts["hub"],
+                "-m",
+                "tests._procs",
+                "netns_owner_main",
+                urls,
+                str(src),
+                str(ref_file),
+                "0.02",
+            )
+        )
+        wait_for(ref_file.exists, timeout=30)
+        progress = tmp_path / "progress"
+        site = in_ns(
+            hosts["site"], "-m", "tests._procs", "netns_site_main", urls, ref_file.read_text(),
+            str(tmp_path / "copy.bin"), str(progress), stdout=subprocess.PIPE,
+        )  # fmt: skip
+        procs.append(site)
+        wait_for(lambda: progress.exists() and int(progress.read_text() or 0) >= MiB, timeout=30)
+        brokers[0].kill()  # the primary dies
+        out, _ = site.communicate(timeout=90)
+        assert site.returncode == 0, out
+        assert "OK" in out
+        copy = tmp_path / "copy.bin"
+        assert (
+            hashlib.sha256(copy.read_bytes()).hexdigest()
+            == hashlib.sha256(src.read_bytes()).hexdigest()
+        )
+    finally:
+        for p in procs:
+            end(p)

@@ -1,8 +1,14 @@
-"""Ready downloads of bytes, files and dicts through a real broker and cells."""
+"""Ready downloads of bytes, files and dicts.
+
+They run on objdl.testing's fake network (the objects' logic needs request/reply, not
+sockets); one download of each kind also goes through a real broker (50 MiB of bytes,
+a 200 MB file, a dict of arrays) and one file to three site processes.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import multiprocessing
 import os
 import threading
@@ -13,10 +19,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from objdl.cell import Cell
+from objdl.cell import Cell, CellLike
 from objdl.downloader import DownloadStatus, ObjDownloader, sized
 from objdl.objects import (
     DownloadError,
+    FileConsumer,
     ObjectProducer,
     download_bytes,
     download_dict,
@@ -26,6 +33,8 @@ from objdl.objects import (
     offer_dict,
     offer_file,
 )
+from objdl.objects._file import WRITE_PIECE, write_pieces
+from objdl.testing import FakeCell
 from tests import _procs
 from tests.conftest import wait_for
 
@@ -37,9 +46,13 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.endswith(".objdl-part"))
 
 
-@pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 50 * MiB])
-def test_bytes_sizes(cells: tuple[Cell, Cell], size: int) -> None:
-    owner, site = cells
+@pytest.mark.parametrize(
+    ("any_cells", "size"),
+    [*(("fake", n) for n in (0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 50 * MiB)), ("broker", 50 * MiB)],
+    indirect=["any_cells"],
+)
+def test_bytes_sizes(any_cells: tuple[CellLike, CellLike], size: int) -> None:
+    owner, site = any_cells
     data = os.urandom(size)
     done: list[str] = []
     ref = offer_bytes(owner, data, obj_downloaded_cb=lambda r, s, st, o: done.append(st))
@@ -48,8 +61,8 @@ def test_bytes_sizes(cells: tuple[Cell, Cell], size: int) -> None:
     wait_for(lambda: done == [DownloadStatus.SUCCESS])
 
 
-def test_bytes_with_blake2b_small_chunks_and_window(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_bytes_with_blake2b_small_chunks_and_window(fake_cells: tuple[FakeCell, FakeCell]) -> None:
+    owner, site = fake_cells
     data = bytearray(os.urandom(3 * MiB + 17))
     ref = offer_bytes(owner, memoryview(data), digest="blake2b", chunk_size=64 * 1024)
     got = download_bytes(site, "server", ref, chunk_size=100_000, window=3)  # clipped to 64 KiB
@@ -60,9 +73,9 @@ def _digest_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name == "objdl-digest"]
 
 
-def test_hashing_thread_ends_with_the_download(cells: tuple[Cell, Cell]) -> None:
+def test_hashing_thread_ends_with_the_download(fake_cells: tuple[FakeCell, FakeCell]) -> None:
     # 2 MiB in 64 KiB chunks with a window of 4 is hashed on a thread of its own.
-    owner, site = cells
+    owner, site = fake_cells
     data = os.urandom(2 * MiB)
     ref = offer_bytes(owner, data, digest="sha256", chunk_size=64 * 1024)
     assert download_bytes(site, "server", ref, window=4) == data
@@ -84,11 +97,11 @@ def test_hashing_thread_ends_with_the_download(cells: tuple[Cell, Cell]) -> None
 
 
 def test_a_hashing_failure_fails_the_download_cleanly(
-    cells: tuple[Cell, Cell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The hash breaks on the very last piece, on the hashing thread: the download must
     # still end in download_failed (no part file left, no thread left), not raise.
-    owner, site = cells
+    owner, site = fake_cells
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(MiB))
     ref = offer_file(owner, src, digest="sha256", chunk_size=64 * 1024)  # hashed now
@@ -115,8 +128,8 @@ def test_a_hashing_failure_fails_the_download_cleanly(
     assert _digest_threads() == []
 
 
-def test_file_zero_bytes(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
-    owner, site = cells
+def test_file_zero_bytes(fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path) -> None:
+    owner, site = fake_cells
     src = tmp_path / "empty.bin"
     src.write_bytes(b"")
     ref = offer_file(owner, src)
@@ -146,6 +159,75 @@ def test_file_200_mb_with_digest(cells: tuple[Cell, Cell], tmp_path: Path) -> No
     assert leftovers(tmp_path) == []
 
 
+def test_file_chunks_reach_the_file_in_aligned_pieces(
+    cells: tuple[Cell, Cell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each pwrite fills whole page-cache folios of at most WRITE_PIECE bytes (big
+    # writes draw 2 MiB folios, which cost a VM host page faults): an odd chunk size
+    # must not make a call straddle a piece boundary, and every byte still lands.
+    owner, site = cells
+    src = tmp_path / "src.bin"
+    data = os.urandom(5 * MiB + 777)
+    src.write_bytes(data)
+    calls: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def spy(fd: int, buf: Any, offset: int) -> int:
+        calls.append((offset, memoryview(buf).nbytes))
+        return real(fd, buf, offset)
+
+    ref = offer_file(owner, src, chunk_size=MiB + 12345)
+    monkeypatch.setattr(os, "pwrite", spy)
+    dest = download_file(site, "server", ref, tmp_path / "copy.bin", window=3)
+    monkeypatch.undo()
+    assert dest.read_bytes() == data
+    assert sum(n for _, n in calls) == len(data)
+    assert all(0 < n <= WRITE_PIECE for _, n in calls)
+    assert all(off // WRITE_PIECE == (off + n - 1) // WRITE_PIECE for off, n in calls)
+
+
+def test_write_pieces_continues_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A pwrite may write less than asked (a signal, a full pipe of a FUSE file
+    # system): the rest goes on from where it stopped, at the right offsets.
+    data = np.arange(300_000, dtype=np.int32)  # a view whose format is not "B"
+    real = os.pwrite
+    asked: list[tuple[int, int]] = []
+
+    def short(fd: int, buf: Any, offset: int) -> int:
+        asked.append((offset, memoryview(buf).nbytes))
+        return real(fd, memoryview(buf)[:1000], offset)
+
+    fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        monkeypatch.setattr(os, "pwrite", short)
+        assert write_pieces(fd, memoryview(data), 100, piece=64 * 1024) == data.nbytes
+        monkeypatch.undo()
+        assert os.pread(fd, data.nbytes, 100) == data.tobytes()
+    finally:
+        os.close(fd)
+    piece = 64 * 1024
+    assert asked[0] == (100, piece - 100)  # the first piece ends on a piece boundary
+    assert all(off // piece == (off + n - 1) // piece for off, n in asked)
+    for (off, n), (nxt, _) in itertools.pairwise(asked):
+        assert nxt == off + min(n, 1000)  # on from where the short write stopped
+
+
+def test_file_consumer_writes_pieces_of_every_buffer(tmp_path: Path) -> None:
+    # A chunk may arrive as several frames; each is written at its own offset.
+    c = FileConsumer(tmp_path / "out.bin")
+    c.begin("ref", 3 * WRITE_PIECE, None)
+    parts = [os.urandom(WRITE_PIECE + 5), os.urandom(3), os.urandom(WRITE_PIECE - 8)]
+    c.write(WRITE_PIECE, [memoryview(p) for p in parts])
+    assert c.read(WRITE_PIECE, 2 * WRITE_PIECE) == b"".join(parts)
+    assert c.read(0, WRITE_PIECE) == bytes(WRITE_PIECE)  # untouched: still the hole
+    part = c.part
+    assert part is not None
+    c.download_failed("ref", "test over")  # removes the part file, closes the descriptors
+    assert not part.exists()
+
+
 class Corrupting(ObjectProducer):
     """Flips one byte of the chunk at `offset` (as a bad link or disk would)."""
 
@@ -162,15 +244,17 @@ class Corrupting(ObjectProducer):
         return rc, data, new_state
 
 
-def offer_with(owner: Cell, producer: ObjectProducer, obj: Any, **kw: Any) -> str:
+def offer_with(owner: CellLike, producer: ObjectProducer, obj: Any, **kw: Any) -> str:
     tx = ObjDownloader.new_transaction(owner, producer, 30.0)
     ref = ObjDownloader.add_download_object(tx, obj, **kw)
     producer.prepare(ref, obj)
     return ref
 
 
-def test_corrupted_chunk_fails_and_leaves_no_file(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
-    owner, site = cells
+def test_corrupted_chunk_fails_and_leaves_no_file(
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path
+) -> None:
+    owner, site = fake_cells
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(5 * MiB))
     statuses: list[str] = []
@@ -195,9 +279,9 @@ class Truncating(ObjectProducer):
 
 
 def test_file_truncated_while_served_fails_cleanly(
-    cells: tuple[Cell, Cell], tmp_path: Path
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path
 ) -> None:
-    owner, site = cells
+    owner, site = fake_cells
     src = tmp_path / "src.bin"
     src.write_bytes(os.urandom(6 * MiB))
     ref = offer_with(owner, Truncating(), src)
@@ -209,8 +293,8 @@ def test_file_truncated_while_served_fails_cleanly(
     assert not dest.exists() and leftovers(tmp_path) == []
 
 
-def test_file_destination_errors(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
-    owner, site = cells
+def test_file_destination_errors(fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path) -> None:
+    owner, site = fake_cells
     src = tmp_path / "src.bin"
     src.write_bytes(b"abc")
     ref = offer_file(owner, src)
@@ -222,16 +306,16 @@ def test_file_destination_errors(cells: tuple[Cell, Cell], tmp_path: Path) -> No
         offer_file(owner, tmp_path / "missing")
 
 
-def test_unknown_ref_raises_download_error(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_unknown_ref_raises_download_error(fake_cells: tuple[FakeCell, FakeCell]) -> None:
+    owner, site = fake_cells
     offer_bytes(owner, b"something else")
     with pytest.raises(DownloadError, match="no such ref") as info:
         download_bytes(site, "server", "R-unknown", tries=1)
     assert info.value.ref_id == "R-unknown" and "invalid_request" in info.value.reason
 
 
-def test_dict_of_arrays_and_plain_values(cells: tuple[Cell, Cell]) -> None:
-    owner, site = cells
+def test_dict_of_arrays_and_plain_values(any_cells: tuple[CellLike, CellLike]) -> None:
+    owner, site = any_cells
     rng = np.random.default_rng(7)
     model: dict[str, Any] = {
         f"layer{i}.w": rng.standard_normal((i % 7 + 1, 5)).astype(np.float32) for i in range(1000)
@@ -249,8 +333,10 @@ def test_dict_of_arrays_and_plain_values(cells: tuple[Cell, Cell]) -> None:
     assert got["meta"] == model["meta"]
 
 
-def test_objects_share_one_transaction(cells: tuple[Cell, Cell], tmp_path: Path) -> None:
-    owner, site = cells
+def test_objects_share_one_transaction(
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path
+) -> None:
+    owner, site = fake_cells
     fired: list[tuple[str, int]] = []
     tx_id = new_transaction(owner, timeout=30.0, timeout_cb=lambda t, o: fired.append((t, len(o))))
     src = tmp_path / "f.bin"

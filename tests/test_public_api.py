@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import json
 import re
@@ -99,14 +100,22 @@ def test_the_docs_show_imports() -> None:
     assert len({where for where, _, _ in imports}) >= 5, imports
 
 
+def _is_subpackage(module: str, name: str) -> bool:
+    """`from objdl import aio`: a package of its own, not a name in objdl's namespace."""
+    if not hasattr(importlib.import_module(module), "__path__"):
+        return False  # a module, not a package: it has no subpackages
+    return importlib.util.find_spec(f"{module}.{name}") is not None
+
+
 def test_every_import_the_docs_show_resolves() -> None:
     for where, module, name in _imports():
-        assert hasattr(importlib.import_module(module), name), f"{where}: {module}.{name}"
+        found = hasattr(importlib.import_module(module), name) or _is_subpackage(module, name)
+        assert found, f"{where}: {module}.{name}"
 
 
 def test_every_layer_name_the_docs_import_is_at_the_top_level() -> None:
     for where, module, name in _imports():
-        if module in LAYERS:
+        if module in LAYERS and not _is_subpackage(module, name):
             assert name in objdl.__all__, f"{where} imports {name} from {module}; objdl lacks it"
             assert getattr(objdl, name) is getattr(importlib.import_module(module), name)
 
@@ -127,6 +136,31 @@ def test_import_is_light_and_starts_no_thread() -> None:
     assert seen["file"].startswith(str(ROOT)), seen
     assert seen["heavy"] == [], f"import objdl imported {seen['heavy']}"
     assert seen["threads"] == [], f"import objdl started threads {seen['threads']}"
+
+
+def test_the_testing_package_imports_without_starting_anything() -> None:
+    probe = (
+        "import json, sys, threading\n"
+        "before = {t.ident for t in threading.enumerate()}\n"
+        "import objdl\n"
+        "light = 'objdl.testing' not in sys.modules\n"
+        "import objdl.testing\n"
+        "from objdl.testing import *\n"
+        "threads = [t.name for t in threading.enumerate() if t.ident not in before]\n"
+        "print(json.dumps({'light': light, 'threads': threads}))\n"
+    )
+    proc = run([sys.executable, "-c", probe], timeout=30.0)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"light": True, "threads": []}
+
+
+def test_the_testing_package_documents_its_names() -> None:
+    testing = importlib.import_module("objdl.testing")
+    assert testing.__doc__ and "from objdl.testing import" in testing.__doc__
+    for name in testing.__all__:
+        obj = getattr(testing, name)
+        if inspect.isclass(obj):
+            assert _own_docstring(obj), f"objdl.testing.{name} has no docstring"
 
 
 def test_version_has_one_source() -> None:
@@ -157,7 +191,7 @@ def test_packages_and_py_typed_are_shipped() -> None:
         assert "py.typed" in tool["package-data"][package]
 
 
-@pytest.mark.parametrize("module", ["objdl", *LAYERS, "broker"])
+@pytest.mark.parametrize("module", ["objdl", *LAYERS, "objdl.testing", "broker"])
 def test_every_layer_has_an_api_page(module: str) -> None:
     pages = {p.read_text().strip() for p in (ROOT / "docs" / "api").glob("*.md")}
     assert any(line.strip() == f"::: {module}" for page in pages for line in page.splitlines())

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-import objdl.cell._io as cell_io
+import objdl._wake as wake_mod
 from objdl.cell import Cell
 from objdl.downloader import ObjDownloader, _owner
 from objdl.message import Message
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 class _OsWithHook:
-    """The os module as objdl.cell._io sees it, with a hook run before each read."""
+    """The os module as objdl._wake sees it, with a hook run before each read."""
 
     def __init__(self, before_read: Any) -> None:
         self._before_read = before_read
@@ -41,7 +41,7 @@ def test_a_wake_between_flag_and_pipe_is_not_lost(
 ) -> None:
     """A put() landing while the I/O thread handles the pipe still wakes it later.
 
-    The hook runs in the I/O thread inside Outbox.woken(), right before the pipe is
+    The hook runs in the I/O thread inside Waker.woken(), right before the pipe is
     read, and makes another thread queue a message there. Before the fix the flag was
     already cleared, so that put wrote a byte the read then swallowed, leaving the flag
     set with an empty pipe: no later put ever wrote the pipe again and the cell sent
@@ -50,7 +50,7 @@ def test_a_wake_between_flag_and_pipe_is_not_lost(
     owner, site = cells
     got: list[Any] = []
     site.register_request_cb("ch", "note", lambda m: got.append(m.payload))
-    outbox = owner._outbox
+    outbox = owner._waker
     armed = threading.Event()
     raced = threading.Event()
     pipe_reads = [0]
@@ -59,7 +59,7 @@ def test_a_wake_between_flag_and_pipe_is_not_lost(
         owner.fire_and_forget("ch", "note", "site-1", Message(payload="in the window"))
 
     def before_read(fd: int) -> None:
-        if fd != outbox.read_fd or threading.get_ident() != outbox.io_ident:
+        if fd != outbox.read_fd or threading.get_ident() != outbox.owner_ident:
             return
         pipe_reads[0] += 1
         if armed.is_set():
@@ -69,7 +69,7 @@ def test_a_wake_between_flag_and_pipe_is_not_lost(
             t.join(5.0)
             raced.set()
 
-    monkeypatch.setattr(cell_io, "os", _OsWithHook(before_read))
+    monkeypatch.setattr(wake_mod, "os", _OsWithHook(before_read))
     armed.set()
     owner.fire_and_forget("ch", "note", "site-1", Message(payload="opens the window"))
     assert raced.wait(5.0), "the I/O thread never read its pipe"

@@ -8,6 +8,7 @@ tap, corrupt or replay frames are subclasses that hook the broker's send.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import random
@@ -31,6 +32,7 @@ from broker.__main__ import main as broker_main
 from broker.routing import Send
 from objdl import wire
 from objdl.cell import Cell
+from objdl.cell import _core as cell_core
 from objdl.errors import BrokerUnavailableError
 from objdl.keys import main as keys_main
 from objdl.message import Message, MessageHeaderKey, ReturnCode
@@ -658,6 +660,60 @@ def test_secure_download_of_bytes(make_cell: Callable[..., Cell], secure_broker:
     assert owner.secure_stats["opened"] >= 11 and site.secure_stats["opened"] >= 11
 
 
+def test_asyncio_cells_seal_end_to_end_with_threaded_ones(
+    make_cell: Callable[..., Cell], keys: Keys, secure_broker: TapBroker
+) -> None:
+    """CURVE to the broker and sealed messages both ways between objdl.aio and Cell."""
+    import asyncio
+
+    from objdl import aio
+    from objdl.objects import offer_bytes
+
+    server = make_cell("server")
+    server.register_request_cb("ch", "echo", echo)
+    got: list[Any] = []
+    server.register_request_cb("ch", "note", lambda req: got.append(req.payload))
+    data = (MARKER + os.urandom(4000)) * 300
+    ref = offer_bytes(server, data, timeout=30.0, chunk_size=256 * 1024)
+    seen: list[Any] = []
+
+    async def main() -> tuple[Message, dict[str, str], bytes, Message]:
+        cell = aio.Cell(
+            "site-1",
+            secure_broker.url,
+            curve_keys=keys.secret("site-1"),
+            broker_public_key=keys.public("broker"),
+            peer_keys=keys.allowed,
+        )
+        async with cell:
+
+            async def served(req: Message) -> Message:
+                seen.append(req.get_header("secure"))
+                return Message(payload=req.payload)
+
+            cell.register_request_cb("ch", "aio-echo", served)
+            reply = await cell.send_request(
+                "ch", "server", "echo", Message(payload=MARKER), 5.0, secure=True
+            )
+            fired = await cell.fire_and_forget(
+                "ch", "note", ["server"], Message(payload=MARKER), secure=True
+            )
+            blob = bytes(await aio.download_bytes(cell, "server", ref, secure=True))
+            back = await asyncio.to_thread(
+                server.send_request, "ch", "site-1", "aio-echo", Message(payload=MARKER), 5.0, True
+            )
+            return reply, fired, blob, back
+
+    reply, fired, blob, back = asyncio.run(main())
+    assert reply.get_header(RC) == ReturnCode.OK and reply.payload == MARKER
+    assert reply.get_header("was_secure") is True
+    assert fired == {"server": ReturnCode.OK}
+    wait_for(lambda: got == [MARKER])
+    assert blob == data
+    assert back.get_header(RC) == ReturnCode.OK and back.payload == MARKER and seen == [True]
+    assert not secure_broker.saw(MARKER)
+
+
 def test_broker_sees_plaintext_only_without_secure(
     make_cell: Callable[..., Cell], secure_broker: TapBroker
 ) -> None:
@@ -1066,9 +1122,15 @@ def test_requests_recorded_before_a_receiver_restart_never_run_again(
 
 
 def test_replies_recorded_before_a_requester_restart_answer_nothing(
-    make_cell: Callable[..., Cell], secure_broker: TapBroker
+    make_cell: Callable[..., Cell], secure_broker: TapBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A restarted requester reuses req_ids: a recorded reply must not answer its request."""
+    """A restarted requester reuses req_ids: a recorded reply must not answer its request.
+
+    objdl's req_ids are random, so a reuse is unlikely; the seal must hold even so (a
+    second implementation may count from 1). Here each cell counts from 1, as objdl's
+    cells once did, so every new request meets a recorded reply with its req_id.
+    """
+    monkeypatch.setattr(cell_core, "new_request_id", itertools.count(1).__next__)
     server = make_cell("server")
     server.register_request_cb("ch", "echo", echo)
     rec = Recorder(b"site-1", ("rep",))
@@ -1080,6 +1142,7 @@ def test_replies_recorded_before_a_requester_restart_answer_nothing(
     first.stop()
     rec.recording, rec.armed = False, True
     wait_for(lambda: "site-1" not in secure_broker.cells())
+    monkeypatch.setattr(cell_core, "new_request_id", itertools.count(1).__next__)
     again = make_cell("site-1")  # its req_ids start from 1 again, as the recorded replies'
     for i in range(3):
         reply = again.send_request("ch", "server", "echo", Message(payload=f"new-{i}"), 5.0, True)
@@ -1283,7 +1346,7 @@ def test_truncated_frames_are_rejected() -> None:
 
 
 def test_cell_and_e2e_read_seals_with_one_function() -> None:
-    import objdl.cell._cell as cell_mod
+    import objdl.cell._core as cell_mod
     import objdl.cell._pending as pending_mod
     import objdl.security._e2e as e2e_mod
     from objdl.security import _seal

@@ -1,13 +1,20 @@
 """Code written against the seed's Object Downloader runs with only its imports changed.
 
-Everything below the import block uses only names the seed defines, called the way
-the seed's own code calls them (positional arguments included).
+Below the import block and the one fixture that picks the transport, the code uses only
+names the seed defines, called the way the seed's own code calls them (positional
+arguments included). It runs through a real broker and again on objdl.testing's fake
+network, where the fixture rebinds ``Cell`` to make fake cells: the same code, with the
+import pointed elsewhere.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
+
+import pytest
 
 # The only lines that differ from the seed-based original:
 #   nvflare.fuel.f3.cellnet.cell            -> objdl.cell
@@ -33,6 +40,24 @@ from objdl.message import (
     make_reply,
     new_cell_message,
 )
+
+
+class _FakeBroker:
+    """What the test reads of a broker (its url), for the fake network."""
+
+    url = "fake://network"
+
+
+@pytest.fixture(params=["broker", "fake"])
+def broker(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    if request.param == "broker":
+        yield request.getfixturevalue("broker")
+        return
+    from objdl.testing import FakeClock, FakeNetwork
+
+    with FakeNetwork(FakeClock(autojump=True)) as net:
+        monkeypatch.setattr(sys.modules[__name__], "Cell", lambda name, url: net.cell(name))
+        yield _FakeBroker()
 
 
 class ChunkProducer(Producer):

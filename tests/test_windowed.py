@@ -1,8 +1,8 @@
 """The shell around the DownloadWindow, on real sockets, in both of its shapes.
 
-`HookCell.request_async` takes ``on_done`` (built on the done_queue, which the cell
-fills on the thread that stores each reply: its I/O thread), so the window is fed
-there and the next requests leave from there; `QueueCell.request_async` does not,
+`HookCell` is the real cell, recording the threads its ``on_done`` hooks run on (the
+cell's I/O thread, where the window is fed and the next requests leave); the
+``request_async`` of `QueueCell` takes no ``on_done``, as a cell written before it,
 so the download's own thread takes every reply from the done_queue. The owner is a
 plain cell answering the sized exchange by hand, honestly unless a test says not.
 """
@@ -30,15 +30,8 @@ DATA = os.urandom(32 * CHUNK)
 KW: dict[str, Any] = {"window": 4, "chunk_size": CHUNK, "tries": 2, "backoff": 0.01}
 
 
-class _Hook:
-    """Stands in for a done_queue: the cell calls ``put(request)`` as it stores a reply."""
-
-    def __init__(self, fn: Callable[[PendingRequest], None]) -> None:
-        self.put = fn
-
-
 class HookCell(Cell):
-    """A cell whose ``request_async`` takes ``on_done``; it records what it was asked."""
+    """The real cell; records what it is asked and where its ``on_done`` hooks run."""
 
     def __init__(self, *args: Any, **kw: Any) -> None:
         super().__init__(*args, **kw)
@@ -46,7 +39,7 @@ class HookCell(Cell):
         self.hooks_done = 0
         self.on_ask: Callable[[Any], None] = lambda state: None
 
-    def request_async(  # type: ignore[override]
+    def request_async(
         self,
         channel: str,
         target: str,
@@ -58,26 +51,20 @@ class HookCell(Cell):
         optional: bool = False,
         on_done: Callable[[PendingRequest], None] | None = None,
     ) -> PendingRequest:
-        if on_done is not None:
-            hook = on_done
+        hook = on_done
+        if hook is not None:
 
-            def put(p: PendingRequest) -> None:
+            def recording(p: PendingRequest) -> None:
                 self.hook_threads.append(threading.current_thread().name)
                 hook(p)
                 self.hooks_done += 1
 
-            done_queue = _Hook(put)
+            on_done = recording
         self.on_ask(request.payload.get("state"))
         return super().request_async(
-            channel,
-            target,
-            topic,
-            request,
-            timeout,
-            done_queue=cast(Any, done_queue),
-            secure=secure,
-            optional=optional,
-        )
+            channel, target, topic, request, timeout, done_queue=done_queue, secure=secure,
+            optional=optional, on_done=on_done,
+        )  # fmt: skip
 
 
 class QueueCell(Cell):

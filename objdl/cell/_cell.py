@@ -1,57 +1,46 @@
 """The :class:`Cell`: a named endpoint's public face (lifecycle, sending, handlers).
 
-The work is done by parts it owns: an :class:`~objdl.cell._io.IOThread` (the socket),
-a :class:`~objdl.cell._handlers.HandlerPool` (request handlers), the
-:class:`~objdl.cell._pending.Waiters` its requests wait in, and an
-:class:`~objdl.cell._secure.Opener` for sealed messages. Sending threads encode their
-message themselves and queue the frames in the shared
-:class:`~objdl.cell._io.Outbox`.
+The protocol lives in a sans-I/O :class:`~objdl.cell._core.CellCore` (correlation,
+admission, session, sealing decisions). This module is the threaded shell around it:
+an :class:`~objdl.cell._io.IOThread` owns the socket and feeds the core, a
+:class:`~objdl.cell._handlers.HandlerPool` runs the handlers that are not inline, and
+callers' threads submit to the core and wait on their request's lock.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import re
 import threading
 import time
-import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
 
 from objdl import fqcn as _fqcn
-from objdl import wire
-from objdl._logutil import RateLimitedLog
+from objdl._wake import Waker
+from objdl.cell._core import CellCore
+from objdl.cell._dealer import settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
-from objdl.cell._io import IOThread, Outbox
-from objdl.cell._pending import PendingRequest, Waiters
-from objdl.cell._secure import Opener
-from objdl.errors import BrokerUnavailableError, CellError, NameTakenError
+from objdl.cell._io import IOThread
+from objdl.cell._pending import OnDone, PendingRequest
+from objdl.errors import CellError
 from objdl.message import (
     Message,
     MessageHeaderKey,
-    MessageType,
     ReturnCode,
     Signal,
-    make_reply,
 )
 from objdl.security import (
-    AuthenticationError,
     KeySource,
     PeerKeySource,
     PublicKeySource,
-    SecureUnavailableError,
-    end_to_end,
-    load_keypair,
-    load_public_key,
 )
-from objdl.security._seal import seal_of
 
 if TYPE_CHECKING:
-    from objdl.security._e2e import EndToEnd
+    pass
 
 __all__ = ["Cell"]
 
@@ -65,36 +54,9 @@ _E2E_HELLO = "hello"
 _HELLO_TIMEOUT = 5.0  # a first sealed fire to a peer waits at most this for its session
 
 
-def _hold_plain(sealed: list[Any], plain: list[Any]) -> None:
-    """Keep `plain`'s buffers alive for as long as any sealed bulk frame of `sealed` is.
-
-    Whoever watches a buffer's lifetime to know when it has left the process (the
-    owner's per-site budget of chunk data does) would otherwise see it released as
-    soon as it is sealed, while its sealed copy still waits in the outbox and in
-    libzmq. Each sealed bulk frame becomes a memoryview (pyzmq holds the object it
-    sends with ``copy=False`` until libzmq is done with it) whose finalizer holds the
-    plaintext frames.
-    """
-    for i in range(2, len(sealed)):
-        view = memoryview(sealed[i])
-        weakref.finalize(view, _noop, plain)
-        sealed[i] = view
-
-
-def _noop(_: Any) -> None:
-    pass
-
-
 def _hello(request: Message) -> None:
     """Answer a session handshake: the sealed OK reply is what teaches the sender."""
     return None
-
-
-_SECURE_MSG = (
-    "secure=True needs end-to-end keys, which cell {} does not have: give it curve_keys= "
-    "(its key pair) and peer_keys= (its peers' public keys); refusing rather than sending "
-    "plaintext (or use secure=False on a trusted network)"
-)
 
 
 class Cell:
@@ -102,7 +64,12 @@ class Cell:
 
     Args:
         fqcn: this cell's name, e.g. ``"site-1"`` or ``"site-1.w0"``.
-        broker_url: the broker's address, e.g. ``"tcp://127.0.0.1:8002"``.
+        broker_url: the broker's address, e.g. ``"tcp://127.0.0.1:8002"``; or several,
+            a list or a comma-separated string: the first, then its standbys. The cell
+            registers with the first that answers (:meth:`start` gives each a share
+            of its timeout), and when the broker it is on goes silent for
+            `broker_timeout` it moves to the next one, round the list, and registers
+            there (docs/RELIABILITY.md, "Standby brokers").
         max_workers: threads that run request handlers.
         max_pending: requests allowed to wait for a handler thread; beyond that a
             request is answered ``service_unavailable`` at once.
@@ -131,7 +98,7 @@ class Cell:
     def __init__(
         self,
         fqcn: str,
-        broker_url: str,
+        broker_url: str | Sequence[str],
         *,
         max_workers: int = 8,
         max_pending: int = 1024,
@@ -144,83 +111,59 @@ class Cell:
         peer_keys: PeerKeySource | None = None,
         drain_timeout: float = 1.0,
     ) -> None:
-        self._fqcn = _fqcn.validate(fqcn)
-        if not isinstance(broker_url, str) or not _URL.fullmatch(broker_url):
-            raise ValueError(
-                f"broker_url must look like tcp://HOST:PORT (or ipc://PATH), got {broker_url!r}"
-            )
-        if max_workers < 1 or max_pending < 1:
-            raise ValueError("max_workers and max_pending must be at least 1")
-        self.broker_url = broker_url
+        conf = settings(
+            fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
+        )
+        self._fqcn = conf.fqcn
+        self.broker_urls = conf.broker_urls
         self._start_timeout = start_timeout
         self._ctx = context or zmq.Context.instance()
-        if curve_keys is None and (broker_public_key is not None or peer_keys is not None):
-            raise ValueError("broker_public_key and peer_keys need curve_keys (this cell's keys)")
-        self._keys = load_keypair(curve_keys) if curve_keys is not None else None
-        self._broker_key = (
-            load_public_key(broker_public_key) if broker_public_key is not None else None
+        self._keys, self._broker_key, self._e2e = conf.keys, conf.broker_key, conf.e2e
+        self._waker = Waker()
+        self._core = core = CellCore(
+            self._fqcn,
+            time.monotonic(),
+            self._waker.wake,
+            max_pending=max_pending,
+            heartbeat_interval=heartbeat_interval,
+            broker_timeout=broker_timeout,
+            e2e=self._e2e,
+            switch_after=conf.switch_after(broker_timeout, start_timeout),
         )
-        self._e2e: EndToEnd | None = None
-        if peer_keys is not None and self._keys is not None:
-            self._e2e = end_to_end(self._fqcn, self._keys, peer_keys)
-        self._stats_lock = threading.Lock()
-
-        self._waiters = Waiters()
-        self._req_ids = itertools.count(1)
-        self._outbox = Outbox()
+        core.broker_url = ",".join(conf.broker_urls)
+        self.stats = core.stats
         self._drain = drain_timeout
-        self._targets: set[str] = set()  # validated target names
         self._state_lock = threading.Lock()
         self._started = False
         self._stopped = False
         self._stop_cbs: list[Callable[[], None]] = []
-        self._rlog = RateLimitedLog(log)
-        self.stats: dict[str, int] = {
-            "sent": 0,
-            "received": 0,
-            "dropped_malformed": 0,
-            "dropped_late_reply": 0,
-            "reconnects": 0,
-            "rejected_secure": 0,
-            "resent_secure": 0,
-        }
-        self._opener = Opener(
-            self._fqcn,
-            self._e2e,
-            self.stats,
-            self._stats_lock,
-            self._waiters,
-            self._send_reply,
-            self._drop,
-            self._resend,
-        )
-        self._pool = HandlerPool(
-            self._fqcn, max_workers, max_pending, self._send_reply, self._opener.open_request
-        )
+        self._pool = HandlerPool(self._fqcn, max_workers, core.handlers)
+        core.dispatch = self._pool.put
         self._io = IOThread(
             self._fqcn,
-            broker_url,
+            conf.broker_urls,
             self._ctx,
+            core,
+            self._waker,
             keys=self._keys,
             broker_key=self._broker_key,
-            heartbeat=heartbeat_interval,
-            broker_timeout=broker_timeout,
-            outbox=self._outbox,
-            waiters=self._waiters,
-            pool=self._pool,
-            opener=self._opener,
-            stats=self.stats,
-            send_reply=self._send_reply,
-            drop=self._drop,
         )
         if self._e2e is not None:  # the handshake a first sealed fire waits for
-            self._pool.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
+            core.handlers.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
+
+    clock = staticmethod(time.monotonic)
+    """The clock request deadlines are measured on (``objdl.testing`` cells have a fake one)."""
 
     # ---------------------------------------------------------------- lifecycle
 
     @property
     def fqcn(self) -> str:
         return self._fqcn
+
+    @property
+    def broker_url(self) -> str:
+        """The broker this cell is on (or tries next)."""
+        return self._io.url
 
     @property
     def is_connected(self) -> bool:
@@ -259,35 +202,17 @@ class Cell:
             if self._started:
                 raise CellError(f"cell {self._fqcn!r} was already started; make a new Cell")
             self._started = True
-        self._outbox.open()
+        self._waker.open()
         self._pool.start()
         self._io.start()
         ok = self._io.ready.wait(timeout)
         if ok and self._io.registered:
             return
-        refused, auth, handshake = (
-            self._io.refused,
-            self._io.auth_refused,
-            self._io.handshake_failed,
+        error = start_error(
+            ", ".join(self.broker_urls), self._fqcn, timeout, self._io.refused, self._io.handshake
         )
         self.stop()
-        if auth:
-            raise AuthenticationError(self.broker_url, auth)
-        if refused:
-            if refused.startswith("not allowed"):
-                raise AuthenticationError(
-                    self.broker_url, f"name {self._fqcn!r} {refused}", kind="name"
-                )
-            if refused == "taken":  # PROTOCOL.md: exactly this reason
-                raise NameTakenError(self._fqcn, refused)
-            raise CellError(f"the broker refused cell {self._fqcn!r}: {refused}")
-        if handshake:
-            raise AuthenticationError(
-                self.broker_url,
-                f"{handshake} (is broker_public_key this broker's key, and does it use CURVE?)",
-                kind="handshake",
-            )
-        raise BrokerUnavailableError(self.broker_url, timeout)
+        raise error
 
     def stop(self, timeout: float = 5.0) -> None:
         """Unregister, end every thread and close the socket. Idempotent."""
@@ -299,11 +224,11 @@ class Cell:
         deadline = time.monotonic() + timeout
         # Let handlers already running finish, so their replies are queued and go out
         # with the last flush (a site waiting on them would otherwise wait its timeout).
-        self._pool.drain(min(self._drain, timeout / 2))
+        self._core.handlers.drain(min(self._drain, timeout / 2))
         self._io.stop(max(0.0, deadline - time.monotonic()))
         self._pool.stop(deadline, time.monotonic)
-        self._waiters.fail_all(ReturnCode.COMM_ERROR, f"cell {self._fqcn} stopped")
-        self._outbox.close()
+        self._core.waiters.fail_all(ReturnCode.COMM_ERROR, f"cell {self._fqcn} stopped")
+        self._waker.close()
         for cb in self._stop_cbs:
             try:
                 cb()
@@ -321,19 +246,33 @@ class Cell:
     # ---------------------------------------------------------------- handlers
 
     def register_request_cb(
-        self, channel: str, topic: str, cb: RequestCallback, *args: Any, **kwargs: Any
+        self,
+        channel: str,
+        topic: str,
+        cb: RequestCallback,
+        *args: Any,
+        inline: bool = False,
+        **kwargs: Any,
     ) -> None:
         """Serve requests on (channel, topic) with ``cb(request, *args, **kwargs)``.
 
         The callback returns the reply :class:`Message`, or None for an empty OK
-        reply. It runs on a handler thread; if it raises, the requester gets
-        ``process_exception`` with the error text.
+        reply; if it raises, the requester gets ``process_exception`` with the error
+        text. It runs on one of the cell's handler threads, so a slow handler never
+        stalls the cell.
+
+        With ``inline=True`` it runs on the cell's I/O thread as soon as the request
+        arrives, which saves two thread hops per request: for quick handlers only
+        (no blocking, no waiting for another reply; :meth:`send_request` from an
+        inline handler raises), since while it runs the cell receives and sends
+        nothing. A sealed (``secure``) request always runs on a handler thread,
+        because opening it is work. ``inline`` is therefore not passed on to `cb`.
         """
         if not callable(cb):
             raise TypeError(f"cb must be callable, got {type(cb).__name__}")
         if not isinstance(channel, str) or not isinstance(topic, str):
             raise TypeError("channel and topic must be str")
-        self._pool.register(channel, topic, cb, args, kwargs)
+        self._core.handlers.register(channel, topic, cb, args, kwargs, inline=bool(inline))
 
     # ---------------------------------------------------------------- sending
 
@@ -384,34 +323,20 @@ class Cell:
 
         Ten slow targets cost one timeout, not ten. Return codes as in :meth:`send_request`.
         """
-        pending = self._submit(channel, topic, targets, request, timeout, secure, optional, None)
+        if threading.get_ident() == self._io.ident:
+            raise CellError(
+                f"cell {self._fqcn}: a request cannot wait for its reply on the cell's I/O "
+                "thread (from an inline handler or an on_done hook); use request_async, "
+                "or register the handler without inline=True"
+            )
+        pending = self._submit(channel, topic, targets, request, timeout, secure, optional)
         try:
             self._wait(pending, time.monotonic() + timeout, abort_signal)
         finally:
             for p in pending:
                 p.cancel()
-        result: dict[str, Message] = {}
-        for p in pending:
-            if p.reply is None and abort_signal is not None and abort_signal.triggered:
-                p.resolve(make_reply(ReturnCode.ABORT_RUN, "aborted by the caller's signal"))
-            elif p.reply is None:
-                p.resolve(
-                    make_reply(ReturnCode.TIMEOUT, f"no reply from {p.target} within {timeout:g}s")
-                )
-            reply = p.result()
-            rc = reply.get_header(_H.RETURN_CODE)
-            if rc != ReturnCode.OK:
-                self._log_failure(
-                    optional,
-                    "request %s/%s to %s: %s %s",
-                    channel,
-                    topic,
-                    p.target,
-                    rc,
-                    reply.get_header(_H.ERROR, ""),
-                )
-            result[p.target] = reply
-        return result
+        aborted = abort_signal is not None and abort_signal.triggered
+        return self._core.collect(pending, timeout, aborted, optional, channel, topic)
 
     def request_async(
         self,
@@ -423,18 +348,21 @@ class Cell:
         done_queue: queue.SimpleQueue[Any] | None = None,
         secure: bool = False,
         optional: bool = False,
+        on_done: OnDone | None = None,
     ) -> PendingRequest:
         """Send `request` and return at once with its :class:`PendingRequest`.
 
         The reply (or a ``comm_error``/``target_unreachable`` reply from the broker
-        connection) is stored on the pending request and, if `done_queue` is given,
-        the request is put on that queue. Nothing resolves it at its deadline: call
-        :meth:`PendingRequest.result` once the deadline has passed to get a
-        ``timeout`` reply and stop waiting.
+        connection) is stored on the pending request; then `on_done`, if given, is
+        called with it on the thread that stored it (the cell's I/O thread for replies
+        and NACKs: it must be quick and never block; a request_async from inside it
+        leaves with no extra wake-up), and the request is put on `done_queue`, if
+        given. Nothing resolves it at its deadline: call :meth:`PendingRequest.result`
+        once the deadline has passed to get a ``timeout`` reply and stop waiting.
         """
-        return self._submit(channel, topic, target, request, timeout, secure, optional, done_queue)[
-            0
-        ]
+        return self._submit(
+            channel, topic, target, request, timeout, secure, optional, done_queue, on_done
+        )[0]
 
     def _submit(
         self,
@@ -445,41 +373,25 @@ class Cell:
         timeout: float,
         secure: bool,
         optional: bool,
-        done_queue: queue.SimpleQueue[Any] | None,
+        done_queue: queue.SimpleQueue[Any] | None = None,
+        on_done: OnDone | None = None,
     ) -> list[PendingRequest]:
         tlist = self._check_send(channel, topic, targets, request, secure)
         if not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-        deadline = time.monotonic() + timeout
-        pending: list[PendingRequest] = []
-        batch = []
-        encode = self._encode_secure if secure else self._encode
-        for target in tlist:
-            req_id = next(self._req_ids)
-            batch.append(encode(request, channel, topic, target, MessageType.REQUEST, req_id))
-            pending.append(
-                PendingRequest(self._waiters.forget, req_id, target, deadline, done_queue, secure)
-            )
-        if not self._io.registered:
-            err = f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
-            self._log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
-            for p in pending:
-                p.resolve(make_reply(ReturnCode.COMM_ERROR, err))
-            return pending
-        self._waiters.add(pending)
-        if not secure:
-            self._outbox.put(batch)
-            return pending
-        try:
-            for p, frames in zip(pending, batch, strict=True):
-                p.plain = frames  # kept until the reply, to resend if the target restarted
-                self._queue_sealed(p.target, frames, pending=p)
-        except BaseException:
-            for p in pending:
-                self._waiters.forget(p.req_id)
-            raise
-        finally:
-            self._outbox.wake()
+        pending = self._core.submit(
+            channel,
+            topic,
+            tlist,
+            request,
+            time.monotonic() + timeout,
+            secure,
+            done_queue,
+            on_done,
+        )
+        if not self._core.registered and pending[0].reply is not None:
+            err = pending[0].reply.get_header(_H.ERROR, "")
+            self._core.log_failure(optional, "request on %s/%s failed: %s", channel, topic, err)
         return pending
 
     def add_stop_callback(self, cb: Callable[[], None]) -> None:
@@ -502,23 +414,16 @@ class Cell:
         arrived; ``comm_error`` means there is no broker connection now.
         """
         tlist = self._check_send(channel, topic, targets, message, secure)
-        if not self._io.registered:
-            self._log_failure(optional, "fire_and_forget on %s/%s: not connected", channel, topic)
+        if not self._core.registered:
+            self._core.log_failure(
+                optional, "fire_and_forget on %s/%s: not connected", channel, topic
+            )
             return dict.fromkeys(tlist, ReturnCode.COMM_ERROR)
         failed: dict[str, str] = {}
         if secure:
             failed = self._handshake(tlist, optional)
             tlist = [t for t in tlist if t not in failed]
-        encode = self._encode_secure if secure else self._encode
-        batch = [encode(message, channel, topic, t, MessageType.FIRE, None) for t in tlist]
-        if not secure:
-            self._outbox.put(batch)
-            return dict.fromkeys(tlist, ReturnCode.OK)
-        try:
-            for target, frames in zip(tlist, batch, strict=True):
-                self._queue_sealed(target, frames)
-        finally:
-            self._outbox.wake()
+        self._core.fire(channel, topic, tlist, message, secure)
         return {**dict.fromkeys(tlist, ReturnCode.OK), **failed}
 
     def list_cells(self, prefix: str = "", timeout: float = 5.0) -> list[str]:
@@ -529,22 +434,19 @@ class Cell:
         """
         if prefix:
             _fqcn.validate(prefix)
-        if not self._io.registered:
+        if not self._core.registered:
             raise CellError(
                 f"cell {self._fqcn} is not connected to the broker at {self.broker_url}"
             )
-        token = str(next(self._req_ids)).encode()
-        w = PendingRequest(None, 0, "broker", time.monotonic() + timeout)
-        self._waiters.add_list(token, w)
+        token, w = self._core.list_query(prefix, time.monotonic() + timeout)
         try:
-            self._outbox.put([[wire.KIND_LIST, token, prefix.encode()]])
             if not w.wait(timeout) or w.reply is None:
                 raise CellError(f"the broker did not list its cells within {timeout:g}s")
             names = w.reply.payload
             assert isinstance(names, list)
             return names
         finally:
-            self._waiters.forget_list(token)
+            self._core.waiters.forget_list(token)
 
     # ---------------------------------------------------------------- internals: callers' side
 
@@ -552,94 +454,10 @@ class Cell:
         self, channel: str, topic: str, targets: Iterable[str] | str, msg: Message, secure: bool
     ) -> list[str]:
         if secure and self._e2e is None:
-            raise SecureUnavailableError(_SECURE_MSG.format(repr(self._fqcn)))
+            self._core.check_send(channel, topic, targets, msg, secure)  # raises: no keys
         if not self._started or self._stopped:
             raise CellError(f"cell {self._fqcn!r} is not running: call start() first")
-        if not isinstance(msg, Message):
-            raise TypeError(f"expected a Message, got {type(msg).__name__}")
-        if not isinstance(channel, str) or not isinstance(topic, str):
-            raise TypeError("channel and topic must be str")
-        tlist = [targets] if isinstance(targets, str) else list(targets)
-        if not tlist:
-            raise ValueError("no targets given")
-        for t in tlist:
-            if t not in self._targets:
-                _fqcn.validate(t)
-                if len(self._targets) >= 4096:
-                    self._targets.clear()
-                self._targets.add(t)
-        if len(set(tlist)) != len(tlist):
-            raise ValueError(f"duplicate targets in {tlist}")
-        if secure:
-            assert self._e2e is not None
-            for t in tlist:
-                self._e2e.require_peer(t)  # all known, or nothing is sent
-        return tlist
-
-    def _headers(
-        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: Any
-    ) -> dict[str, Any]:
-        """`msg`'s headers plus the routing headers every message carries."""
-        headers = dict(msg.headers)
-        headers[_H.CHANNEL] = channel
-        headers[_H.TOPIC] = topic
-        headers[_H.MSG_TYPE] = mtype
-        headers[_H.ORIGIN] = self._fqcn
-        headers[_H.DESTINATION] = target
-        if req_id is not None:  # a reply echoes the request's req_id, whatever its type
-            headers[_H.REQ_ID] = req_id
-        return headers
-
-    def _encode(
-        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: Any
-    ) -> list[Any]:
-        headers = self._headers(msg, channel, topic, target, mtype, req_id)
-        headers.pop(_H.SECURE, None)  # e.g. a received secure message sent on in plaintext
-        return [wire.KIND_MSG, target.encode(), *wire.encode(Message(headers, msg.payload))]
-
-    def _encode_secure(
-        self, msg: Message, channel: str, topic: str, target: str, mtype: str, req_id: Any
-    ) -> list[Any]:
-        """The frames ``[headers, body, *buffers]`` of `msg`, marked secure, not yet sealed."""
-        headers = self._headers(msg, channel, topic, target, mtype, req_id)
-        headers[_H.SECURE] = True
-        return wire.encode(Message(headers, msg.payload))
-
-    def _queue_sealed(
-        self,
-        target: str,
-        frames: list[Any],
-        in_reply_to: bytes = b"",
-        pending: PendingRequest | None = None,
-    ) -> None:
-        """Seal `frames` for `target` and queue them, in the order of their counters.
-
-        A reply is bound to `in_reply_to` (the request's seal); a request records its
-        own seal on `pending` before it can leave, so its reply is checked against it.
-        """
-        assert self._e2e is not None
-        route = [wire.KIND_MSG, target.encode()]
-        queue = self._outbox.queue
-
-        def deliver(sealed: list[Any]) -> None:
-            if pending is not None:
-                pending.seal = seal_of(sealed)
-            _hold_plain(sealed, frames)
-            queue.append(route + sealed)
-
-        self._e2e.outbound(target).seal(frames, deliver, in_reply_to=in_reply_to)
-
-    def _resend(self, pending: PendingRequest) -> None:
-        """Seal a waiting request again, for the session its target now has (I/O thread)."""
-        frames = pending.plain
-        if frames is None:
-            return
-        try:
-            self._queue_sealed(pending.target, frames, pending=pending)
-        except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
-            self._waiters.forget(pending.req_id)
-            pending.resolve(make_reply(ReturnCode.AUTHENTICATION_ERROR, f"not resent: {exc}"))
-        self._outbox.wake()
+        return self._core.check_send(channel, topic, targets, msg, secure)
 
     def _handshake(self, targets: list[str], optional: bool) -> dict[str, str]:
         """Learn the session of every target this cell has none for; return the failures."""
@@ -672,46 +490,3 @@ class Cell:
                     return
                 if w.wait(min(left, _ABORT_POLL)):
                     break
-
-    def _log_failure(self, optional: bool, msg: str, *args: Any) -> None:
-        log.log(
-            logging.DEBUG if optional else logging.WARNING, "cell %s: " + msg, self._fqcn, *args
-        )
-
-    def _drop(self, key: str, msg: str, *args: Any) -> None:
-        """Count and log (rate-limited) a malformed message."""
-        self.stats["dropped_malformed"] += 1
-        self._rlog.log(logging.WARNING, key, "cell %s dropped a message: " + msg, self._fqcn, *args)
-
-    def _send_reply(
-        self, reply: Message, request: Message, origin: str, secure: bytes | bool
-    ) -> None:
-        """Send `reply` to `request`: in plaintext if `secure` is False, else sealed and
-        bound to `secure`, the seal of the sealed request it answers."""
-        channel = request.get_header(_H.CHANNEL) or ""
-        topic = request.get_header(_H.TOPIC) or ""
-        req_id = request.get_header(_H.REQ_ID)
-        encode = self._encode_secure if secure else self._encode
-        try:
-            frames = encode(reply, channel, topic, origin, MessageType.REPLY, req_id)
-        except (TypeError, ValueError) as exc:
-            err = f"reply could not be encoded: {exc}"
-            log.error("cell %s: handler for %s/%s: %s", self._fqcn, channel, topic, err)
-            frames = encode(
-                make_reply(ReturnCode.PROCESS_EXCEPTION, err),
-                channel,
-                topic,
-                origin,
-                MessageType.REPLY,
-                req_id,
-            )
-        if not secure:
-            self._outbox.put([frames])
-            return
-        try:
-            self._queue_sealed(origin, frames, secure if isinstance(secure, bytes) else b"")
-        except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
-            log.error("cell %s: sealed reply to %s not sent: %s", self._fqcn, origin, exc)
-        self._outbox.wake()
-
-    # ---------------------------------------------------------------- internals: secure receive

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -12,7 +13,11 @@ from typing import Any
 from objdl.message import Message, ReturnCode, make_reply
 from objdl.security._seal import seal_of
 
-__all__ = ["PendingRequest", "Sealed", "Waiters"]
+__all__ = ["OnDone", "PendingRequest", "Sealed", "Waiters"]
+
+OnDone = Callable[["PendingRequest"], None]
+"""Called once with a request when its answer is stored, on the thread that stored it
+(the cell's I/O thread for replies and NACKs): it must be quick and never block."""
 
 
 class PendingRequest:
@@ -30,6 +35,7 @@ class PendingRequest:
         "deadline",
         "done_queue",
         "first_seal",
+        "on_done",
         "plain",
         "reply",
         "req_id",
@@ -47,6 +53,7 @@ class PendingRequest:
         deadline: float,
         done_queue: queue.SimpleQueue[Any] | None = None,
         secure: bool = False,
+        on_done: OnDone | None = None,
     ) -> None:
         self._forget = forget  # stops the routing of a late reply to this request
         self.secure = secure  # the reply must come sealed
@@ -58,6 +65,7 @@ class PendingRequest:
         self.target = target
         self.deadline = deadline
         self.done_queue = done_queue
+        self.on_done = on_done
         self.reply: Message | None = None
         # A lock held until the reply comes is several times cheaper than an Event
         # (no Condition), which counts on the per-request path.
@@ -73,6 +81,11 @@ class PendingRequest:
             self.reply = reply
         self.plain = None
         self._done.release()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # a caller's hook must not break the thread that resolved
+                logging.getLogger("objdl.cell").exception("on_done hook of a request failed")
         if self.done_queue is not None:
             self.done_queue.put(self)
 

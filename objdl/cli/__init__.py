@@ -91,7 +91,10 @@ def _add_common(p: argparse.ArgumentParser, broker_default: str | None = DEFAULT
             "--broker",
             default=env_default("broker", broker_default),
             metavar="URL",
-            help=f"the broker's address (default ${ENV['broker']} if set, else {broker_default})",
+            help=(
+                f"the broker's address, or several separated by commas: a broker and its "
+                f"standbys (default ${ENV['broker']} if set, else {broker_default})"
+            ),
         )
     p.add_argument(
         "--connect-timeout",

@@ -94,17 +94,25 @@ def check_name(option: str, name: str) -> str:
 
 
 def check_broker_url(url: str) -> str:
-    """Refuse what ZeroMQ would choke on later, in a thread, with a traceback."""
-    m = _TCP_URL.fullmatch(url)
-    if m is not None and 1 <= int(m.group("port")) <= 65535:
-        return url
-    if url.startswith("ipc://") and len(url) > len("ipc://"):
-        return url
-    raise CliError(
-        f"--broker: invalid broker URL {url!r}: use tcp://HOST:PORT (e.g. {DEFAULT_BROKER}) "
-        "or ipc://PATH",
-        EXIT_USAGE,
-    )
+    """Refuse what ZeroMQ would choke on later, in a thread, with a traceback.
+
+    A comma-separated list names the broker and its standbys, tried in that order.
+    """
+    urls = [u.strip() for u in url.split(",")]
+    for one in urls:
+        m = _TCP_URL.fullmatch(one)
+        if m is not None and 1 <= int(m.group("port")) <= 65535:
+            continue
+        if one.startswith("ipc://") and len(one) > len("ipc://"):
+            continue
+        raise CliError(
+            f"--broker: invalid broker URL {one!r}: use tcp://HOST:PORT (e.g. {DEFAULT_BROKER}) "
+            "or ipc://PATH, or several separated by commas (a broker and its standbys)",
+            EXIT_USAGE,
+        )
+    if len(set(urls)) != len(urls):
+        raise CliError(f"--broker: {url!r} names a broker twice", EXIT_USAGE)
+    return ",".join(urls)
 
 
 def check_positive(option: str, value: float | None) -> None:

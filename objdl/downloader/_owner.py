@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from objdl import fqcn as _fqcn
 from objdl._logutil import RateLimitedLog, peer_text
-from objdl.cell import Cell
+from objdl.cell import CellLike, check_cell, clock_of
 from objdl.downloader._budget import MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL, InFlight
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
@@ -66,14 +65,18 @@ def _run_cb(what: str, cb: Callable[..., Any], *args: Any, **kwargs: Any) -> Non
 class _OwnerState:
     """One cell's transactions, handler and monitor."""
 
-    def __init__(self, cell: Cell, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cell: CellLike, clock: Callable[[], float] | None = None) -> None:
         self.cell = cell
-        self.clock = clock
+        self.clock = clock_of(cell) if clock is None else clock
         self.table = TransactionTable()
         self.inflight = InFlight(MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL)
         self._cond = threading.Condition()
         self._monitor: threading.Thread | None = None
         self._closing = False
+        # A test clock (objdl.testing.FakeClock) moves when the test says: expire on the
+        # thread that moves it, so the timeouts it passes have happened when it returns.
+        on_advance = getattr(self.clock, "on_advance", None)
+        self._unwatch = on_advance(self.expire_due) if callable(on_advance) else None
         cell.register_request_cb(OBJ_DOWNLOADER_CHANNEL, OBJ_DOWNLOADER_TOPIC, self.handle)
         cell.add_stop_callback(self.close)
 
@@ -101,7 +104,11 @@ class _OwnerState:
                     if wait <= 0:
                         break
                     self._cond.wait(min(wait, _MONITOR_MAX_SLEEP))
-            self.finish(self.table.pop_expired(self.clock()), True, TransferStatus.TIMEOUT)
+            self.expire_due()
+
+    def expire_due(self) -> None:
+        """End the transactions whose deadline has passed, with their callbacks."""
+        self.finish(self.table.pop_expired(self.clock()), True, TransferStatus.TIMEOUT)
 
     def stop_monitor(self, timeout: float = 5.0) -> None:
         with self._cond:
@@ -116,6 +123,8 @@ class _OwnerState:
 
     def close(self) -> None:
         """The cell stopped: end the monitor, end every transaction (with callbacks)."""
+        if self._unwatch is not None:
+            self._unwatch()
         self.stop_monitor()
         self.finish(self.table.pop_all(), True, TransferStatus.DELETED)
         with _registry_lock:
@@ -360,14 +369,16 @@ def _nbytes(data: Any) -> int:
     return 0
 
 
-def _state_for(cell: Cell) -> _OwnerState:
+def _state_for(cell: CellLike) -> _OwnerState:
     """The one state of `cell`, made (and its handler registered) on first use.
 
     Making a state registers its handler on the cell, replacing any other: two states
     made at once for one cell would leave the cell serving one table while the
     registry kept the other. So states are made one at a time, under `_create_lock`
-    (not `_registry_lock`, which the handler and stop callbacks take).
+    (not `_registry_lock`, which the handler and stop callbacks take). An asyncio
+    cell is served through its blocking face (:func:`objdl.cell.check_cell`).
     """
+    cell = check_cell(cell)
     with _registry_lock:
         state = _states.get(id(cell))
         if state is not None and state.cell is cell:
@@ -408,7 +419,7 @@ class ObjDownloader:
     @classmethod
     def new_transaction(
         cls,
-        cell: Cell,
+        cell: CellLike,
         producer: Producer,
         timeout: float,
         tx_id: str | None = None,
@@ -423,8 +434,6 @@ class ObjDownloader:
         Raises:
             TypeError / ValueError: a bad argument, or `tx_id` already in use.
         """
-        if not isinstance(cell, Cell):
-            raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
         state = _state_for(cell)
         tx = Transaction(producer, timeout, state.clock(), tx_id, timeout_cb, **cb_kwargs)
         with _registry_lock:
@@ -541,7 +550,7 @@ class ObjDownloader:
     @classmethod
     def set_inflight_limits(
         cls,
-        cell: Cell,
+        cell: CellLike,
         per_site: int = MAX_INFLIGHT_PER_SITE,
         total: int = MAX_INFLIGHT_TOTAL,
     ) -> None:
@@ -556,12 +565,10 @@ class ObjDownloader:
         Raises:
             ValueError: a limit that is not a positive int.
         """
-        if not isinstance(cell, Cell):
-            raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
         _state_for(cell).inflight.set_limits(per_site, total)
 
     @classmethod
-    def inflight_stats(cls, cell: Cell) -> dict[str, Any]:
+    def inflight_stats(cls, cell: CellLike) -> dict[str, Any]:
         """What `cell` holds now: ``held``, ``by_site``, ``peak``, ``peak_site``,
         ``rejected`` (requests answered ``service_unavailable``) and the two limits."""
         return _state_for(cell).inflight.stats()

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from objdl.cell import Cell, PendingRequest
+from objdl.cell import CellLike, PendingRequest, check_cell
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
     OBJ_DOWNLOADER_TOPIC,
@@ -83,7 +83,7 @@ class _Requester:
 
     def __init__(
         self,
-        cell: Cell,
+        cell: CellLike,
         owner: str,
         ref_id: str,
         per_request_timeout: float,
@@ -240,7 +240,7 @@ def download_object(
     from_fqcn: str,
     ref_id: str,
     per_request_timeout: float,
-    cell: Cell,
+    cell: CellLike,
     consumer: Consumer,
     secure: bool = False,
     optional: bool = False,
@@ -296,8 +296,7 @@ def download_object(
     """
     if not isinstance(consumer, Consumer):
         raise TypeError(f"consumer must be a Consumer, got {type(consumer).__name__}")
-    if not isinstance(cell, Cell):
-        raise TypeError(f"cell must be a Cell, got {type(cell).__name__}")
+    cell = check_cell(cell)  # an asyncio cell: its blocking face
     if not isinstance(ref_id, str) or not ref_id:
         raise ValueError(f"ref_id must be a non-empty str, got {ref_id!r}")
     if per_request_timeout <= 0:

@@ -135,6 +135,10 @@ class _Window:
         req = self.req
         try:
             req.check()
+            # This thread will block waiting for replies that another thread delivers:
+            # a cell that may not be waited on from here (an asyncio cell on its own
+            # loop's thread) refuses this blocking call, rather than freeze its loop.
+            req.cell.wait_connected(0.0)
             req.await_broker()
             self.apply(self.feed(self.win.start))
             while self.outcome is None:
@@ -324,8 +328,7 @@ class _Window:
     def send_one(self, r: ChunkRequest) -> None:
         req = self.req
         if self.hooked:
-            cell: Any = req.cell  # (its request_async takes on_done: checked once)
-            p = cell.request_async(
+            p = req.cell.request_async(
                 OBJ_DOWNLOADER_CHANNEL,
                 req.owner,
                 OBJ_DOWNLOADER_TOPIC,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from objdl.cell import Cell
+from objdl.cell import CellLike
 from objdl.downloader import SizedConsumer, SizedSource, new_hash
 from objdl.objects._common import (
     DEFAULT_MAX_MEMORY_SIZE,
@@ -84,7 +84,7 @@ class BytesConsumer(SizedConsumer):
 
 
 def download_bytes(
-    cell: Cell,
+    cell: CellLike,
     from_fqcn: str,
     ref_id: str,
     *,

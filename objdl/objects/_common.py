@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from objdl.cell import Cell
+from objdl.cell import CellLike
 from objdl.downloader import SizedConsumer, download_object
 from objdl.errors import ObjdlError
 
@@ -40,7 +40,7 @@ class Outcome:
 
 
 def run_download(
-    cell: Cell,
+    cell: CellLike,
     from_fqcn: str,
     ref_id: str,
     consumer: SizedConsumer,

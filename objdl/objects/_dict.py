@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from objdl import _tensors, wire
-from objdl.cell import Cell
+from objdl.cell import CellLike
 from objdl.downloader import DEFAULT_CHUNK_SIZE, SizedSource, new_hash
 from objdl.errors import WireError
 from objdl.message import Message
@@ -139,7 +139,7 @@ class DictConsumer(BytesConsumer):
 
 
 def download_dict(
-    cell: Cell,
+    cell: CellLike,
     from_fqcn: str,
     ref_id: str,
     *,

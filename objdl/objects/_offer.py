@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from objdl.cell import Cell
+from objdl.cell import CellLike
 from objdl.downloader import DEFAULT_CHUNK_SIZE, ObjDownloader, SizedProducer, SizedSource
 from objdl.downloader._owner import is_secure as _is_secure
 from objdl.downloader._owner import producer_of
@@ -71,7 +71,7 @@ class ObjectProducer(SizedProducer):
 
 
 def new_transaction(
-    cell: Cell,
+    cell: CellLike,
     *,
     timeout: float = DEFAULT_TX_TIMEOUT,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -121,7 +121,7 @@ def new_transaction(
 
 
 def _offer(
-    cell: Cell,
+    cell: CellLike,
     obj: Any,
     transaction_id: str | None,
     timeout: float,
@@ -171,7 +171,7 @@ def _offer(
 
 
 def offer_bytes(
-    cell: Cell,
+    cell: CellLike,
     data: bytes | bytearray | memoryview,
     *,
     transaction_id: str | None = None,
@@ -211,7 +211,7 @@ def offer_bytes(
 
 
 def offer_file(
-    cell: Cell,
+    cell: CellLike,
     path: str | os.PathLike[str],
     *,
     transaction_id: str | None = None,
@@ -270,7 +270,7 @@ def offer_file(
 
 
 def offer_dict(
-    cell: Cell,
+    cell: CellLike,
     data: dict,
     *,
     transaction_id: str | None = None,
