@@ -282,3 +282,33 @@ def test_abort_while_the_writer_is_stalled(site: Cell, net: tuple[str, Owner]) -
     assert not t.is_alive()
     assert "download aborted" in (consumer.outcome.reason or "")
     wait_for(lambda: owner.cancels, timeout=5.0)  # the owner was told
+
+
+def test_a_request_that_races_a_withdrawal_is_told_it_was_withdrawn(
+    net: tuple[str, Owner], site: Cell
+) -> None:
+    """A site keeps requests in flight while its callbacks run, so one may reach the
+    owner just as the object is withdrawn: past the ref lookup, before the producer
+    refuses the released object. The answer names the withdrawal, not a bad request."""
+    from objdl.downloader import ObjDownloader
+    from objdl.downloader._defs import InvalidStateError
+    from objdl.objects import ObjectProducer, download_bytes
+
+    owner_cell = Cell("server2", net[0])
+    owner_cell.start()
+    try:
+
+        class WithdrawnMidRequest(ObjectProducer):
+            def produce(self, ref_id: str, obj: Any, state: dict, requester: str) -> Any:
+                if state and state.get("offset"):  # the interleaving, driven: withdraw, then refuse
+                    ObjDownloader.withdraw(ref_id, "superseded by v2")
+                    raise InvalidStateError(f"object {ref_id} is no longer offered")
+                return super().produce(ref_id, obj, state, requester)
+
+        tx = ObjDownloader.new_transaction(owner_cell, WithdrawnMidRequest(chunk_size=CHUNK), 30.0)
+        ref = ObjDownloader.add_download_object(tx, DATA)
+        with pytest.raises(Exception, match="withdrawn by server2: superseded by v2"):
+            download_bytes(site, "server2", ref, **KW)
+    finally:
+        ObjDownloader.shutdown()
+        owner_cell.stop()
