@@ -212,6 +212,7 @@ def test_stalled_site_does_not_slow_others(tmp_path: Path, mp: Any, broker: Any)
         from objdl.objects import offer_file
 
         ref = offer_file(owner, path)
+
         def start(name: str) -> None:
             p = mp.Process(
                 target=_procs.fetch_file_progress_main,
