@@ -42,8 +42,8 @@ class BytesConsumer(SizedConsumer):
     """Receives into one bytearray; `result` holds it once complete.
 
     The buffer grows as chunks arrive, never to the size the owner merely claims:
-    a site holds what it received (plus at most a window of chunks that came
-    early), so an owner that claims gigabytes and sends little costs it little.
+    a site holds what it received (plus at most two windows of chunks that came
+    early, the site's span), so an owner that claims gigabytes and sends little costs it little.
     """
 
     def __init__(self) -> None:
