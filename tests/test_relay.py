@@ -198,7 +198,7 @@ def test_duplicate_names_are_refused_across_the_tree(brokers: MakeBroker, cells:
         cells("site-1.a", relay, start_timeout=5.0)
     # At the parent, no name under a relay's prefix may register, live or not:
     for name in ("site-1.a", "site-1", "site-1.new"):
-        with pytest.raises(CellError, match="relayed: .* which a relay broker holds"):
+        with pytest.raises(CellError, match=r"relayed: .* which a relay broker holds"):
             cells(name, root, start_timeout=5.0)
     # A second relay for the same subtree, or one that overlaps a cell or a relay:
     twin = brokers(root, "site-1", wait=False)
