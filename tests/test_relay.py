@@ -8,10 +8,12 @@ unreachable at once, LIST of the whole tree, a parent restart, CURVE on the link
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -343,6 +345,137 @@ def test_a_download_from_an_owner_at_the_root_to_cells_under_relays(
     for name in ("site-1.a", "site-1.x.c"):
         assert hashlib.sha256(results[name]).hexdigest() == want, name
     assert tree["r1"].stats()["drop_busy"] == 0 and tree["root"].stats()["errors"] == 0
+
+
+class CutProxy:
+    """A TCP proxy between a relay and its parent that can cut the link and restore it,
+    and caps each direction at `rate` bytes/s (so a download lasts long enough to cut)."""
+
+    def __init__(self, upstream_port: int, rate: float) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.rate = rate
+        self.port = 0
+        self._cut = threading.Event()
+        self._stop = threading.Event()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._listen()
+
+    @property
+    def url(self) -> str:
+        return f"tcp://127.0.0.1:{self.port}"
+
+    def _listen(self) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", self.port))
+        srv.listen(8)
+        srv.settimeout(0.05)
+        self.port = srv.getsockname()[1]
+        t = threading.Thread(target=self._accept, args=(srv,), daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _accept(self, srv: socket.socket) -> None:
+        with srv:
+            while not (self._stop.is_set() or self._cut.is_set()):
+                try:
+                    down, _ = srv.accept()
+                except TimeoutError:
+                    continue
+                up = socket.create_connection(self.upstream, timeout=5.0)
+                with self._lock:
+                    self._conns += [down, up]
+                for a, b in ((down, up), (up, down)):
+                    t = threading.Thread(target=self._pump, args=(a, b), daemon=True)
+                    self._threads.append(t)
+                    t.start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        src.settimeout(0.05)
+        try:
+            while not (self._stop.is_set() or self._cut.is_set()):
+                try:
+                    data = src.recv(65536)
+                except TimeoutError:
+                    continue
+                if not data:
+                    break
+                dst.sendall(data)
+                time.sleep(len(data) / self.rate)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        """Close every connection and stop listening: the relay's reconnects are refused."""
+        self._cut.set()
+        self._join()
+
+    def restore(self) -> None:
+        """Listen again on the same port."""
+        self._cut.clear()
+        self._listen()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._join()
+
+    def _join(self) -> None:
+        for t in self._threads:
+            t.join(5.0)
+        self._threads = []
+        with self._lock:
+            for s in self._conns:
+                s.close()
+            self._conns = []
+
+
+@pytest.fixture
+def proxy(brokers: MakeBroker) -> Iterator[Callable[[Broker], CutProxy]]:
+    made: list[CutProxy] = []
+
+    def make(parent: Broker) -> CutProxy:
+        made.append(CutProxy(int(parent.url.rsplit(":", 1)[1]), rate=8 * 1024 * 1024))
+        return made[-1]
+
+    yield make
+    for p in made:
+        p.close()
+
+
+def test_a_download_goes_on_when_the_relays_link_is_cut_and_restored(
+    brokers: MakeBroker, cells: MakeCell, proxy: Callable[[Broker], CutProxy]
+) -> None:
+    root = brokers()
+    link = proxy(root)
+    relay = Broker(ANY, upstream=link.url, prefix="site-1", upstream_timeout=1.0)
+    with relay:
+        wait_for(lambda: relay.upstream_state() == "registered")
+        server, site = cells("server", root), cells("site-1.a", relay)
+        wait_for(lambda: "site-1.a" in root.tree_cells())
+        data = os.urandom(8 * 1024 * 1024)
+        ref = offer_bytes(server, data, chunk_size=256 * 1024)
+        got: list[Any] = []
+        fetch = threading.Thread(
+            target=lambda: got.append(download_bytes(site, "server", ref, per_request_timeout=2.0))
+        )
+        fetch.start()
+        try:
+            wait_for(lambda: server.stats["received"] >= 4)  # under way
+            link.cut()
+            wait_for(lambda: relay.upstream_state() != "registered", timeout=5.0)
+            assert not got, "the download ended before the cut: make it longer"
+            link.restore()
+            wait_for(lambda: "site-1.a" in root.tree_cells(), timeout=10.0)
+        finally:
+            fetch.join(30.0)
+        assert got and hashlib.sha256(got[0]).digest() == hashlib.sha256(data).digest()
+        assert relay.stats()["upstream_lost"] >= 1 and relay.stats()["upstream_registered"] >= 2
 
 
 # ---------------------------------------------------------------- CURVE on the link
