@@ -183,6 +183,8 @@ def from_parent(tree: Tree, act: Actions[Any], frames: Sequence[Any], now: float
         tree.list_answered(act, frames)
     elif all(nbytes(f) <= 512 for f in frames):
         tree.apply(act, up.on_frame(kind, [bytes_of(f) for f in frames], now), now)
+    else:
+        tree.table._count(act, "drop_bad_frames", UPSTREAM, f"oversized {kind.decode()}")
 
 
 # -- relay registration --------------------------------------------------------

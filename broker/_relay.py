@@ -16,7 +16,9 @@ Rules:
 - A refusal is not final: a relay is a server and must come back by itself once
   the conflict is gone (a stale link of its earlier life the parent has not dropped
   yet, a name policy fixed by the operator). It asks again after ``retry_min``
-  seconds, doubling up to ``retry_max``, and says why each time.
+  seconds, doubling up to ``retry_max`` (but not after ``taken``: that is most often
+  the link of its own earlier connection, which the parent drops within its cell
+  timeout), and says why each time.
 - ``lost`` reports leaving REGISTERED, so the table stops sending upstream and fails
   what waited there; ``registered`` asks it for a snapshot of the subtree's names.
 """
@@ -193,7 +195,8 @@ class Upstream:
                 self.state = LinkState.REFUSED
                 self.refused = act.refused = reason.decode("utf-8", "replace")
                 self._next_send = now + self._backoff
-                self._backoff = min(self._backoff * 2, self.retry_max)
+                if reason != b"taken":  # most often our own old link, soon forgotten
+                    self._backoff = min(self._backoff * 2, self.retry_max)
         elif kind == wire.KIND_WHO and self.state is LinkState.REGISTERED:
             self._to_connecting(now, act, "the parent no longer knows this relay (restarted?)")
             act.send.append(self._rreg)

@@ -321,6 +321,12 @@ def test_a_relay_that_stops_leaves_its_parent_at_once(brokers: MakeBroker, cells
     wait_for(lambda: root.relay_links() == [], timeout=2.0)  # BYE, not the cell timeout
     assert root.stats()["expired"] == 0 and root.stats()["relay_lost"] == 1
     assert ask(server, "site-1.a").get_header(RC) == ReturnCode.TARGET_UNREACHABLE
+    relay.start()  # started again: the same address, registered afresh
+    wait_for(lambda: relay.upstream_state() == "registered")
+    back = cells("site-1.a", relay)
+    wait_for(lambda: "site-1.a" in root.tree_cells())
+    assert_reaches(server, "site-1.a")
+    assert_reaches(back, "server")
 
 
 # ---------------------------------------------------------------- objects across the tree

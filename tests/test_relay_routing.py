@@ -303,7 +303,11 @@ def test_a_refused_relay_asks_again_later_and_says_why() -> None:
     assert out(t.tick(0.4)) == [] and t.next_deadline() <= 0.5
     assert out(t.tick(0.5)) == [(UPSTREAM, [KIND_RREG, V, b"site-1"])]
     t.handle_upstream([wire.KIND_REG_ERR, b"site-1", b"taken"], 0.5)
-    assert out(t.tick(1.4)) == [] and out(t.tick(1.5))  # the backoff doubled
+    assert out(t.tick(1.0))  # taken: every 0.5 s (its own old link, soon gone)
+    t.handle_upstream([wire.KIND_REG_ERR, b"site-1", b"not allowed: no"], 1.0)
+    assert out(t.tick(1.5))
+    t.handle_upstream([wire.KIND_REG_ERR, b"site-1", b"not allowed: no"], 1.5)
+    assert out(t.tick(2.4)) == [] and out(t.tick(2.5))  # other refusals: the wait doubles
 
 
 def test_unsent_heartbeats_to_the_parent_are_dropped_not_queued() -> None:
