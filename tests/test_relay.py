@@ -301,7 +301,8 @@ def test_a_relay_keeps_local_traffic_while_its_parent_is_down_and_registers_agai
     assert a.list_cells() == ["site-1.a", "site-1.b"]  # what the relay knows, at once
     root.start()  # the same address, no cells: the relay registers its subtree again
     wait_for(lambda: {"site-1.a", "site-1.b"} <= set(root.tree_cells()), timeout=10.0)
-    wait_for(lambda: "server" in root.cells(), timeout=10.0)
+    # "server" registered again at the restarted root and took the REG_OK (both sides)
+    wait_for(lambda: "server" in root.cells() and server.is_connected, timeout=10.0)
     assert_reaches(server, "site-1.a")
     assert_reaches(b, "server")
     assert relay.stats()["upstream_registered"] >= 2
