@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from broker.metrics import MetricsUnavailableError
 from broker.routing import RoutingTable
 from broker.server import Broker, BrokerError
 
-__all__ = ["Broker", "BrokerError", "RoutingTable"]
+__all__ = ["Broker", "BrokerError", "MetricsUnavailableError", "RoutingTable"]

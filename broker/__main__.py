@@ -1,10 +1,12 @@
 """Command line: ``python -m broker`` / ``objdl-broker`` runs a broker until SIGINT/SIGTERM.
 
 With ``--curve-keys`` and ``--allowed-keys`` it runs CURVE (docs/SECURITY.md); SIGHUP
-then reads the allow-list directory again. With ``--upstream URL --prefix NAME`` it
-is a relay that holds the subtree NAME for the broker at URL (docs/PROTOCOL.md,
-"Relay brokers"); ``--upstream-key`` and ``--upstream-broker-key`` make its link to a
-CURVE parent.
+then reads the allow-list directory again. With ``--metrics HOST:PORT`` it serves
+Prometheus metrics at ``http://HOST:PORT/metrics`` (no authentication: a private
+interface only; README, "Watching a broker"). With ``--upstream URL --prefix NAME``
+it is a relay that holds the subtree NAME for the broker at URL (docs/PROTOCOL.md,
+"Relay brokers"); ``--upstream-key`` and ``--upstream-broker-key`` make its link to
+a CURVE parent.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 from types import FrameType
 
 from broker._tree import DEFAULT_MAX_RELAY_QUEUE
+from broker.metrics import MetricsUnavailableError
 from broker.routing import DEFAULT_MAX_PEER_QUEUE
 from broker.server import Broker, BrokerError
 from objdl.security import KeyFileError
@@ -53,6 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         "needs --curve-keys",
     )
     _add_relay_options(p)
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, e.g. 127.0.0.1:9102 "
+        "(port 0: any free one); no authentication, so bind a private interface; "
+        "needs pip install 'objdl[metrics]'",
+    )
     p.add_argument(
         "--log-level",
         default="warning",
@@ -124,8 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             upstream_broker_key=args.upstream_broker_key,
             upstream_timeout=args.upstream_timeout,
             max_relay_queue=args.max_relay_queue,
+            metrics=args.metrics,
         )
-    except ValueError as exc:  # KeyFileError is one too
+    except (ValueError, MetricsUnavailableError) as exc:  # KeyFileError is a ValueError too
         print(f"objdl-broker: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 2
     stop, reload, wake = threading.Event(), threading.Event(), threading.Event()
@@ -156,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"objdl broker listening on {broker.url}{mode}", flush=True)
             if broker.upstream is not None:
                 print(f"objdl broker relays {args.prefix!r} for {broker.upstream}", flush=True)
+            if broker.metrics_url is not None:
+                print(f"objdl broker metrics at {broker.metrics_url}", flush=True)
             while not stop.is_set():
                 wake.wait(1.0)
                 wake.clear()

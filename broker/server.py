@@ -43,8 +43,9 @@ import zmq
 from zmq.utils import z85
 
 from broker._relay import KIND_RREG
-from broker._tree import DEFAULT_MAX_RELAY_QUEUE, LinkInfo
+from broker._tree import DEFAULT_MAX_RELAY_QUEUE
 from broker._upstream import UpstreamSocket, check_upstream
+from broker.metrics import MetricsServer, RelayLink
 from broker.routing import (
     DEFAULT_MAX_PEER_QUEUE,
     UPSTREAM,
@@ -158,6 +159,16 @@ class Broker:
         max_relay_queue: most bytes held outbound for one relay link (to the parent,
             or to one of this broker's relays), shared by the cells behind it
             (default 256 MiB); past it, as for `max_peer_queue`.
+        metrics: ``"HOST:PORT"`` to serve Prometheus metrics at
+            ``http://HOST:PORT/metrics`` while the broker runs (port 0: any free one,
+            read it back from :attr:`metrics_url`); needs ``prometheus_client``
+            (``pip install 'objdl[metrics]'``). No authentication: bind it to loopback
+            or a private interface. Default: no metrics.
+
+    Raises:
+        ValueError: an argument is out of range, or `metrics` is not HOST:PORT.
+        MetricsUnavailableError: `metrics` was given and ``prometheus_client`` is
+            not installed.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. A stopped
     broker can be started again: it binds the same address it had (the same port,
@@ -185,6 +196,7 @@ class Broker:
         upstream_broker_key: PublicKeySource | None = None,
         upstream_timeout: float = 2.0,
         max_relay_queue: int = DEFAULT_MAX_RELAY_QUEUE,
+        metrics: str | None = None,
     ) -> None:
         for arg, value in (("sndhwm", sndhwm), ("rcvhwm", rcvhwm)):
             if value < 0:
@@ -233,6 +245,7 @@ class Broker:
             UpstreamSocket(upstream, up_keys, self._hwm) if upstream is not None else None
         )
         self._poller: zmq.Poller | None = None
+        self._metrics = MetricsServer(metrics, self) if metrics is not None else None
 
     # -- public --------------------------------------------------------------------
 
@@ -240,6 +253,11 @@ class Broker:
     def url(self) -> str:
         """The bound endpoint (actual port once started), else the bind address."""
         return self._url or self._bind
+
+    @property
+    def metrics_url(self) -> str | None:
+        """Where the metrics are served (``http://HOST:PORT/metrics``), or None without them."""
+        return self._metrics.url if self._metrics is not None else None
 
     @property
     def public_key(self) -> bytes | None:
@@ -325,6 +343,13 @@ class Broker:
             if not started.wait(timeout):
                 self._stop_locked(timeout)
                 raise BrokerError(self.url, f"I/O thread did not start within {timeout:g}s")
+            if self._metrics is not None:
+                try:
+                    self._metrics.start(timeout)
+                except OSError as exc:
+                    self._stop_locked(timeout)
+                    why = f"cannot serve metrics at {self._metrics.url}: {exc.strerror or exc}"
+                    raise BrokerError(self.url, why) from exc
         if self._policy is not None:
             logger.info(
                 "objdl broker listening on %s (CURVE, %d allowed keys)",
@@ -376,15 +401,14 @@ class Broker:
         with self._lock:
             return self._table.tree_cells(prefix)
 
-    def relay_links(self) -> list[LinkInfo]:
+    def relay_links(self) -> list[RelayLink]:
         """This broker's links to other brokers: ``"up"`` to its parent (a relay), and
         ``"down"`` for each relay that holds a subtree here."""
         with self._lock:
             links = self._table.relay_links()
+        parent = self._upstream or ""
         return [
-            LinkInfo(k.direction, k.prefix, self._upstream or "", k.up, k.names)
-            if k.direction == "up"
-            else k
+            RelayLink(k.direction, k.prefix, parent if k.direction == "up" else "", k.up, k.names)
             for k in links
         ]
 
@@ -535,6 +559,11 @@ class Broker:
         thread, wake = self._thread, self._wake
         if thread is None or wake is None:
             return
+        if self._metrics is not None:
+            try:
+                self._metrics.stop(timeout)
+            except TimeoutError as exc:
+                raise BrokerError(self.url, str(exc)) from exc
         with contextlib.suppress(zmq.ZMQError):  # a stop already queued: join decides
             wake.send(b"stop", zmq.NOBLOCK)
         thread.join(timeout)

@@ -261,10 +261,12 @@ def test_cells_lists_live_cells(broker: Any) -> None:
             c.start()
         proc = run_cli(["cells", "--broker", broker.url])
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split() == ["alpha", "alpha.w0", "beta"]
+        # One line per cell: its name, a tab, the broker it is on.
+        rows = [line.split("\t") for line in proc.stdout.splitlines()]
+        assert rows == [["alpha", broker.url], ["alpha.w0", broker.url], ["beta", broker.url]]
         proc = run_cli(["cells", "--broker", broker.url, "--prefix", "alpha"])
         assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split() == ["alpha", "alpha.w0"]
+        assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == ["alpha", "alpha.w0"]
     finally:
         for c in cells:
             c.stop()

@@ -149,6 +149,7 @@ def test_cells_json_and_name(broker: Any) -> None:
         assert proc.returncode == 0, proc.stderr
         events = _events(proc.stdout.splitlines())
         assert [e["name"] for e in events if e["event"] == "cell"] == ["gamma", "gamma.w1"]
+        assert {e["broker"] for e in events} == {broker.url}  # every cell's, and the summary's
         assert events[-1]["event"] == "summary" and events[-1]["count"] == 2
         taken = run_cli(["cells", "--broker", broker.url, "--name", "gamma", "--json"])
         assert_one_line_error(taken, "'gamma'", "already uses it")

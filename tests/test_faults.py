@@ -212,20 +212,27 @@ def test_stalled_site_does_not_slow_others(tmp_path: Path, mp: Any, broker: Any)
         from objdl.objects import offer_file
 
         ref = offer_file(owner, path)
+
+        def start(name: str) -> None:
+            p = mp.Process(
+                target=_procs.fetch_file_progress_main,
+                args=(name, broker.url, ref, str(tmp_path / f"{name}.bin"), results, {}),
+            )
+            p.start()
+            procs.append(p)
+
         try:
-            for name in ("site-slow", "site-fast"):
-                p = mp.Process(
-                    target=_procs.fetch_file_progress_main,
-                    args=(name, broker.url, ref, str(tmp_path / f"{name}.bin"), results, {}),
-                )
-                p.start()
-                procs.append(p)
             # Freeze the first site once it has started: it stops reading altogether.
+            # The second starts only then, so its whole download meets the stalled one
+            # (started together, a fast second site could finish before the first
+            # reported any progress, and its "done" went unseen).
+            start("site-slow")
             while True:
                 name, what, *rest = results.get(timeout=30)
                 if name == "site-slow" and what == "progress":
                     os.kill(procs[0].pid, signal.SIGSTOP)
                     break
+            start("site-fast")
             t0 = time.monotonic()
             while True:
                 name, what, *rest = results.get(timeout=60)

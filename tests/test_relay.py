@@ -330,6 +330,32 @@ def test_a_relay_that_stops_leaves_its_parent_at_once(brokers: MakeBroker, cells
     assert_reaches(back, "server")
 
 
+def test_the_metrics_of_a_root_and_its_relay_show_the_link(
+    brokers: MakeBroker, cells: MakeCell, raw_relay: RawRelay
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from tests.test_metrics import scrape, value
+
+    root = brokers(metrics="127.0.0.1:0")
+    relay = brokers(root, "site-1", metrics="127.0.0.1:0")
+    cells("site-1.a", relay)
+    wait_for(lambda: "site-1.a" in root.tree_cells())
+    evil = raw_relay(root.url, b"site-9")
+    evil.send_multipart([KIND_FWD, b"site-1.a", b"server", b"\x80"])  # not its own name
+    wait_for(lambda: root.stats()["drop_forged_origin"] == 1)
+    at_root, at_relay = scrape(root), scrape(relay)
+    down = {"direction": "down", "prefix": "site-1", "url": ""}
+    assert value(at_root, "objdl_broker_relay_link_up", **down) == 1
+    assert value(at_root, "objdl_broker_relay_links", direction="down", state="connected") == 2
+    assert value(at_root, "objdl_broker_drops_total", cause="forged_origin") == 1
+    up = {"direction": "up", "prefix": "site-1", "url": root.url}
+    assert value(at_relay, "objdl_broker_relay_link_up", **up) == 1
+    assert value(at_relay, "objdl_broker_cells") == 1  # its own cells; the root's: 0
+    assert value(at_root, "objdl_broker_cells") == 0
+    info = next(labels for (name, labels) in at_relay if name == "objdl_broker_info")
+    assert dict(info)["role"] == "relay"
+
+
 # ---------------------------------------------------------------- objects across the tree
 
 

@@ -152,6 +152,8 @@ def cells(args: argparse.Namespace) -> int:
     cell = start_cell(me, url, args.connect_timeout, keys)
     try:
         names = cell.list_cells(prefix, timeout=args.connect_timeout)
+        # One broker answers for all of them today; with relays, each cell's own.
+        on = cell.broker_url
     except CellError as exc:
         raise CliError(str(exc)) from None
     finally:
@@ -160,8 +162,8 @@ def cells(args: argparse.Namespace) -> int:
     events = Events(args.json)
     for n in shown:
         if args.json:
-            events.emit("cell", name=n)
+            events.emit("cell", name=n, broker=on)
         else:
-            print(n)
-    events.emit("summary", count=len(shown), prefix=prefix)
+            print(f"{n}\t{on}")  # the name first: `cut -f1` and `read name _` keep working
+    events.emit("summary", count=len(shown), prefix=prefix, broker=on)
     return EXIT_OK

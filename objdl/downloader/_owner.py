@@ -193,6 +193,8 @@ class _OwnerState:
         try:
             rc, data, new_state = producer.produce(rid, ref.obj, state, requester)  # type: ignore[arg-type]
         except InvalidStateError as exc:
+            if self.table.withdrawn(rid, now) is not None:  # withdrawn while we served it
+                return self._no_ref(rid, requester, state, now)
             _rlog.log(
                 logging.WARNING, "badstate", "bad request for %s from %s: %s", rid, requester, exc
             )

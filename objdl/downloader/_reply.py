@@ -10,7 +10,9 @@ is checked here, by pure functions that return typed values or raise
 - every chunk's ``data`` goes through :func:`chunk_pieces`: bytes-like buffers only,
   flat and contiguous;
 - every later reply's ``state`` goes through :func:`check_chunk_state`: it says where
-  the chunk ends, and it may not describe the object differently.
+  the chunk ends, and it may not describe the object differently;
+- every reply's return code and error text go through :func:`reply_error` (cut and
+  escaped), and an ``ok`` reply's body through :func:`reply_payload`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from objdl._logutil import peer_text
+from objdl.downloader._defs import ProduceRC, _PropKey
 from objdl.downloader.sized import DIGESTS, MAX_CHUNK_SIZE, new_hash
+from objdl.message import Message, MessageHeaderKey, ReturnCode
 
 __all__ = [
     "MAX_META_BYTES",
@@ -28,6 +33,9 @@ __all__ = [
     "check_chunk_state",
     "chunk_pieces",
     "parse_descriptor",
+    "reply_error",
+    "reply_payload",
+    "request_failed",
     "shorten",
 ]
 
@@ -39,6 +47,8 @@ MAX_SIZE = 2**63 - 1  # an offset must fit a signed 64-bit file offset
 _DESC_KEYS = ("size", "chunk", "algo", "digest")
 _HEX = frozenset("0123456789abcdef")
 _HEX_LEN = {algo: 2 * new_hash(algo).digest_size for algo in DIGESTS}
+_MAX_REASON = 500  # characters of an owner's error text kept in a reason
+_MAX_CODE = 64  # characters of an owner's return code kept (ours are under 30)
 
 
 class BadReply(ValueError):
@@ -181,3 +191,42 @@ def check_chunk_state(state: Any, desc: Descriptor, offset: int, n: int) -> None
             raise BadReply(
                 f"the object's {key} changed mid-download: was {shorten(was)}, now {shorten(said)}"
             )
+
+
+def reply_error(reply: Message) -> tuple[str, str] | None:
+    """None if `reply` says ``ok``; else its return code and error text, cut and escaped.
+
+    The owner chose both texts, so they are bounded and made printable here.
+    """
+    rc = reply.get_header(MessageHeaderKey.RETURN_CODE)
+    if rc == ReturnCode.OK:
+        return None
+    rc = peer_text(rc, _MAX_CODE) if isinstance(rc, str) else shorten(rc)
+    error = reply.get_header(MessageHeaderKey.ERROR) or ""
+    error = peer_text(error, _MAX_REASON) if isinstance(error, str) else shorten(error)
+    return rc, error
+
+
+def request_failed(owner: str, attempt: int, elapsed: str, rc: str, error: str) -> str:
+    """The reason for a request the owner refused, or that ran out of tries."""
+    tries = f" after {attempt} tries" if attempt > 1 else ""
+    return f"error requesting data from {owner}{tries} ({elapsed}): {rc}" + (
+        f": {error}" if error else ""
+    )
+
+
+def reply_payload(reply: Message, owner: str, elapsed: str) -> dict:
+    """An ``ok`` reply's payload, its status ``ok`` or ``eof``; raise BadReply if not."""
+    payload = reply.payload
+    if not isinstance(payload, dict):
+        raise BadReply(f"owner {owner} sent a reply without a payload dict")
+    status = payload.get(_PropKey.STATUS)
+    if not isinstance(status, str):
+        raise BadReply(f"owner {owner} sent a status that is not a str: {shorten(status)}")
+    if status == ProduceRC.ERROR:
+        error = payload.get(_PropKey.ERROR) or "no reason given"
+        error = peer_text(error, _MAX_REASON) if isinstance(error, str) else shorten(error)
+        raise BadReply(f"producer error at {owner} after {elapsed}: {error}")
+    if status not in (ProduceRC.OK, ProduceRC.EOF):
+        raise BadReply(f"owner {owner} sent unknown status {shorten(status)}")
+    return payload

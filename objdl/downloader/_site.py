@@ -5,19 +5,15 @@ that timed out or could not reach the owner (same state, growing back-off, never
 past the overall deadline) and turns everything else into a failure reason. A plain
 :class:`Consumer` gets the seed's exchange, one request at a time, and the seed's
 types: ``bytes``, not views of the received frames, unless it sets ``accepts_views``. A
-:class:`SizedConsumer` gets a sliding window: up to ``window`` chunk requests in
-flight, chunks written where they belong as they arrive, hashed in order, and the
-next chunk asked for only while it lies within ``window`` chunks of the first byte
-not yet hashed (so memory stays bounded when one chunk, or the hashing, is slow). A
-costly digest (sha256, blake2b) of an object larger than the window is computed on
-a thread of its own beside the writes, which wakes the loop as it moves on; the
-download ends once every byte is hashed. Every download ends in exactly one call of
-``download_completed`` or ``download_failed``.
+:class:`SizedConsumer` gets a sliding window of chunk requests in flight, chunks
+written where they belong as they arrive and hashed in order: its rules live in the
+sans-I/O :class:`~objdl.downloader._window.DownloadWindow`, and the shell that sends,
+writes and waits for it in :mod:`objdl.downloader._windowed`. Every download ends in
+exactly one call of ``download_completed`` or ``download_failed``.
 """
 
 from __future__ import annotations
 
-import heapq
 import logging
 import queue
 import sys
@@ -25,7 +21,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from objdl._logutil import peer_text
 from objdl.cell import CellLike, PendingRequest, check_cell
 from objdl.downloader._defs import (
     OBJ_DOWNLOADER_CHANNEL,
@@ -35,44 +30,23 @@ from objdl.downloader._defs import (
     RetryPolicy,
     _PropKey,
 )
-from objdl.downloader._reply import (
-    BadReply,
-    Descriptor,
-    check_chunk_state,
-    chunk_pieces,
-    parse_descriptor,
-    shorten,
-)
+from objdl.downloader._reply import BadReply, reply_error, reply_payload, request_failed
+from objdl.downloader._window import RETRYABLE
+from objdl.downloader._window import Failed as _Failed
+from objdl.downloader._windowed import run_window
 from objdl.downloader.sized import (
     DEFAULT_CHUNK_SIZE,
     DEFAULT_WINDOW,
-    INLINE_DIGESTS,
     MAX_CHUNK_SIZE,
-    OrderedDigest,
     SizedConsumer,
 )
-from objdl.message import Message, MessageHeaderKey, ReturnCode, Signal
+from objdl.message import Message, Signal
 
 __all__ = ["download_object"]
 
 log = logging.getLogger("objdl.downloader")
 
-RETRYABLE = frozenset(
-    {
-        ReturnCode.TIMEOUT,
-        ReturnCode.TARGET_UNREACHABLE,
-        ReturnCode.COMM_ERROR,
-        ReturnCode.SERVICE_UNAVAILABLE,
-    }
-)
 _ABORT_POLL = 0.05
-_BUSY_DELAY = 0.05  # before asking again for a chunk the owner was too busy to serve
-_MAX_REASON = 500  # characters of an owner's error text kept in a reason
-_MAX_CODE = 64  # characters of an owner's return code kept (ours are under 30)
-
-
-class _Failed(Exception):
-    """Ends a download; its text is the reason given to ``download_failed``."""
 
 
 class _Progress:
@@ -187,13 +161,15 @@ class _Requester:
             return self.timeout
         return max(0.001, min(self.timeout, self.deadline - time.monotonic()))
 
-    def submit(self, state: dict | None, done: queue.SimpleQueue[Any]) -> PendingRequest:
+    def submit(
+        self, state: dict | None, done: queue.SimpleQueue[Any], timeout: float
+    ) -> PendingRequest:
         return self.cell.request_async(
             OBJ_DOWNLOADER_CHANNEL,
             self.owner,
             OBJ_DOWNLOADER_TOPIC,
             self.message(state),
-            self.request_timeout(),
+            timeout,
             done_queue=done,
             secure=self.secure,
             optional=self.optional,
@@ -223,14 +199,11 @@ class _Requester:
 
     def judge(self, reply: Message, attempt: int) -> float | None:
         """None if the reply is an answer; else the delay before retrying it."""
-        rc = reply.get_header(MessageHeaderKey.RETURN_CODE)
-        if rc == ReturnCode.OK:
+        bad = reply_error(reply)
+        if bad is None:
             return None
         self.check()
-        # The owner chose both texts: cut, and escaped where they would not print.
-        rc = peer_text(rc, _MAX_CODE) if isinstance(rc, str) else shorten(rc)
-        error = reply.get_header(MessageHeaderKey.ERROR) or ""
-        error = peer_text(error, _MAX_REASON) if isinstance(error, str) else shorten(error)
+        rc, error = bad
         if rc in RETRYABLE and attempt < self.retry.tries:
             self.retries += 1
             delay = self.retry.delay(attempt + 1)
@@ -240,26 +213,13 @@ class _Requester:
                 self.ref_id, self.owner, rc, error, attempt, self.retry.tries - 1, delay,
             )  # fmt: skip
             return delay
-        tries = f" after {attempt} tries" if attempt > 1 else ""
-        raise _Failed(
-            f"error requesting data from {self.owner}{tries} ({self.elapsed()}): {rc}"
-            + (f": {error}" if error else "")
-        )
+        raise _Failed(request_failed(self.owner, attempt, self.elapsed(), rc, error))
 
     def payload(self, reply: Message) -> dict:
-        payload = reply.payload
-        if not isinstance(payload, dict):
-            raise _Failed(f"owner {self.owner} sent a reply without a payload dict")
-        status = payload.get(_PropKey.STATUS)
-        if not isinstance(status, str):
-            raise _Failed(f"owner {self.owner} sent a status that is not a str: {shorten(status)}")
-        if status == ProduceRC.ERROR:
-            error = payload.get(_PropKey.ERROR) or "no reason given"
-            error = peer_text(error, _MAX_REASON) if isinstance(error, str) else shorten(error)
-            raise _Failed(f"producer error at {self.owner} after {self.elapsed()}: {error}")
-        if status not in (ProduceRC.OK, ProduceRC.EOF):
-            raise _Failed(f"owner {self.owner} sent unknown status {shorten(status)}")
-        return payload
+        try:
+            return reply_payload(reply, self.owner, self.elapsed())
+        except BadReply as exc:
+            raise _Failed(str(exc)) from None
 
     def sleep(self, delay: float) -> None:
         end = time.monotonic() + delay
@@ -363,7 +323,7 @@ def download_object(
     req.progress = _Progress(ref_id, progress_cb, progress_interval)
     try:
         if isinstance(consumer, SizedConsumer):
-            _Window(req, consumer, window, chunk_size, max_size).run()
+            _sized(req, consumer, window, chunk_size, max_size)
         else:
             _seed_exchange(req, consumer)
     except _Failed as exc:
@@ -373,6 +333,21 @@ def download_object(
     else:
         req.progress.report(final=True)
         _end(consumer.download_completed, ref_id)
+
+
+def _sized(
+    req: _Requester, consumer: SizedConsumer, window: int, chunk: int, max_size: int | None
+) -> None:
+    """The windowed download of a sized object; raise _Failed if it failed."""
+    end = run_window(req, consumer, window, chunk, max_size)
+    if end.failed is not None:
+        if end.failed.cancel_owner:  # (a description refused: the owner learns it at once)
+            req.cancel(end.failed.reason)
+        if end.failed.reject:
+            _end(consumer.data_rejected, req.ref_id)
+        raise _Failed(end.failed.reason)
+    if end.note:
+        log.warning("download %s complete, but the owner was not told: %s", req.ref_id, end.note)
 
 
 def _end(cb: Any, *args: Any) -> None:
@@ -453,254 +428,3 @@ def _as_seed_leaf(value: Any) -> Any:
     if np is not None and isinstance(value, np.ndarray) and not value.flags.writeable:
         return value.copy()
     return value
-
-
-class _Window:
-    """The sliding-window download of one sized object."""
-
-    def __init__(
-        self,
-        req: _Requester,
-        consumer: SizedConsumer,
-        window: int,
-        chunk: int,
-        max_size: int | None = None,
-    ) -> None:
-        self.req = req
-        self.max_size = max_size
-        self.consumer = consumer
-        self.window = window
-        self.chunk = chunk
-        # Replies, and None each time the background hashing has moved on.
-        self.done: queue.SimpleQueue[PendingRequest | None] = queue.SimpleQueue()
-        self.inflight: dict[
-            int, tuple[PendingRequest, int, int, int]
-        ] = {}  # req_id -> p, off, n, try
-        self.retry_at: list[tuple[float, int, int, int]] = []  # heap of (when, off, n, try)
-        # The window the owner accepts now: shrunk when it answers service_unavailable
-        # (it caps the data it holds for us), grown back by one per window of chunks.
-        self.limit = window
-        self._grow = 0
-        self._stored_since_busy = False  # a chunk stored since the last busy answer
-
-    def run(self) -> None:
-        req = self.req
-        try:
-            first = req.call({"length": self.chunk})
-            desc = self.describe(first)
-            size = desc.size
-            self.chunk = min(self.chunk, desc.chunk)  # the owner serves no more per request
-            try:
-                # A costly digest of an object bigger than the window is computed on
-                # a thread of its own, in parallel with writing.
-                self.digest = OrderedDigest(
-                    desc.algo,
-                    background=desc.algo not in INLINE_DIGESTS and size > self.window * self.chunk,
-                    on_hashed=self.wake,
-                )
-                start = self.consumer.resume_from(req.ref_id, desc.as_state())
-                if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= size:
-                    raise ValueError(f"resume point {start!r} is outside the object (size {size})")
-                if start:
-                    self.rehash(start)
-                else:
-                    self.consumer.begin(req.ref_id, size, desc.meta)
-            except Exception as exc:
-                raise _Failed(f"could not start the download: {type(exc).__name__}: {exc}") from exc
-            self.size = size
-            req.progress.total = size
-            if not start:
-                n = min(self.chunk, size)
-                self.store(0, self.pieces(first, 0, n, first=True), expect=n)
-            self.next = self.digest.upto
-            self.loop()
-            try:
-                got = self.digest.hexdigest(req.timeout)
-            except (RuntimeError, TimeoutError) as exc:
-                raise _Failed(f"could not hash the received bytes: {exc}") from exc
-            if got != desc.digest:
-                reason = (
-                    f"digest mismatch: owner's {desc.algo} is {desc.digest}, "
-                    f"received bytes hash to {got}"
-                )
-                self.tell_owner(False, reason)
-                _end(self.consumer.data_rejected, req.ref_id)
-                raise _Failed(reason)
-        finally:
-            for p, *_ in self.inflight.values():
-                p.cancel()
-            if hasattr(self, "digest"):
-                self.digest.close()
-        self.consumer_done()
-
-    def describe(self, first: dict) -> Descriptor:
-        """The object's checked description from the first reply, within `max_size`.
-
-        A refusal here is told to the owner (as a cancel), so its outcome records the
-        site as failed at once instead of at the transaction's timeout.
-        """
-        req = self.req
-        try:
-            if first[_PropKey.STATUS] != ProduceRC.OK:
-                raise BadReply("the first reply ended the object before describing it")
-            desc = parse_descriptor(first.get(_PropKey.STATE))
-        except BadReply as exc:
-            reason = f"owner {req.owner} did not describe a sized object for {req.ref_id}: {exc}"
-            req.cancel(reason)
-            raise _Failed(reason) from None
-        if self.max_size is not None and desc.size > self.max_size:
-            reason = (
-                f"object {req.ref_id} is {desc.size} bytes, more than max_size={self.max_size}; "
-                "pass a larger max_size (or download it to a file) if it is expected"
-            )
-            req.cancel(reason)
-            raise _Failed(reason)
-        self.desc = desc
-        return desc
-
-    def pieces(self, payload: dict, offset: int, n: int, first: bool = False) -> list[memoryview]:
-        """A reply's data as checked pieces; its state must say it ends at ``offset + n``.
-
-        (Not for the `first` reply: its state is the description, checked by
-        :meth:`describe`.)
-        """
-        try:
-            if not first:
-                check_chunk_state(payload.get(_PropKey.STATE), self.desc, offset, n)
-            return chunk_pieces(payload.get(_PropKey.DATA))
-        except BadReply as exc:
-            raise _Failed(f"owner {self.req.owner} sent a bad reply: {exc}") from None
-
-    def wake(self) -> None:
-        """Wake the loop: hashing made progress (called on the hashing thread)."""
-        self.done.put(None)
-
-    def rehash(self, upto: int) -> None:
-        """Hash the bytes a resumed download already has, so the full digest is checked."""
-        step = 8 * self.chunk
-        for off in range(0, upto, step):
-            data = self.consumer.read(off, min(step, upto - off))
-            # At most one block waits for the hashing thread: memory stays bounded.
-            if not self.digest.wait(self.req.timeout):
-                raise TimeoutError(f"hashing the kept bytes stalled for {self.req.timeout:g}s")
-            self.digest.add(off, [memoryview(data)])
-        self.req.progress.done = upto
-        log.info("download %s resumes at byte %d", self.req.ref_id, upto)
-
-    def consumer_done(self) -> None:
-        # The data is complete and verified: the site has its copy whatever the owner
-        # says next; telling the owner lets it run its downloaded callback.
-        self.tell_owner(True, "")
-
-    def tell_owner(self, ok: bool, reason: str) -> None:
-        try:
-            self.req.call({"offset": self.size, "ok": ok, "reason": reason})
-        except _Failed as exc:
-            if ok:
-                log.warning(
-                    "download %s complete, but the owner was not told: %s", self.req.ref_id, exc
-                )
-
-    def store(self, offset: int, pieces: list[memoryview], expect: int) -> None:
-        got = sum(p.nbytes for p in pieces)
-        if got != expect:
-            raise _Failed(f"owner sent {got} bytes at offset {offset}, expected {expect}")
-        try:
-            self.consumer.write(offset, pieces)
-        except Exception as exc:
-            raise _Failed(
-                f"could not write at offset {offset}: {type(exc).__name__}: {exc}"
-            ) from exc
-        self.digest.add(offset, pieces)
-        self.req.progress.add(got)
-        self._stored_since_busy = True
-
-    def submit(self, offset: int, n: int, attempt: int) -> None:
-        p = self.req.submit({"offset": offset, "length": n}, self.done)
-        self.inflight[p.req_id] = (p, offset, n, attempt)
-
-    def loop(self) -> None:
-        """Until every byte is received and hashed: keep the window full, take replies."""
-        req = self.req
-        limit_span = self.window * self.chunk
-        verified = self.digest.hashed
-        while True:
-            if self.digest.error is not None:
-                raise _Failed(f"could not hash the received bytes: {self.digest.error!r}")
-            hashed = self.digest.hashed
-            if hashed != verified:
-                verified = hashed
-                try:  # written and hashed: a point to resume from
-                    self.consumer.verified(hashed)
-                except Exception as exc:
-                    raise _Failed(
-                        f"could not record progress: {type(exc).__name__}: {exc}"
-                    ) from exc
-            if hashed >= self.size:
-                return
-            req.check()
-            if not self.inflight and (self.next < self.size or self.retry_at):
-                req.await_broker()  # (not when all is here and only the hashing is left)
-            now = time.monotonic()
-            while len(self.inflight) < self.limit:
-                if self.retry_at and self.retry_at[0][0] <= now:
-                    _, off, n, attempt = heapq.heappop(self.retry_at)
-                    self.submit(off, n, attempt)
-                elif self.next < self.size and self.next < hashed + limit_span:
-                    # Bytes received but not yet hashed count against the window too,
-                    # so a site holds at most `window` chunks whatever is slow.
-                    n = min(self.chunk, self.size - self.next)
-                    self.submit(self.next, n, 1)
-                    self.next += n
-                else:
-                    break
-            wake = min((p.deadline for p, *_ in self.inflight.values()), default=now + 1.0)
-            if self.retry_at:
-                wake = min(wake, self.retry_at[0][0])
-            wait = wake - now
-            if req.abort is not None:
-                wait = min(wait, _ABORT_POLL)
-            try:
-                p = self.done.get(timeout=max(0.0, wait))
-                while True:
-                    if p is not None:
-                        self.handle(p)
-                    p = self.done.get_nowait()
-            except queue.Empty:
-                pass
-            now = time.monotonic()
-            for p, *_ in [v for v in self.inflight.values() if v[0].deadline <= now]:
-                # Resolves it with a timeout reply; the copy this also puts on the
-                # queue is ignored by handle(), as the request is no longer in flight.
-                p.result()
-                self.handle(p)
-
-    def handle(self, p: PendingRequest) -> None:
-        entry = self.inflight.pop(p.req_id, None)
-        if entry is None:
-            return  # already handled (a timeout we resolved ourselves)
-        _, offset, n, attempt = entry
-        reply = p.result()
-        if reply.get_header(MessageHeaderKey.RETURN_CODE) == ReturnCode.SERVICE_UNAVAILABLE and (
-            self.inflight or self._stored_since_busy
-        ):
-            # The owner is busy with our other requests, or still sending the chunk it
-            # just served us: ask again shortly, with a smaller window, without spending
-            # a try. Busy answers with no chunk stored in between do spend tries, so an
-            # owner that is busy forever still ends the download.
-            self.limit = max(1, len(self.inflight))
-            self._stored_since_busy = False
-            heapq.heappush(self.retry_at, (time.monotonic() + _BUSY_DELAY, offset, n, attempt))
-            return
-        delay = self.req.judge(reply, attempt)
-        if delay is not None:
-            heapq.heappush(self.retry_at, (time.monotonic() + delay, offset, n, attempt + 1))
-            return
-        payload = self.req.payload(reply)
-        if payload[_PropKey.STATUS] != ProduceRC.OK:
-            raise _Failed(f"owner {self.req.owner} ended the object early at offset {offset}")
-        self.store(offset, self.pieces(payload, offset, n), expect=n)
-        if self.limit < self.window:
-            self._grow += 1
-            if self._grow >= self.limit:
-                self.limit, self._grow = self.limit + 1, 0
