@@ -3,7 +3,10 @@
 With ``--curve-keys`` and ``--allowed-keys`` it runs CURVE (docs/SECURITY.md); SIGHUP
 then reads the allow-list directory again. With ``--metrics HOST:PORT`` it serves
 Prometheus metrics at ``http://HOST:PORT/metrics`` (no authentication: a private
-interface only; README, "Watching a broker").
+interface only; README, "Watching a broker"). With ``--upstream URL --prefix NAME``
+it is a relay that holds the subtree NAME for the broker at URL (docs/PROTOCOL.md,
+"Relay brokers"); ``--upstream-key`` and ``--upstream-broker-key`` make its link to
+a CURVE parent.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 import threading
 from types import FrameType
 
+from broker._tree import DEFAULT_MAX_RELAY_QUEUE
 from broker.metrics import MetricsUnavailableError
 from broker.routing import DEFAULT_MAX_PEER_QUEUE
 from broker.server import Broker, BrokerError
@@ -51,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
         help="directory of allowed cell keys and their names ('objdl keys allow'); "
         "needs --curve-keys",
     )
+    _add_relay_options(p)
     p.add_argument(
         "--metrics",
         metavar="HOST:PORT",
@@ -65,6 +70,46 @@ def _parser() -> argparse.ArgumentParser:
         choices=["debug", "info", "warning", "error"],
     )
     return p
+
+
+def _add_relay_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("relay (a broker under another broker)")
+    g.add_argument(
+        "--upstream",
+        metavar="URL",
+        help="the parent broker's address: this broker relays the subtree --prefix for it",
+    )
+    g.add_argument(
+        "--prefix",
+        metavar="NAME",
+        help="the subtree this relay holds: cells here may register only NAME and NAME.*",
+    )
+    g.add_argument(
+        "--upstream-key",
+        metavar="FILE",
+        help="this relay's key pair (NAME.key_secret) for a CURVE parent; the parent must "
+        "allow it NAME and NAME.*",
+    )
+    g.add_argument(
+        "--upstream-broker-key",
+        metavar="FILE",
+        help="the CURVE parent's public key (its .key file); needs --upstream-key",
+    )
+    g.add_argument(
+        "--upstream-timeout",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="take the parent for gone after S seconds without a word (%(default)s)",
+    )
+    g.add_argument(
+        "--max-relay-queue",
+        type=int,
+        default=DEFAULT_MAX_RELAY_QUEUE,
+        metavar="BYTES",
+        help="most bytes held outbound for one relay link, shared by the cells behind it "
+        "(%(default)s)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
             max_peer_queue=args.max_peer_queue,
             curve_keys=args.curve_keys,
             allowed_keys=args.allowed_keys,
+            upstream=args.upstream,
+            prefix=args.prefix,
+            upstream_key=args.upstream_key,
+            upstream_broker_key=args.upstream_broker_key,
+            upstream_timeout=args.upstream_timeout,
+            max_relay_queue=args.max_relay_queue,
             metrics=args.metrics,
         )
     except (ValueError, MetricsUnavailableError) as exc:  # KeyFileError is a ValueError too
@@ -114,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mode = f" (CURVE, public key {broker.public_key.decode()})" if broker.public_key else ""
             print(f"objdl broker listening on {broker.url}{mode}", flush=True)
+            if broker.upstream is not None:
+                print(f"objdl broker relays {args.prefix!r} for {broker.upstream}", flush=True)
             if broker.metrics_url is not None:
                 print(f"objdl broker metrics at {broker.metrics_url}", flush=True)
             while not stop.is_set():

@@ -19,6 +19,12 @@ new ``drop_*`` or ``nack_*`` counter shows up under its family by itself):
 ``zap_ok``, ``zap_denied``             ``objdl_broker_curve_connections_total{result}``
 ``deferred``, ``probes``, ``who``,     ``objdl_broker_{deferred_sends,probes,who,``
 ``list``, ``errors``                   ``list_requests,errors}_total``
+``relay_reg_ok``, ``relay_reg_err``    ``objdl_broker_relay_registrations_total{result}``
+``relay_lost``                         ``objdl_broker_relays_left_total``
+``names_added``, ``names_removed``     ``objdl_broker_relay_names_total{change}``
+``upstream_registered``, ``_lost``,    ``objdl_broker_upstream_events_total{event}``
+``_refused``
+``list_forwarded``                     ``objdl_broker_list_forwarded_total``
 anything else                          ``objdl_broker_other_total{counter}``
 =====================================  ==========================================
 """
@@ -68,6 +74,15 @@ _FIXED: dict[str, tuple[str, str, str]] = {
     "who": ("who", "", ""),
     "list": ("list_requests", "", ""),
     "errors": ("errors", "", ""),
+    "relay_reg_ok": ("relay_registrations", "ok", "result"),
+    "relay_reg_err": ("relay_registrations", "refused", "result"),
+    "relay_lost": ("relays_left", "", ""),
+    "names_added": ("relay_names", "added", "change"),
+    "names_removed": ("relay_names", "removed", "change"),
+    "upstream_registered": ("upstream_events", "registered", "event"),
+    "upstream_lost": ("upstream_events", "lost", "event"),
+    "upstream_refused": ("upstream_events", "refused", "event"),
+    "list_forwarded": ("list_forwarded", "", ""),
 }
 _HELP = {
     "routed_messages": "MSGs routed to their destination (net of sends that failed later).",
@@ -83,6 +98,12 @@ _HELP = {
     "who": "Heartbeats from unknown connections, answered WHO (cells of a restarted broker).",
     "list_requests": "Live-cell queries (LIST) answered.",
     "errors": "Errors in the broker's I/O thread (see its log).",
+    "relay_registrations": "RREGs of relay brokers answered, by result (ok or refused).",
+    "relays_left": "Relay links forgotten: silent, connection gone, or BYE.",
+    "relay_names": "Cell names relays announced here (added) or withdrew (removed).",
+    "upstream_events": "This relay's link to its parent: registered, lost (silence, WHO, "
+    "stuck), refused (REG_ERR; it asks again).",
+    "list_forwarded": "LISTs this relay asked its parent (answered for the whole tree).",
     "other": "Broker counters this version of the metrics does not name yet.",
 }
 _NOT_COUNTERS = frozenset({"peak_peer_bytes"})

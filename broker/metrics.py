@@ -86,8 +86,8 @@ class MetricsUnavailableError(ObjdlError):
 class RelayLink:
     """One link of a broker to another broker, as the metrics show it.
 
-    There are no relays yet. A broker that has links gives a ``relay_links()``
-    method returning these, and the collector exposes them as
+    :meth:`Broker.relay_links() <broker.Broker.relay_links>` returns these (relay
+    brokers: docs/PROTOCOL.md "Relay brokers"), and the collector exposes them as
     ``objdl_broker_relay_link_up`` (one sample per link) and
     ``objdl_broker_relay_links`` (how many, per direction and state).
 
@@ -97,12 +97,15 @@ class RelayLink:
         prefix: the subtree the link carries (the relay's prefix).
         url: the other broker's address (``""`` if unknown, e.g. a relay's connection).
         up: the link is connected and registered now.
+        names: how many live cell names the link carries (for ``"up"``: this relay's
+            whole subtree, as announced to the parent).
     """
 
     direction: str
     prefix: str
     url: str = ""
     up: bool = False
+    names: int = 0
 
 
 def parse_address(address: str) -> tuple[str, int]:

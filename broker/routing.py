@@ -34,6 +34,10 @@ Rules:
   is ``REG_ERR not allowed: ...`` and comes before any probe of a holder, so a key
   cannot even disturb a name it is not bound to.
 - Every ``heartbeat_interval`` each registered cell gets HB.
+- Relays (``broker/_tree.py``, docs/PROTOCOL.md "Relay brokers"): with ``prefix`` the
+  table is a relay's, holding that subtree for its parent; any table takes relays
+  that hold subtrees under it. A MSG for a name that is no cell here, REGs and LISTs
+  consult the tree; frames from a relay link or the parent go to it whole.
 
 What the broker holds for one peer is bounded in bytes (``max_peer_queue``), whatever
 that peer asks for and however slowly it reads (docs/RELIABILITY.md):
@@ -61,6 +65,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
+from broker import _links, _relay, _tree
 from objdl import fqcn, wire
 from objdl.errors import WireError
 from objdl.message import MessageHeaderKey, MessageType
@@ -71,6 +76,7 @@ __all__ = [
     "MESSAGE_OVERHEAD",
     "NOT_ALLOWED",
     "TRACK_MIN",
+    "UPSTREAM",
     "Actions",
     "Authorize",
     "Event",
@@ -108,6 +114,7 @@ COUNTERS = (
     "bye",
     "who",
     "list",
+    *_tree.COUNTERS,
 )
 
 _MAX_KIND_BYTES = 16
@@ -136,6 +143,9 @@ TRACK_MIN = 1024
 
 MESSAGE_OVERHEAD = 256
 """Bytes charged per message on top of its frames (the objects that carry it)."""
+
+UPSTREAM = _relay.UPSTREAM
+"""The peer id of a relay's link to its parent, in :class:`Send` and :class:`Event`."""
 
 NOT_ALLOWED = "not allowed: "
 """Start of the REG_ERR reason when the connection's key may not use the name."""
@@ -175,6 +185,7 @@ class Actions(Generic[F]):
 
     sends: list[Send[F]] = field(default_factory=list)
     events: list[Event] = field(default_factory=list)
+    reconnect_upstream: bool = False  # a relay: replace the socket to the parent
 
 
 @dataclass
@@ -247,6 +258,14 @@ class RoutingTable:
             docstring); one message larger than this may still go to an idle peer.
         authorize: if given, every REG must pass it (see :data:`Authorize`); the
             shell passes the connection's identity to :meth:`handle`.
+        prefix: this table is a relay's, holding the subtree `prefix` for its parent
+            (frames from the parent go to :meth:`handle_upstream`, frames for it to
+            the peer :data:`UPSTREAM`). Default: a root broker.
+        upstream_timeout: a relay takes its parent for gone after this much silence.
+        max_relay_queue: most bytes held outbound for one relay link (the parent's
+            or a relay's), which all the cells behind it share.
+        authorize_relay: with `authorize`, may a connection hold a subtree (see
+            :data:`broker._tree.AuthorizeRelay`); without it such a table takes no relays.
     """
 
     def __init__(
@@ -258,6 +277,10 @@ class RoutingTable:
         max_message_size: int = 256 * 1024 * 1024,
         max_peer_queue: int = DEFAULT_MAX_PEER_QUEUE,
         authorize: Authorize | None = None,
+        prefix: str | None = None,
+        upstream_timeout: float = 2.0,
+        max_relay_queue: int = _tree.DEFAULT_MAX_RELAY_QUEUE,
+        authorize_relay: _tree.AuthorizeRelay | None = None,
     ) -> None:
         for arg, value in (
             ("heartbeat_interval", heartbeat_interval),
@@ -282,6 +305,7 @@ class RoutingTable:
         self._peak = 0
         self._next_hb = -math.inf
         self._counters = dict.fromkeys(COUNTERS, 0)
+        self._tree = _tree.Tree(self, prefix, upstream_timeout, max_relay_queue, authorize_relay)
 
     # -- queries -------------------------------------------------------------------
 
@@ -310,7 +334,21 @@ class RoutingTable:
     def next_deadline(self) -> float:
         """The earliest time :meth:`tick` has something to do (for the poll timeout)."""
         retries = (o.retry_at for o in self._out.values() if o.retry_at < math.inf)
-        return min([self._next_hb, *(c.deadline for c in self._claims.values()), *retries])
+        claims = (c.deadline for c in self._claims.values())
+        return min([self._next_hb, self._tree.next_deadline(), *claims, *retries])
+
+    def tree_cells(self, prefix: str = "") -> list[str]:
+        """Sorted live names here and under this broker's relays (what LIST answers at
+        a root broker), equal to `prefix` or under it."""
+        return self._tree.cells(prefix)
+
+    def relay_links(self) -> list[_tree.LinkInfo]:
+        """This broker's links to other brokers: its parent's (``"up"``), its relays'."""
+        return self._tree.link_infos()
+
+    def upstream_state(self) -> str:
+        """``"none"`` for a root broker, else connecting, registered or refused."""
+        return self._tree.upstream_state()
 
     # -- input ---------------------------------------------------------------------
 
@@ -326,6 +364,9 @@ class RoutingTable:
         cell = self._by_peer.get(peer)
         if cell is not None:
             cell.last_seen = now
+        elif peer in self._tree.links:
+            self._tree.handle_link(act, peer, frames, now, identity)
+            return act
         if not frames:
             self._count(act, "drop_bad_frames", peer, "empty message")
             return act
@@ -334,6 +375,9 @@ class RoutingTable:
             self._holder_answered(act, cell)
         limits = _FRAMES.get(kind)
         if limits is None:
+            if kind in _links.STRANGER_KINDS:
+                self._tree.handle_stranger(act, peer, cell is not None, kind, frames, now, identity)
+                return act
             self._count(act, "drop_unknown_kind", peer, f"kind {kind[:16]!r}")
             return act
         if sum(_nbytes(f) for f in frames) > self.max_message_size:
@@ -348,7 +392,7 @@ class RoutingTable:
         elif kind == wire.KIND_REG:
             self._reg(act, peer, cell, frames, now, identity)
         elif kind == wire.KIND_LIST:
-            self._list(act, peer, frames)
+            self._list(act, peer, frames, now)
         elif kind == wire.KIND_BYE:
             if known:
                 self._forget(act, peer, "bye", "said goodbye", now)
@@ -356,6 +400,20 @@ class RoutingTable:
             self._count(act, "who", peer, "heartbeat from an unknown connection")
             self._deliver(act, Send(peer, [wire.KIND_WHO]))
         return act
+
+    def handle_upstream(self, frames: Sequence[F], now: float) -> Actions[F]:
+        """Process one message from a relay's parent (the table has a ``prefix``)."""
+        act: Actions[F] = Actions()
+        self._tree.handle_upstream(act, frames, now)
+        return act
+
+    def upstream_replaced(self, now: float) -> None:
+        """The shell replaced the socket to the parent (after ``reconnect_upstream``)."""
+        self._tree.upstream_replaced(now)
+
+    def upstream_bye(self) -> list[bytes] | None:
+        """The frames to send the parent when the relay stops, if it is registered there."""
+        return self._tree.upstream_bye()
 
     def tick(self, now: float) -> Actions[Any]:
         """Retry sends libzmq refused, resolve expired probes; every heartbeat interval,
@@ -379,6 +437,8 @@ class RoutingTable:
                 self._forget(act, cell.peer, "expired", f"{cell.name!r} silent", now)
             for peer in list(self._by_peer):
                 self._deliver(act, Send(peer, [wire.KIND_HB]))
+            self._tree.heartbeat(act, now)
+        self._tree.tick(act, now)
         return act
 
     def send_failed(self, send: Send[F], gone: bool, now: float) -> Actions[F]:
@@ -394,6 +454,8 @@ class RoutingTable:
         out = self._out.get(send.peer)
         if out is not None and send.track:
             out.held -= send.cost
+        if not gone and self._tree.unsent(send):
+            return act  # a relay's HB, RREG or LIST the parent's pipe did not take: sent again
         if not gone:
             if out is None:
                 out = self._out[send.peer] = _Out()
@@ -410,6 +472,8 @@ class RoutingTable:
         self._fail_send(act, send, wire.NACK_UNREACHABLE, "connection gone")
         if send.peer in self._by_peer or send.peer in self._claim_of:
             self._forget(act, send.peer, "gone", "connection closed", now)
+        elif send.peer in self._tree.links:
+            self._tree.forget_link(act, send.peer, "relay connection closed", now)
         elif out is not None:
             self._fail_waiting(act, send.peer, out)
         return act
@@ -435,8 +499,8 @@ class RoutingTable:
             self._nack(act, peer, dest_bytes, wire.NACK_UNREGISTERED, frames[2])
             return
         target = self._by_name.get(dest)
-        if target is None:
-            self._nack(act, peer, dest_bytes, wire.NACK_UNREACHABLE, frames[2])
+        if target is None:  # under a relay, above this one, or nowhere
+            self._tree.route_away(act, peer, cell.raw, dest, dest_bytes, frames[2:])
             return
         out: list[bytes | F] = [wire.KIND_MSG, cell.raw, *frames[2:]]
         self._deliver(act, Send(target.peer, out, origin=peer, dest=dest_bytes))
@@ -465,6 +529,10 @@ class RoutingTable:
         except ValueError as exc:
             self._refuse(act, peer, raw, "reg_err_bad_name", f"bad name: {exc}")
             return
+        refusal = self._tree.refuse_name(name)
+        if refusal is not None:
+            self._refuse(act, peer, raw, *refusal)
+            return
         if self.authorize is not None:
             why = self.authorize(identity, name)
             if why:
@@ -492,7 +560,7 @@ class RoutingTable:
             self._forget(act, holder.peer, "expired", f"{name!r} silent", now)
         self._grant(act, peer, name, now)
 
-    def _list(self, act: Actions[F], peer: bytes, frames: Sequence[F]) -> None:
+    def _list(self, act: Actions[F], peer: bytes, frames: Sequence[F], now: float) -> None:
         if _nbytes(frames[1]) > _MAX_TOKEN_BYTES:
             self._count(act, "drop_bad_frames", peer, "LIST token longer than 64 bytes")
             return
@@ -501,8 +569,7 @@ class RoutingTable:
             self._count(act, "drop_bad_name", peer, "LIST prefix is not a valid name")
             return
         self._counters["list"] += 1
-        names = "\n".join(self.cells(prefix)).encode()
-        self._deliver(act, Send(peer, [wire.KIND_LIST_R, _bytes(frames[1]), names]))
+        self._tree.answer_list(act, peer, _bytes(frames[1]), prefix, now)
 
     # -- helpers -------------------------------------------------------------------
 
@@ -512,6 +579,7 @@ class RoutingTable:
         self._by_name[name] = cell
         self._count(act, "reg_ok", peer, f"registered {name!r}")
         self._deliver(act, Send(peer, [wire.KIND_REG_OK, name.encode()]))
+        self._tree.added(act, name, now)
 
     def _refuse(self, act: Actions[F], peer: bytes, raw: bytes, counter: str, why: str) -> None:
         reason = why.encode() if why else _TAKEN
@@ -544,6 +612,7 @@ class RoutingTable:
         if cell is None:
             return
         del self._by_name[cell.name]
+        self._tree.removed(act, cell.name, now)
         claim = self._claims.get(cell.name)
         if claim is not None:
             self._drop_claim(claim)
@@ -571,14 +640,15 @@ class RoutingTable:
 
     # -- outbound bound ------------------------------------------------------------
 
-    def _deliver(self, act: Actions[F], send: Send[Any]) -> None:
-        """Send, queue behind waiting sends, or refuse `send`, by its peer's byte bound."""
+    def _deliver(self, act: Actions[F], send: Send[Any], force: bool = False) -> None:
+        """Send, queue behind waiting sends, or refuse `send`, by its peer's byte bound
+        (a relay link's is ``max_relay_queue``; `force`: queue it even past the bound)."""
         nbytes = sum(_nbytes(f) for f in send.frames)
         cost, track = nbytes + MESSAGE_OVERHEAD, nbytes >= TRACK_MIN
         send = Send(send.peer, send.frames, send.origin, send.dest, cost, track)
         out = self._out.get(send.peer)
         total = out.total() if out is not None else 0
-        if total and total + send.cost > self.max_peer_queue:
+        if total and not force and total + send.cost > self._tree.limit(send.peer):
             self._fail_send(act, cast(Send[F], send), wire.NACK_BUSY, "over its byte bound")
             return
         if send.origin is not None:
@@ -627,6 +697,8 @@ class RoutingTable:
             counter = "drop_busy" if reason == wire.NACK_BUSY else "drop_send_failed"
             self._count(act, counter, send.peer, f"{_bytes(send.frames[0])[:16]!r} not sent: {why}")
             return
+        if self._tree.fail_forwarded(act, send, reason, why):
+            return  # it came over a relay link, or was going over one
         if reason == wire.NACK_BUSY and _msg_type(send.frames[2]) in _NO_NACK_TYPES:
             self._count(act, "drop_busy", send.peer, f"reply for {send.dest[:64]!r} dropped: {why}")
             return

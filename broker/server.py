@@ -18,6 +18,13 @@ With ``curve_keys`` and ``allowed_keys`` the ROUTER is a CURVE server, and the s
 I/O thread answers the context's ZAP requests (bound before the ROUTER, so no
 connection is ever accepted unchecked): only allowed keys connect, and the key of
 each REG's connection (its ZAP User-Id) goes to the table's name policy.
+
+With ``upstream`` and ``prefix`` the broker is a relay (docs/PROTOCOL.md, "Relay
+brokers"): the same I/O thread owns a DEALER connected to the parent broker (a CURVE
+client with ``upstream_key`` and ``upstream_broker_key``), hands what arrives on it to
+:meth:`RoutingTable.handle_upstream`, sends the table's sends for the peer
+:data:`~broker.routing.UPSTREAM` on it, and replaces it when the table says
+``reconnect_upstream``.
 """
 
 from __future__ import annotations
@@ -35,8 +42,18 @@ from typing import Any
 import zmq
 from zmq.utils import z85
 
-from broker.metrics import MetricsServer
-from broker.routing import DEFAULT_MAX_PEER_QUEUE, Actions, Event, RoutingTable, Send
+from broker._relay import KIND_RREG
+from broker._tree import DEFAULT_MAX_RELAY_QUEUE
+from broker._upstream import UpstreamSocket, check_upstream
+from broker.metrics import MetricsServer, RelayLink
+from broker.routing import (
+    DEFAULT_MAX_PEER_QUEUE,
+    UPSTREAM,
+    Actions,
+    Event,
+    RoutingTable,
+    Send,
+)
 from objdl import wire
 from objdl._logutil import RateLimitedLog
 from objdl.errors import ObjdlError
@@ -45,6 +62,7 @@ from objdl.security import (
     KeyFileError,
     KeyPolicy,
     KeySource,
+    PublicKeySource,
     load_keypair,
     short_key,
     zap_reply,
@@ -79,6 +97,12 @@ _LEVELS = {
     "expired": logging.INFO,
     "evicted": logging.INFO,
     "gone": logging.INFO,
+    "relay_reg_ok": logging.INFO,
+    "relay_lost": logging.INFO,
+    "upstream_registered": logging.INFO,
+    "list_forwarded": logging.DEBUG,
+    "reg_err_outside": logging.INFO,
+    "reg_err_relayed": logging.INFO,
 }
 
 
@@ -119,7 +143,22 @@ class Broker:
         allowed_keys: the keys that may connect and the names each may register:
             an allow-list directory (``NAME.key`` files and ``allowed.json``, see
             docs/SECURITY.md; read again on each start and by :meth:`reload_keys`)
-            or a :class:`~objdl.security.KeyPolicy`.
+            or a :class:`~objdl.security.KeyPolicy`. With CURVE, a relay may register
+            a subtree here only if its key may use the prefix and every name under it
+            (``["site-1", "site-1.*"]``, the default for ``site-1.key``).
+        upstream: the parent broker's address: this broker is a relay that holds the
+            subtree `prefix` (that name and every name under it) for the parent. Cells
+            here may register only names in the subtree; messages for other names go
+            to the parent, which routes the subtree's names here. Needs `prefix`.
+        prefix: the subtree a relay holds (see `upstream`).
+        upstream_key: the relay's own key pair, to authenticate to a CURVE parent
+            (its ``.key_secret`` file, or as `curve_keys`); needs `upstream_broker_key`.
+        upstream_broker_key: the parent's CURVE public key (Z85 or a ``.key`` file).
+        upstream_timeout: a relay takes its parent for gone after this long without a
+            word (then it connects afresh and registers its subtree again).
+        max_relay_queue: most bytes held outbound for one relay link (to the parent,
+            or to one of this broker's relays), shared by the cells behind it
+            (default 256 MiB); past it, as for `max_peer_queue`.
         metrics: ``"HOST:PORT"`` to serve Prometheus metrics at
             ``http://HOST:PORT/metrics`` while the broker runs (port 0: any free one,
             read it back from :attr:`metrics_url`); needs ``prometheus_client``
@@ -151,6 +190,12 @@ class Broker:
         context: zmq.Context[Any] | None = None,
         curve_keys: KeySource | None = None,
         allowed_keys: str | os.PathLike[str] | KeyPolicy | None = None,
+        upstream: str | None = None,
+        prefix: str | None = None,
+        upstream_key: KeySource | None = None,
+        upstream_broker_key: PublicKeySource | None = None,
+        upstream_timeout: float = 2.0,
+        max_relay_queue: int = DEFAULT_MAX_RELAY_QUEUE,
         metrics: str | None = None,
     ) -> None:
         for arg, value in (("sndhwm", sndhwm), ("rcvhwm", rcvhwm)):
@@ -173,6 +218,12 @@ class Broker:
         }
         if self._policy is not None:
             self._table_args["authorize"] = self._authorize
+            self._table_args["authorize_relay"] = self._authorize_relay
+        up_keys = check_upstream(upstream, prefix, upstream_key, upstream_broker_key)
+        self._upstream = upstream
+        self._table_args.update(
+            prefix=prefix, upstream_timeout=upstream_timeout, max_relay_queue=max_relay_queue
+        )
         self._table = RoutingTable(**self._table_args)  # validates the arguments
         self._bind = bind
         self._url: str | None = None
@@ -190,6 +241,10 @@ class Broker:
         self._stalled: set[bytes] = set()  # peers libzmq refused in the current batch
         self._acting = False
         self._log = RateLimitedLog(logger)
+        self._up = (  # the DEALER to the parent, for a relay (I/O thread only)
+            UpstreamSocket(upstream, up_keys, self._hwm) if upstream is not None else None
+        )
+        self._poller: zmq.Poller | None = None
         self._metrics = MetricsServer(metrics, self) if metrics is not None else None
 
     # -- public --------------------------------------------------------------------
@@ -262,6 +317,8 @@ class Broker:
                 sockets.append(wake_tx)
                 wake_tx.linger = 0
                 wake_tx.connect(pipe)
+                if self._up is not None:
+                    sockets.append(self._open_upstream(context))
             except BaseException:
                 for s in sockets:
                     s.close(linger=0)
@@ -301,6 +358,13 @@ class Broker:
             )
         else:
             logger.info("objdl broker listening on %s", self._url)
+        if self._upstream is not None:
+            logger.info(
+                "objdl broker at %s relays %r for the parent at %s",
+                self._url,
+                self._table_args["prefix"],
+                self._upstream,
+            )
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the I/O thread and close the socket; does nothing if not running.
@@ -327,6 +391,32 @@ class Broker:
         with self._lock:
             return self._table.cells(prefix)
 
+    @property
+    def upstream(self) -> str | None:
+        """The parent broker's address if this broker is a relay, else None."""
+        return self._upstream
+
+    def tree_cells(self, prefix: str = "") -> list[str]:
+        """As :meth:`cells`, plus the live cells of the subtrees this broker's relays hold."""
+        with self._lock:
+            return self._table.tree_cells(prefix)
+
+    def relay_links(self) -> list[RelayLink]:
+        """This broker's links to other brokers: ``"up"`` to its parent (a relay), and
+        ``"down"`` for each relay that holds a subtree here."""
+        with self._lock:
+            links = self._table.relay_links()
+        parent = self._upstream or ""
+        return [
+            RelayLink(k.direction, k.prefix, parent if k.direction == "up" else "", k.up, k.names)
+            for k in links
+        ]
+
+    def upstream_state(self) -> str:
+        """``"none"`` (not a relay), ``"connecting"``, ``"registered"`` or ``"refused"``."""
+        with self._lock:
+            return self._table.upstream_state()
+
     def __enter__(self) -> Broker:
         if self._thread is None:
             self.start()
@@ -351,6 +441,11 @@ class Broker:
         policy = self._policy
         assert policy is not None
         return policy.check(identity, name)
+
+    def _authorize_relay(self, identity: str | None, prefix: str) -> str:
+        policy = self._policy
+        assert policy is not None
+        return policy.check_subtree(identity, prefix)
 
     def _bind_zap(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
         zap = context.socket(zmq.REP)
@@ -393,6 +488,43 @@ class Broker:
                 zap.send_multipart(reply, zmq.NOBLOCK)
             except zmq.ZMQError as exc:
                 self._error("ZAP reply", exc)
+
+    # -- relay: the link to the parent (I/O thread only, once started) -------------
+
+    def _open_upstream(self, context: zmq.Context[Any]) -> zmq.Socket[Any]:
+        assert self._up is not None
+        try:
+            return self._up.open(context)
+        except zmq.ZMQError as exc:
+            why = zmq.strerror(exc.errno) if exc.errno else str(exc)
+            why = f"cannot connect to the parent {self._upstream}: {why}"
+            raise BrokerError(self.url, why) from exc
+
+    def _from_parent(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
+        """Handle one message from the parent; nothing it sends may escape."""
+        try:
+            now = time.monotonic()
+            with self._lock:
+                act = self._table.handle_upstream(frames, now)
+            self._act(sock, act, now)
+        except Exception as exc:
+            self._error("message from the parent", exc)
+
+    def _replace_upstream(self, now: float) -> None:
+        """The table gave up on the parent's connection: a new socket, registered afresh."""
+        context, poller = self._context, self._poller
+        if self._up is None or context is None or poller is None:
+            return
+        queue = self._inflight.pop(UPSTREAM, None)  # closed with the socket: libzmq let go
+        try:
+            self._up.replace(context, poller)
+        except zmq.ZMQError as exc:
+            self._error("reconnect to the parent", exc)
+        with self._lock:
+            for _, send in queue or ():
+                self._table.released(send)
+            self._table.upstream_replaced(now)
+        logger.info("objdl broker at %s: connecting to its parent afresh", self._url)
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -452,9 +584,11 @@ class Broker:
         zap: zmq.Socket[Any] | None,
         started: threading.Event,
     ) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(wake, zmq.POLLIN)
+        if self._up is not None and self._up.sock is not None:
+            poller.register(self._up.sock, zmq.POLLIN)
         if zap is not None:
             poller.register(zap, zmq.POLLIN)
         started.set()
@@ -473,11 +607,17 @@ class Broker:
                     self._answer_zap(zap)
                 if sock in ready:
                     self._drain(sock)
+                if self._up is not None and self._up.sock in ready:
+                    self._up.drain(lambda frames: self._from_parent(sock, frames), _BATCH)
                 self._reap()
                 self._guarded(sock, None, [])
         except Exception:
             logger.exception("objdl broker at %s: I/O thread failed, routing stopped", self._url)
         finally:
+            if self._up is not None:
+                with self._lock:
+                    bye = self._table.upstream_bye()
+                self._up.close(bye)
             sock.close(linger=0)
             wake.close(linger=0)
             if zap is not None:
@@ -492,7 +632,7 @@ class Broker:
             except zmq.Again:
                 return
             identity = None
-            if self._keys is not None and len(frames) == 4 and frames[1].bytes == wire.KIND_REG:
+            if self._keys is not None and len(frames) == 4 and frames[1].bytes in _REG_KINDS:
                 identity = _user_id(frames[1])
             self._guarded(sock, frames[0].bytes, frames[1:], identity)
 
@@ -531,6 +671,8 @@ class Broker:
         """
         for event in act.events:
             self._log_event(event)
+        if act.reconnect_upstream:
+            self._replace_upstream(now)
         outer, self._acting = not self._acting, True
         try:
             for send in act.sends:
@@ -551,7 +693,10 @@ class Broker:
                 tracked = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
                 frames[-1] = tracked
             try:
-                sock.send_multipart([send.peer, *frames], zmq.NOBLOCK, copy=False)
+                if send.peer == UPSTREAM and self._up is not None:  # a relay's parent
+                    self._up.send(frames)
+                else:
+                    sock.send_multipart([send.peer, *frames], zmq.NOBLOCK, copy=False)
                 if tracked is not None:
                     queue = self._inflight.setdefault(send.peer, deque())
                     queue.append((tracked.tracker, send))
@@ -593,8 +738,13 @@ class Broker:
         with self._lock:
             name = self._table.name_of(event.peer)
         origin = f"{event.peer.hex()} ({name})" if name else event.peer.hex()
+        if event.peer == UPSTREAM:
+            origin = f"to the parent {self._upstream}"
         key = event.kind if level >= logging.WARNING else f"{event.kind}:{event.peer.hex()}"
         self._log.log(level, key, "%s: %s [connection %s]", event.kind, event.detail, origin)
+
+
+_REG_KINDS = (wire.KIND_REG, KIND_RREG)
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

@@ -371,6 +371,29 @@ class KeyPolicy:
 
     __call__ = check
 
+    def check_subtree(self, identity: str | None, prefix: str) -> str:
+        """``""`` if `identity` may hold the whole subtree `prefix` (a relay broker:
+        the name itself and every name under it), else why not.
+
+        It may when its patterns cover `prefix` (exactly, or a ``X.*`` above it, or
+        ``*``) and every name under it (``prefix.*``, a ``X.*`` above it, or ``*``).
+        """
+        if identity is None:
+            return "not allowed: this connection has no authenticated key"
+        patterns = self.names_for(identity)
+        below = prefix + _fqcn.SEPARATOR
+        covers_name = any(pattern_matches(p, prefix) for p in patterns)
+        covers_below = any(
+            p == "*" or (p.endswith(".*") and below.startswith(p[:-1])) for p in patterns
+        )
+        if covers_name and covers_below:
+            return ""
+        allowed = ", ".join(patterns) if patterns else "no names"
+        return (
+            f"not allowed: key {short_key(identity)} may not hold the subtree {prefix!r} "
+            f"(that needs {prefix} and {prefix}.*; it may use only {allowed})"
+        )
+
     def lookup(self, name: str) -> tuple[bytes | None, str]:
         """The key trusted for `name` and ``""``, or None and why there is none.
 
