@@ -5,6 +5,14 @@ Every decision (who is registered, where a MSG goes, what to NACK) is made by
 frames are kept as ``zmq.Frame`` objects and forwarded as they are (``copy=False``),
 so payload bytes are never copied or parsed here. Every send is non-blocking.
 
+The loop: poll the ROUTER, the stop pipe (and ZAP); then, in one turn holding the
+table's lock, drain up to ``_BATCH`` messages, tell the table of tracked sends libzmq
+is done with, and tick the table if its next deadline has come. A MSG is first offered
+to :meth:`RoutingTable.forward`; when it says where, the frames go out one by one from
+here (routing id, ``MSG``, the sender's name, the received frames as they are) and no
+object is built for it. Everything else goes through :meth:`RoutingTable.handle` and
+the :class:`~broker.routing.Send` objects it returns.
+
 What the broker holds for one peer is bounded in bytes by the table (``max_peer_queue``;
 docs/RELIABILITY.md). libzmq counts its per-peer queue in messages and says nothing of
 when it is done with one, so every send the table marks ``track`` goes out with its last
@@ -25,19 +33,27 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import threading
 import time
 from collections import deque
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils import z85
 
 from broker.metrics import MetricsServer
-from broker.routing import DEFAULT_MAX_PEER_QUEUE, Actions, Event, RoutingTable, Send
-from objdl import wire
+from broker.routing import (
+    DEFAULT_MAX_PEER_QUEUE,
+    MESSAGE_OVERHEAD,
+    Actions,
+    Event,
+    RoutingTable,
+    Send,
+)
+from objdl import fqcn, wire
 from objdl._logutil import RateLimitedLog
 from objdl.errors import ObjdlError
 from objdl.security import (
@@ -63,6 +79,16 @@ _BATCH = 256
 _REAP_EVERY = 32
 # A restart on the same address may race the old socket's asynchronous close.
 _ADDR_IN_USE_RETRY_S = 0.5
+# A longer frame 1 cannot be a name: never copied to look it up.
+_MAX_NAME_BYTES = fqcn.MAX_FQCN_LENGTH
+# Plain ints: pyzmq's flag enums cost a Python-level `|` on every frame.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# The Cython send of one frame: the Python wrapper in zmq.Socket (routing_id and group
+# for draft sockets) and send_multipart's per-frame checks cost more than the send.
+_zmq_send = zmq.backend.Socket.send
 _pipe_ids = itertools.count()
 
 _LEVELS = {
@@ -171,6 +197,8 @@ class Broker:
             "max_message_size": max_message_size,
             "max_peer_queue": max_peer_queue,
         }
+        if sndhwm == 0:  # libzmq would queue any number of untracked sends: track them all
+            self._table_args["track_min"] = 0
         if self._policy is not None:
             self._table_args["authorize"] = self._authorize
         self._table = RoutingTable(**self._table_args)  # validates the arguments
@@ -182,13 +210,18 @@ class Broker:
         self._wake: zmq.Socket[Any] | None = None
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()
-        self._lock = threading.Lock()  # guards _table between the I/O thread and readers
+        # Guards the table and counters: the I/O thread holds it for each turn (from a
+        # poll's return to the next poll), readers (stats, cells) between turns.
+        self._lock = threading.Lock()
         self._errors = 0
         self._zap_counts = {"zap_ok": 0, "zap_denied": 0}
         # Tracked sends libzmq may still hold, oldest first, per peer (I/O thread only).
         self._inflight: dict[bytes, deque[tuple[zmq.MessageTracker, Send[Any]]]] = {}
         self._stalled: set[bytes] = set()  # peers libzmq refused in the current batch
         self._acting = False
+        # A subclass that overrides _send (a test's tap) sees every send as a Send: the
+        # fast path, which sends frames itself, is only taken when _send is this one.
+        self._fast = type(self)._send is Broker._send
         self._log = RateLimitedLog(logger)
         self._metrics = MetricsServer(metrics, self) if metrics is not None else None
 
@@ -376,8 +409,7 @@ class Broker:
             assert policy is not None
             reply = zap_reply(request, policy.allows_key)
             allowed = reply[2] == b"200"
-            with self._lock:
-                self._zap_counts["zap_ok" if allowed else "zap_denied"] += 1
+            self._zap_counts["zap_ok" if allowed else "zap_denied"] += 1
             if not allowed:
                 address = request[3].decode("utf-8", "replace") if len(request) > 3 else "?"
                 key = request[6] if len(request) == 7 and len(request[6]) == 32 else b""
@@ -452,29 +484,38 @@ class Broker:
         zap: zmq.Socket[Any] | None,
         started: threading.Event,
     ) -> None:
-        poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
+        items: list[tuple[zmq.Socket[Any], int]] = [(sock, zmq.POLLIN), (wake, zmq.POLLIN)]
         if zap is not None:
-            poller.register(zap, zmq.POLLIN)
+            items.append((zap, zmq.POLLIN))
+        deadline = -math.inf  # the first turn ticks: the first heartbeats
         started.set()
         try:
             while True:
-                with self._lock:
-                    wait = self._table.next_deadline() - time.monotonic()
-                wait = min(max(wait, 0.0), _MAX_POLL_S)
+                wait = min(max(deadline - time.monotonic(), 0.0), _MAX_POLL_S)
                 try:
-                    ready = dict(poller.poll(int(wait * 1000.0) + 1))
+                    ready = zmq.zmq_poll(items, int(wait * 1000.0) + 1)
                 except zmq.ContextTerminated:
                     return
-                if wake in ready:
-                    return
-                if zap is not None and zap in ready:
-                    self._answer_zap(zap)
-                if sock in ready:
-                    self._drain(sock)
-                self._reap()
-                self._guarded(sock, None, [])
+                readable = zap_ready = False
+                for s, _ in ready:
+                    if s is wake:
+                        return
+                    if s is sock:
+                        readable = True
+                    else:
+                        zap_ready = True
+                with self._lock:  # one turn: readers of the table wait for it
+                    if zap_ready:
+                        assert zap is not None
+                        self._answer_zap(zap)
+                    if readable:
+                        self._drain(sock, time.monotonic())
+                    if self._inflight:
+                        self._reap()
+                    now = time.monotonic()
+                    if now >= deadline:
+                        self._tick(sock, now)
+                    deadline = self._table.next_deadline()
         except Exception:
             logger.exception("objdl broker at %s: I/O thread failed, routing stopped", self._url)
         finally:
@@ -483,44 +524,106 @@ class Broker:
             if zap is not None:
                 zap.close(linger=0)
 
-    def _drain(self, sock: zmq.Socket[Any]) -> None:
+    def _drain(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Handle up to ``_BATCH`` waiting messages; the common MSG takes the fast path.
+
+        The fast path (see :meth:`RoutingTable.forward`) sends ``[to, MSG, origin,
+        headers, ...]`` frame by frame with the received frames as they are; anything
+        else, or a MSG ``forward`` declines, goes through :meth:`RoutingTable.handle`.
+        """
+        recv = sock.recv
+        send = _zmq_send
+        table = self._table
+        forward = table.forward if self._fast else None
+        curve = self._keys is not None
+        inflight = self._inflight
         for i in range(_BATCH):
-            if i % _REAP_EVERY == 0:
+            if inflight and i % _REAP_EVERY == 0:
                 self._reap()
+            # A lone message is the common case: asking libzmq whether another one is
+            # waiting costs a tenth of the zmq.Again a recv would raise (pyzmq builds it in
+            # Python); once a second one came, more are likely and recv is simply tried.
+            if i == 1 and not cast(int, sock.get(_EVENTS)) & _POLLIN:
+                return
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                peer = recv(_NOBLOCK)  # the routing id: a ROUTER always has more after it
             except zmq.Again:
                 return
-            identity = None
-            if self._keys is not None and len(frames) == 4 and frames[1].bytes == wire.KIND_REG:
-                identity = _user_id(frames[1])
-            self._guarded(sock, frames[0].bytes, frames[1:], identity)
+            frames: list[zmq.Frame] = []
+            try:
+                frame = recv(_NOBLOCK, False)
+                frames.append(frame)
+                size = len(frame)
+                while frame.more:
+                    frame = recv(_NOBLOCK, False)
+                    frames.append(frame)
+                    size += len(frame)
+                kind = frames[0]
+                if (
+                    forward is not None
+                    and len(frames) >= 3
+                    and len(kind) == 3
+                    and kind.bytes == wire.KIND_MSG
+                    and len(frames[1]) <= _MAX_NAME_BYTES
+                ):
+                    dest = frames[1].bytes
+                    hit = forward(peer, dest, size, now)
+                    if hit is not None:
+                        to, origin = hit
+                        try:
+                            send(sock, to, _MORE)
+                        except zmq.ZMQError as exc:
+                            self._forward_failed(sock, exc, peer, dest, to, origin, frames, now)
+                            continue
+                        send(sock, wire.KIND_MSG, _MORE)
+                        send(sock, origin, _MORE)
+                        last = len(frames) - 1
+                        for j in range(2, last):
+                            send(sock, frames[j], _MORE)
+                        send(sock, frames[last], _NOBLOCK)
+                        continue
+                identity = None
+                if curve and len(frames) == 3 and len(kind) == 3 and kind.bytes == wire.KIND_REG:
+                    identity = _user_id(kind)
+                if identity is None:  # the plain call, as wrappers of handle() expect
+                    act = table.handle(peer, frames, now)
+                else:
+                    act = table.handle(peer, frames, now, identity)
+                self._act(sock, act, now)
+            except Exception as exc:
+                self._error("message from " + peer.hex(), exc)
 
-    def _guarded(
+    def _forward_failed(
         self,
         sock: zmq.Socket[Any],
-        peer: bytes | None,
-        frames: list[Any],
-        identity: str | None = None,
+        exc: zmq.ZMQError,
+        peer: bytes,
+        dest: bytes,
+        to: bytes,
+        origin: bytes,
+        frames: list[zmq.Frame],
+        now: float,
     ) -> None:
-        """Handle one message (or tick, when `peer` is None); nothing a peer sends may escape."""
-        act: Actions[Any]
+        """libzmq refused a fast-path MSG: hand it to the table as the Send it stands for."""
+        out: list[Any] = [wire.KIND_MSG, origin, *frames[2:]]
+        cost = sum(len(f) for f in out) + MESSAGE_OVERHEAD
+        failed: Send[Any] = Send(to, out, peer, dest, cost, False)
+        if isinstance(exc, zmq.Again):
+            self._refused(sock, failed, False, now)
+        elif exc.errno == zmq.EHOSTUNREACH:
+            self._refused(sock, failed, True, now)
+        else:
+            self._error("send to " + to.hex(), exc)
+
+    def _tick(self, sock: zmq.Socket[Any], now: float) -> None:
+        """Tick the table and act on it; nothing may escape into the loop."""
         try:
-            now = time.monotonic()
-            with self._lock:
-                if peer is None:
-                    act = self._table.tick(now)
-                elif identity is None:  # the plain call, as wrappers of handle() expect
-                    act = self._table.handle(peer, frames, now)
-                else:
-                    act = self._table.handle(peer, frames, now, identity)
-            self._act(sock, act, now)
+            self._act(sock, self._table.tick(now), now)
         except Exception as exc:
-            self._error("message from " + peer.hex() if peer is not None else "tick", exc)
+            self._error("tick", exc)
 
     def _error(self, where: str, exc: BaseException) -> None:
-        with self._lock:
-            self._errors += 1
+        self._errors += 1
         self._log.log(logging.ERROR, "error", "broker error on %s: %r", where, exc)
 
     def _act(self, sock: zmq.Socket[Any], act: Actions[Any], now: float) -> None:
@@ -541,57 +644,55 @@ class Broker:
                 self._stalled.clear()
 
     def _send(self, sock: zmq.Socket[Any], send: Send[Any], now: float) -> None:
-        stalled = self._stalled
-        if send.peer in stalled:
-            gone = False
-        else:
-            frames = list(send.frames)
-            tracked: zmq.Frame | None = None
-            if send.track:
-                tracked = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
-                frames[-1] = tracked
-            try:
-                sock.send_multipart([send.peer, *frames], zmq.NOBLOCK, copy=False)
-                if tracked is not None:
-                    queue = self._inflight.setdefault(send.peer, deque())
-                    queue.append((tracked.tracker, send))
+        """Send one message of the table's, or hand it back (refused, gone)."""
+        peer = send.peer
+        if peer in self._stalled:
+            self._refused(sock, send, False, now)
+            return
+        frames = send.frames
+        last = frames[-1]
+        tracked: zmq.Frame | None = None
+        if send.track:
+            tracked = last = zmq.Frame(memoryview(last), track=True, copy=False)
+        try:
+            _zmq_send(sock, peer, _MORE)
+        except zmq.Again:
+            self._stalled.add(peer)
+            self._refused(sock, send, False, now)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._refused(sock, send, True, now)
                 return
-            except zmq.Again:
-                gone = False
-                stalled.add(send.peer)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    self._error("send to " + send.peer.hex(), exc)  # the other sends go on
-                    if send.track:
-                        with self._lock:
-                            self._table.released(send)
-                    return
-                gone = True
-        with self._lock:
-            follow_up = self._table.send_failed(send, gone, now)
+            self._error("send to " + peer.hex(), exc)  # the other sends go on
+            if send.track:
+                self._table.released(send)
+            return
+        for i in range(len(frames) - 1):
+            _zmq_send(sock, frames[i], _MORE)
+        _zmq_send(sock, last, _NOBLOCK)
+        if tracked is not None:
+            queue = self._inflight.setdefault(peer, deque())
+            queue.append((tracked.tracker, send))
+
+    def _refused(self, sock: zmq.Socket[Any], send: Send[Any], gone: bool, now: float) -> None:
+        follow_up = self._table.send_failed(send, gone, now)
         self._act(sock, follow_up, now)  # NACKs carry no origin: this recurses once at most
 
     def _reap(self) -> None:
         """Tell the table of every tracked send libzmq is done with (FIFO per peer)."""
-        if not self._inflight:
-            return
-        done: list[Send[Any]] = []
+        table = self._table
         for peer, queue in list(self._inflight.items()):
             while queue and queue[0][0].done:
-                done.append(queue.popleft()[1])
+                table.released(queue.popleft()[1])
             if not queue:
                 del self._inflight[peer]
-        if done:
-            with self._lock:
-                for send in done:
-                    self._table.released(send)
 
     def _log_event(self, event: Event) -> None:
         level = _LEVELS.get(event.kind, logging.WARNING)
         if not logger.isEnabledFor(level):
             return
-        with self._lock:
-            name = self._table.name_of(event.peer)
+        name = self._table.name_of(event.peer)
         origin = f"{event.peer.hex()} ({name})" if name else event.peer.hex()
         key = event.kind if level >= logging.WARNING else f"{event.kind}:{event.peer.hex()}"
         self._log.log(level, key, "%s: %s [connection %s]", event.kind, event.detail, origin)
