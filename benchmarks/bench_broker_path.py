@@ -38,7 +38,7 @@ from typing import Any
 
 import zmq
 
-from benchmarks._util import Child, cpu_seconds
+from benchmarks._util import Child, cpu_seconds_fine
 from objdl import wire
 from objdl.message import Message, MessageHeaderKey, MessageType
 
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
                     total = _callgrind_total(pid, out_prefix, name)
                     print(f"{name:9s} {n} MSGs: {total / n:,.0f} instructions/MSG in the broker")
                 else:
-                    c0, t0 = cpu_seconds(pid), time.perf_counter()
+                    c0, t0 = cpu_seconds_fine(pid), time.perf_counter()
                     n = run()
-                    c1, t1 = cpu_seconds(pid), time.perf_counter()
+                    c1, t1 = cpu_seconds_fine(pid), time.perf_counter()
                     assert c0 is not None and c1 is not None
                     print(
                         f"{name:9s} {n} MSGs: {(c1 - c0) / n * 1e6:.1f} us broker CPU/MSG, "

@@ -144,7 +144,8 @@ DEFAULT_MAX_PEER_QUEUE = 64 * 1024 * 1024
 """Default bound, in bytes, on what the broker holds outbound for any one peer."""
 
 TRACK_MIN = 1024
-"""Messages of at least this many bytes are counted until libzmq lets go of them."""
+"""The table's default ``track_min``: sends of at least this many bytes are counted until
+libzmq lets go of them. The broker derives its own from its bound and SNDHWM."""
 
 MESSAGE_OVERHEAD = 256
 """Bytes charged per message on top of its frames (the objects that carry it)."""
@@ -364,8 +365,13 @@ class RoutingTable:
             return None
         to = target.peer
         nbytes = size - len(dest) + len(cell.raw)  # frame 1 goes out as the sender's name
-        if nbytes >= self.track_min or size > self.max_message_size or to in self._out:
+        if nbytes >= self.track_min or size > self.max_message_size:
             return None
+        out = self._out.get(to)
+        if out is not None:
+            if not out.idle():
+                return None
+            del self._out[to]  # what _deliver would do
         cell.last_seen = now
         self._counters["routed"] += 1
         if nbytes + MESSAGE_OVERHEAD > self._peak:
@@ -647,6 +653,9 @@ class RoutingTable:
         cost, track = nbytes + MESSAGE_OVERHEAD, nbytes >= self.track_min
         send: Send[F] = Send(peer, frames, origin, dest, cost, track)
         out = self._out.get(peer)
+        if out is not None and out.idle():  # left by a retry that went through: forget it
+            del self._out[peer]
+            out = None
         total = out.total() if out is not None else 0
         if total and total + send.cost > self.max_peer_queue:
             self._fail_send(act, send, wire.NACK_BUSY, "over its byte bound")

@@ -1,22 +1,25 @@
 """The broker's I/O shell: one thread owns a ROUTER socket and drives a RoutingTable.
 
 Every decision (who is registered, where a MSG goes, what to NACK) is made by
-:class:`broker.routing.RoutingTable`; this module only moves frames. Received
-frames are kept as ``zmq.Frame`` objects and forwarded as they are (``copy=False``),
-so payload bytes are never copied or parsed here. Every send is non-blocking.
+:class:`broker.routing.RoutingTable`; this module only moves frames. Received frames
+of 16 KiB or more are kept as ``zmq.Frame`` objects and forwarded as they are
+(zero-copy); smaller ones are copied, so that none pins a shared receive buffer of
+libzmq's (see ``_COPY_BELOW``). Payloads are never parsed here. Every send is
+non-blocking.
 
-The loop: poll the ROUTER, the stop pipe (and ZAP); then, in one turn holding the
-table's lock, drain up to ``_BATCH`` messages, tell the table of tracked sends libzmq
-is done with, and tick the table if its next deadline has come. A MSG is first offered
-to :meth:`RoutingTable.forward`; when it says where, the frames go out one by one from
-here (routing id, ``MSG``, the sender's name, the received frames as they are) and no
-object is built for it. Everything else goes through :meth:`RoutingTable.handle` and
-the :class:`~broker.routing.Send` objects it returns.
+The loop (``_run``): poll the file descriptors of the ROUTER, the stop pipe (and ZAP);
+then, in one turn holding the table's lock, drain up to ``_BATCH`` messages, tell the
+table of tracked sends libzmq is done with, and tick the table if its next deadline
+has come. A MSG is first offered to :meth:`RoutingTable.forward`; when it says where,
+the frames go out one by one from here (routing id, ``MSG``, the sender's name, the
+received frames) and no object is built for it. Everything else goes through
+:meth:`RoutingTable.handle` and the :class:`~broker.routing.Send` objects it returns.
 
 What the broker holds for one peer is bounded in bytes by the table (``max_peer_queue``;
 docs/RELIABILITY.md). libzmq counts its per-peer queue in messages and says nothing of
-when it is done with one, so every send the table marks ``track`` goes out with its last
-frame wrapped in a tracked zero-copy ``zmq.Frame``: when libzmq lets go of the message
+when it is done with one, so every send the table marks ``track`` (those of at least
+``track_min`` bytes: see :func:`_track_min`) goes out with its last frame wrapped in a
+tracked zero-copy ``zmq.Frame``: when libzmq lets go of the message
 (written into the kernel's socket buffer, or dropped with its connection), the tracker
 is done and the shell tells the table (:meth:`RoutingTable.released`), oldest first per
 peer. A send libzmq refuses (its pipe to the peer full) goes back to the table, and so
@@ -31,7 +34,6 @@ each REG's connection (its ZAP User-Id) goes to the table's name policy.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -55,6 +57,7 @@ from broker.routing import (
 )
 from objdl import fqcn, wire
 from objdl._logutil import RateLimitedLog
+from objdl._wake import Waker
 from objdl.errors import ObjdlError
 from objdl.security import (
     ZAP_ENDPOINT,
@@ -79,6 +82,16 @@ _BATCH = 256
 _REAP_EVERY = 32
 # A restart on the same address may race the old socket's asynchronous close.
 _ADDR_IN_USE_RETRY_S = 0.5
+# Sends too small to be worth a tracker (a zero-copy frame, an Event and a wake-up of
+# pyzmq's garbage-collector thread each) may together hold 1/_UNTRACKED_SHARE of the bound.
+_UNTRACKED_SHARE = 8
+# libzmq receives small frames into a shared buffer (8 KiB and a table of reference
+# counts, about 18 KiB) that stays allocated while any frame in it lives: a received
+# frame of 60 bytes kept waiting pins 18 KiB, 300 times its size (a peer that never
+# reads could make the broker hold three times its bound). Frames under this size are
+# therefore copied when forwarded or kept; larger ones have their own buffer and go on
+# as they came, zero-copy.
+_COPY_BELOW = 16 * 1024
 # A longer frame 1 cannot be a name: never copied to look it up.
 _MAX_NAME_BYTES = fqcn.MAX_FQCN_LENGTH
 # Plain ints: pyzmq's flag enums cost a Python-level `|` on every frame.
@@ -89,7 +102,6 @@ _POLLIN = int(zmq.POLLIN)
 # The Cython send of one frame: the Python wrapper in zmq.Socket (routing_id and group
 # for draft sockets) and send_multipart's per-frame checks cost more than the send.
 _zmq_send = zmq.backend.Socket.send
-_pipe_ids = itertools.count()
 
 _LEVELS = {
     "nack_unreachable": logging.DEBUG,
@@ -197,8 +209,7 @@ class Broker:
             "max_message_size": max_message_size,
             "max_peer_queue": max_peer_queue,
         }
-        if sndhwm == 0:  # libzmq would queue any number of untracked sends: track them all
-            self._table_args["track_min"] = 0
+        self._table_args["track_min"] = _track_min(max_peer_queue, sndhwm)
         if self._policy is not None:
             self._table_args["authorize"] = self._authorize
         self._table = RoutingTable(**self._table_args)  # validates the arguments
@@ -207,7 +218,7 @@ class Broker:
         self._hwm = (sndhwm, rcvhwm)
         self._given_context = context
         self._context: zmq.Context[Any] | None = None
-        self._wake: zmq.Socket[Any] | None = None
+        self._wake: Waker | None = None
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()
         # Guards the table and counters: the I/O thread holds it for each turn (from a
@@ -286,15 +297,8 @@ class Broker:
                     sockets.append(zap)
                 sock = self._bind_router(context, self._url or self._bind, timeout)
                 sockets.append(sock)
-                pipe = f"inproc://objdl-broker-wake-{next(_pipe_ids)}"
-                wake_rx = context.socket(zmq.PAIR)
-                sockets.append(wake_rx)
-                wake_rx.linger = 0
-                wake_rx.bind(pipe)
-                wake_tx = context.socket(zmq.PAIR)
-                sockets.append(wake_tx)
-                wake_tx.linger = 0
-                wake_tx.connect(pipe)
+                waker = Waker()
+                waker.open()
             except BaseException:
                 for s in sockets:
                     s.close(linger=0)
@@ -302,7 +306,7 @@ class Broker:
                     context.term()
                 raise
             self._url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._context, self._wake = context, wake_tx
+            self._context, self._wake = context, waker
             with self._lock:
                 self._table = RoutingTable(**self._table_args)  # a restart starts afresh
                 self._inflight = {}
@@ -311,7 +315,7 @@ class Broker:
             started = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
-                args=(sock, wake_rx, zap, started),
+                args=(sock, waker.read_fd, zap, started),
                 name=f"objdl-broker {self._url}",
                 daemon=True,
             )
@@ -464,12 +468,11 @@ class Broker:
                 self._metrics.stop(timeout)
             except TimeoutError as exc:
                 raise BrokerError(self.url, str(exc)) from exc
-        with contextlib.suppress(zmq.ZMQError):  # a stop already queued: join decides
-            wake.send(b"stop", zmq.NOBLOCK)
+        wake.wake()  # the only thing the I/O thread is ever woken for: stop
         thread.join(timeout)
         if thread.is_alive():
             raise BrokerError(self.url, f"I/O thread did not stop within {timeout:g}s")
-        wake.close(linger=0)
+        wake.close()
         if self._given_context is None and self._context is not None:
             self._context.term()
         self._thread = self._wake = self._context = None
@@ -480,52 +483,78 @@ class Broker:
     def _run(
         self,
         sock: zmq.Socket[Any],
-        wake: zmq.Socket[Any],
+        stop_fd: int,
         zap: zmq.Socket[Any] | None,
         started: threading.Event,
     ) -> None:
-        items: list[tuple[zmq.Socket[Any], int]] = [(sock, zmq.POLLIN), (wake, zmq.POLLIN)]
+        """Poll, then one turn; until the stop pipe is readable.
+
+        The poll watches file descriptors only: the ROUTER's (and ZAP's) ``ZMQ_FD`` and
+        the stop pipe, so it costs one ``poll()``, not the ``ZMQ_EVENTS`` look per
+        socket before and after that ``zmq.Poller`` takes (each a system call).
+        ``ZMQ_FD`` is edge-triggered: it turns readable when libzmq has news for the
+        socket, and any call on the socket (a send too) may take that news in. So
+        before sleeping the loop asks ``ZMQ_EVENTS`` again unless nothing was sent on
+        the ROUTER since libzmq last said no message was waiting (``known``).
+        """
+        sock_fd = cast(int, sock.get(zmq.FD))
+        items: list[tuple[int, int]] = [(sock_fd, _POLLIN), (stop_fd, _POLLIN)]
+        zap_fd = -1
         if zap is not None:
-            items.append((zap, zmq.POLLIN))
+            zap_fd = cast(int, zap.get(zmq.FD))
+            items.append((zap_fd, _POLLIN))
+        zap_due = zap is not None  # ZAP is drained to the end each time: then its FD is armed
+        pending = known = False  # a message waits in the ROUTER / that is still true
         deadline = -math.inf  # the first turn ticks: the first heartbeats
         started.set()
         try:
             while True:
-                wait = min(max(deadline - time.monotonic(), 0.0), _MAX_POLL_S)
-                try:
-                    ready = zmq.zmq_poll(items, int(wait * 1000.0) + 1)
-                except zmq.ContextTerminated:
-                    return
-                readable = zap_ready = False
-                for s, _ in ready:
-                    if s is wake:
+                if not known:
+                    pending = bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+                    known = True
+                if pending or zap_due:
+                    wait_ms = 0
+                else:
+                    wait = min(max(deadline - time.monotonic(), 0.0), _MAX_POLL_S)
+                    wait_ms = int(wait * 1000.0) + 1
+                for fd, _ in zmq.zmq_poll(items, wait_ms):
+                    if fd == stop_fd:
                         return
-                    if s is sock:
-                        readable = True
-                    else:
-                        zap_ready = True
+                    if fd == zap_fd:
+                        zap_due = True
+                    elif not pending:  # the ROUTER has news: perhaps a message
+                        known = False
                 with self._lock:  # one turn: readers of the table wait for it
-                    if zap_ready:
+                    if zap_due:
                         assert zap is not None
                         self._answer_zap(zap)
-                    if readable:
-                        self._drain(sock, time.monotonic())
+                        zap_due = False
+                    if not known:
+                        pending = bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+                        known = True
+                    if pending:
+                        pending = self._drain(sock, time.monotonic())
+                        known = not pending
                     if self._inflight:
                         self._reap()
                     now = time.monotonic()
-                    if now >= deadline:
-                        self._tick(sock, now)
+                    if now >= deadline and self._tick(sock, now):
+                        known = False
                     deadline = self._table.next_deadline()
+        except zmq.ContextTerminated:
+            return
         except Exception:
             logger.exception("objdl broker at %s: I/O thread failed, routing stopped", self._url)
         finally:
             sock.close(linger=0)
-            wake.close(linger=0)
             if zap is not None:
                 zap.close(linger=0)
 
-    def _drain(self, sock: zmq.Socket[Any], now: float) -> None:
+    def _drain(self, sock: zmq.Socket[Any], now: float) -> bool:
         """Handle up to ``_BATCH`` waiting messages; the common MSG takes the fast path.
+
+        Returns False when libzmq said no message is left, after the last send of the
+        batch; True when it stopped at ``_BATCH`` (more may be waiting).
 
         The fast path (see :meth:`RoutingTable.forward`) sends ``[to, MSG, origin,
         headers, ...]`` frame by frame with the received frames as they are; anything
@@ -544,11 +573,11 @@ class Broker:
             # waiting costs a tenth of the zmq.Again a recv would raise (pyzmq builds it in
             # Python); once a second one came, more are likely and recv is simply tried.
             if i == 1 and not cast(int, sock.get(_EVENTS)) & _POLLIN:
-                return
+                return False
             try:
                 peer = recv(_NOBLOCK)  # the routing id: a ROUTER always has more after it
             except zmq.Again:
-                return
+                return False
             frames: list[zmq.Frame] = []
             try:
                 frame = recv(_NOBLOCK, False)
@@ -578,13 +607,16 @@ class Broker:
                         send(sock, wire.KIND_MSG, _MORE)
                         send(sock, origin, _MORE)
                         last = len(frames) - 1
-                        for j in range(2, last):
-                            send(sock, frames[j], _MORE)
-                        send(sock, frames[last], _NOBLOCK)
+                        for j in range(2, last + 1):
+                            f: Any = frames[j]
+                            if len(f) < _COPY_BELOW:  # copied: see _COPY_BELOW
+                                f = memoryview(f)
+                            send(sock, f, _MORE if j < last else _NOBLOCK)
                         continue
                 identity = None
                 if curve and len(frames) == 3 and len(kind) == 3 and kind.bytes == wire.KIND_REG:
                     identity = _user_id(kind)
+                frames = _unpinned(frames)  # the table may keep them a while
                 if identity is None:  # the plain call, as wrappers of handle() expect
                     act = table.handle(peer, frames, now)
                 else:
@@ -592,6 +624,7 @@ class Broker:
                 self._act(sock, act, now)
             except Exception as exc:
                 self._error("message from " + peer.hex(), exc)
+        return True
 
     def _forward_failed(
         self,
@@ -605,7 +638,7 @@ class Broker:
         now: float,
     ) -> None:
         """libzmq refused a fast-path MSG: hand it to the table as the Send it stands for."""
-        out: list[Any] = [wire.KIND_MSG, origin, *frames[2:]]
+        out: list[Any] = [wire.KIND_MSG, origin, *_unpinned(frames[2:])]
         cost = sum(len(f) for f in out) + MESSAGE_OVERHEAD
         failed: Send[Any] = Send(to, out, peer, dest, cost, False)
         if isinstance(exc, zmq.Again):
@@ -615,12 +648,15 @@ class Broker:
         else:
             self._error("send to " + to.hex(), exc)
 
-    def _tick(self, sock: zmq.Socket[Any], now: float) -> None:
-        """Tick the table and act on it; nothing may escape into the loop."""
+    def _tick(self, sock: zmq.Socket[Any], now: float) -> bool:
+        """Tick the table and act on it; True if it sent anything. Nothing escapes."""
         try:
-            self._act(sock, self._table.tick(now), now)
+            act = self._table.tick(now)
+            self._act(sock, act, now)
         except Exception as exc:
             self._error("tick", exc)
+            return True  # perhaps it sent
+        return bool(act.sends)
 
     def _error(self, where: str, exc: BaseException) -> None:
         self._errors += 1
@@ -696,6 +732,21 @@ class Broker:
         origin = f"{event.peer.hex()} ({name})" if name else event.peer.hex()
         key = event.kind if level >= logging.WARNING else f"{event.kind}:{event.peer.hex()}"
         self._log.log(level, key, "%s: %s [connection %s]", event.kind, event.detail, origin)
+
+
+def _unpinned(frames: list[Any]) -> list[Any]:
+    """`frames` with each one under ``_COPY_BELOW`` bytes copied out of libzmq's buffer."""
+    return [f.bytes if len(f) < _COPY_BELOW else f for f in frames]
+
+
+def _track_min(max_peer_queue: int, sndhwm: int) -> int:
+    """The size from which a send is tracked, so that the untracked ones fit in 1/8 of the
+    per-peer bound: libzmq holds at most SNDHWM messages per peer in its pipe and one being
+    written (docs/RELIABILITY.md). Without an SNDHWM (0) libzmq holds any number: all are
+    tracked. With the defaults (64 MiB, 1000) it is 8380 bytes."""
+    if sndhwm == 0:
+        return 0
+    return max_peer_queue // (_UNTRACKED_SHARE * (sndhwm + 1))
 
 
 def _user_id(frame: zmq.Frame) -> str | None:
