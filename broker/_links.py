@@ -143,7 +143,7 @@ def from_stranger(
         return
     # A relay whose parent forgot it (restarted): say so, and fail its message.
     tree.table._count(act, "who", peer, f"{kind.decode()} from an unknown connection")
-    tree.table._deliver(act, routing.Send(peer, [wire.KIND_WHO]))
+    tree.table._deliver_send(act, routing.Send(peer, [wire.KIND_WHO]))
     if kind == KIND_FWD:
         dest, origin = name_of(frames[1]), name_of(frames[2])
         if dest is not None and origin is not None:
@@ -154,7 +154,7 @@ def from_stranger(
                 wire.NACK_UNREGISTERED,
                 frames[3],
             ]
-            tree.table._deliver(act, routing.Send(peer, nack))
+            tree.table._deliver_send(act, routing.Send(peer, nack))
 
 
 def from_parent(tree: Tree, act: Actions[Any], frames: Sequence[Any], now: float) -> None:
@@ -218,18 +218,18 @@ def _rreg(
     if held is not None:  # registered again on the same connection: a fresh snapshot
         tree.drop_names(act, held, sorted(held.names), now)
         tree.table._count(act, "relay_reg_ok", peer, f"relay {prefix!r} registered again")
-        tree.table._deliver(act, routing.Send(peer, [wire.KIND_REG_OK, raw]))
+        tree.table._deliver_send(act, routing.Send(peer, [wire.KIND_REG_OK, raw]))
         return
     why = _rreg_refusal(tree, prefix, identity)
     if why:
         refuse(act, peer, raw, "relay_reg_err", why)
         holder = tree.by_prefix.get(prefix)
         if why == "taken" and holder is not None:  # a dead holder's send fails: it goes
-            tree.table._deliver(act, routing.Send(holder.peer, [wire.KIND_PING]))
+            tree.table._deliver_send(act, routing.Send(holder.peer, [wire.KIND_PING]))
         return
     tree.add_link(peer, prefix, now)
     tree.table._count(act, "relay_reg_ok", peer, f"relay for {prefix!r}")
-    tree.table._deliver(act, routing.Send(peer, [wire.KIND_REG_OK, raw]))
+    tree.table._deliver_send(act, routing.Send(peer, [wire.KIND_REG_OK, raw]))
 
 
 def _rreg_refusal(tree: Tree, prefix: str, identity: str | None) -> str:

@@ -274,11 +274,11 @@ class Tree:
         if link is not None:
             if link.peer != src and dest in link.names:
                 frames = [KIND_FWD, dest_bytes, origin, *tail]
-                self.table._deliver(act, routing.Send(link.peer, frames, src, dest_bytes))
+                self.table._deliver_send(act, routing.Send(link.peer, frames, src, dest_bytes))
                 return
         elif self.goes_up(src, dest) and cast(Upstream, self.up).registered:
             frames = [KIND_FWD, dest_bytes, origin, *tail]
-            self.table._deliver(act, routing.Send(UPSTREAM, frames, src, dest_bytes))
+            self.table._deliver_send(act, routing.Send(UPSTREAM, frames, src, dest_bytes))
             return
         self.nack(act, src, origin, dest_bytes, wire.NACK_UNREACHABLE, tail[0])
 
@@ -314,12 +314,12 @@ class Tree:
             ours = b"r%x" % next(self._list_ids)
             self._lists[ours] = _PendingList(peer, token, prefix, now + up.timeout)
             self.table._count(act, "list_forwarded", peer, f"prefix {prefix!r}")
-            self.table._deliver(
+            self.table._deliver_send(
                 act, routing.Send(UPSTREAM, [wire.KIND_LIST, ours, prefix.encode()])
             )
             return
         names = "\n".join(self.cells(prefix)).encode()
-        self.table._deliver(act, routing.Send(peer, [wire.KIND_LIST_R, token, names]))
+        self.table._deliver_send(act, routing.Send(peer, [wire.KIND_LIST_R, token, names]))
 
     def tick(self, act: Actions[Any], now: float) -> None:
         """The upstream link's timers, and forwarded LISTs the parent did not answer."""
@@ -335,7 +335,7 @@ class Tree:
         for link in [k for k in self.links.values() if now - k.last_seen > self.table.cell_timeout]:
             self.forget_link(act, link.peer, f"relay {link.prefix!r} silent", now)
         for peer in self.links:
-            self.table._deliver(act, routing.Send(peer, [wire.KIND_HB]))
+            self.table._deliver_send(act, routing.Send(peer, [wire.KIND_HB]))
 
     def forget_link(self, act: Actions[Any], peer: bytes, why: str, now: float) -> None:
         """Forget the relay link `peer` and every name it announced."""
@@ -403,7 +403,7 @@ class Tree:
             self.route_away(act, src, origin, dest, dest_bytes, tail)
             return
         frames = [wire.KIND_MSG, origin, *tail]
-        self.table._deliver(act, routing.Send(target.peer, frames, src, dest_bytes))
+        self.table._deliver_send(act, routing.Send(target.peer, frames, src, dest_bytes))
 
     def pass_nack(
         self, act: Actions[Any], src: bytes, to: str, dest: str, reason: bytes, headers: Any
@@ -412,7 +412,7 @@ class Tree:
         cell = self.table._by_name.get(to)
         if cell is not None:
             frames: list[Any] = [wire.KIND_NACK, dest.encode(), reason, headers]
-            self.table._deliver(act, routing.Send(cell.peer, frames))
+            self.table._deliver_send(act, routing.Send(cell.peer, frames))
             return
         link = self.link_for(to)
         peer: bytes | None = None
@@ -424,7 +424,7 @@ class Tree:
             self.table._count(act, "drop_send_failed", src, f"NACK for {to!r}: no route")
             return
         frames = [KIND_FNACK, to.encode(), dest.encode(), reason, headers]
-        self.table._deliver(act, routing.Send(peer, frames))
+        self.table._deliver_send(act, routing.Send(peer, frames))
 
     def nack(
         self, act: Actions[Any], src: bytes, origin: bytes, dest: bytes, reason: bytes, headers: Any
@@ -435,7 +435,7 @@ class Tree:
                 act, "nack_" + reason.decode(), src, f"for {dest[:64]!r} from {origin!r}"
             )
             frames = [KIND_FNACK, origin, dest, reason, headers]
-            self.table._deliver(act, routing.Send(src, frames))
+            self.table._deliver_send(act, routing.Send(src, frames))
         else:
             self.table._nack(act, src, dest, reason, headers)
 
@@ -474,7 +474,7 @@ class Tree:
                 self.up.lose(now, ua, "the parent takes nothing: over the relay queue bound")
                 self.apply(act, ua, now)
                 return
-            self.table._deliver(act, routing.Send(UPSTREAM, [kind, chunk]), force=True)
+            self.table._deliver_send(act, routing.Send(UPSTREAM, [kind, chunk]), force=True)
 
     def _snapshot(self) -> list[str]:
         names = list(self.table.cells())
@@ -486,7 +486,7 @@ class Tree:
 
     def apply(self, act: Actions[Any], ua: UpAction, now: float) -> None:
         for frames in ua.send:
-            self.table._deliver(act, routing.Send(UPSTREAM, list(frames)))
+            self.table._deliver_send(act, routing.Send(UPSTREAM, list(frames)))
         if ua.refused:
             self.table._count(act, "upstream_refused", UPSTREAM, f"the parent said: {ua.refused}")
         if ua.lost:
@@ -507,12 +507,12 @@ class Tree:
         if pending is None:
             return
         frames_out = [wire.KIND_LIST_R, pending.token, frames[2]]
-        self.table._deliver(act, routing.Send(pending.peer, frames_out))
+        self.table._deliver_send(act, routing.Send(pending.peer, frames_out))
 
     def _answer_pending(self, act: Actions[Any], ours: bytes) -> None:
         """Answer a forwarded LIST the parent will not answer, from what we know."""
         pending = self._lists.pop(ours)
         names = "\n".join(self.cells(pending.prefix)).encode()
-        self.table._deliver(
+        self.table._deliver_send(
             act, routing.Send(pending.peer, [wire.KIND_LIST_R, pending.token, names])
         )

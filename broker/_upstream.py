@@ -100,17 +100,17 @@ class UpstreamSocket:
         self.sock = sock
         return sock
 
-    def replace(self, context: zmq.Context[Any], poller: zmq.Poller) -> None:
-        """Close the socket and poll a new one in its place (what it held is dropped).
+    def replace(self, context: zmq.Context[Any]) -> None:
+        """Close the socket and open a new one in its place (what it held is dropped);
+        the broker's loop sees :attr:`sock` change and polls the new one.
 
         Raises:
             zmq.ZMQError: the new socket could not connect (there is none then).
         """
         if self.sock is not None:
-            poller.unregister(self.sock)
             self.sock.close(linger=0)
             self.sock = None
-        poller.register(self.open(context), zmq.POLLIN)
+        self.open(context)
 
     def send(self, frames: list[Any]) -> None:
         """Send one message without blocking.

@@ -6,6 +6,16 @@ on time; both take the current time ``now`` and return :class:`Actions` (message
 send and events to log). A send the shell could not queue goes back through
 :meth:`RoutingTable.send_failed`. Nothing here touches a socket, a thread or a clock.
 
+The common message has a fast path: for a MSG (3 frames or more) the shell first asks
+:meth:`RoutingTable.forward` with the raw destination bytes. When the MSG goes straight
+to libzmq with nothing else to do (a registered sender, a live destination with nothing
+outbound, untracked, within the maximum size, no probe pending), ``forward`` does what
+``handle`` would have done to the table and returns the destination's peer id and the
+sender's name to stamp: two dict lookups, no object built. Otherwise it changes nothing
+and returns None, and the shell calls ``handle``. Names are validated once, at REG, and
+live cells are found by their raw name bytes; a destination is validated only when it
+misses (to tell ``drop_bad_name`` from ``NACK unreachable``).
+
 A connection (peer id) is in one of three states:
 
     unknown --REG of a free name--> registered
@@ -48,9 +58,11 @@ that peer asks for and however slowly it reads (docs/RELIABILITY.md):
   (or a message whose type the headers do not say) gets ``NACK busy`` so its sender
   learns at once; a reply, a fire-and-forget message or a broker-made message cannot
   be usefully NACKed and is dropped (``drop_busy``).
-- A sent message of at least :data:`TRACK_MIN` bytes stays counted until the shell
-  reports it :meth:`RoutingTable.released` (libzmq let go of it); smaller ones count
-  only while they wait here (libzmq holds at most SNDHWM of them per peer).
+- A sent message of at least ``track_min`` bytes (default :data:`TRACK_MIN`) stays
+  counted until the shell reports it :meth:`RoutingTable.released` (libzmq let go of
+  it); smaller ones count only while they wait here (libzmq holds at most SNDHWM of them
+  per peer, so under SNDHWM x ``track_min`` bytes; a shell without an SNDHWM passes
+  ``track_min=0``: everything is tracked).
 - A send libzmq refused (its per-peer pipe full) waits here, in order, counted, and
   is tried again by :meth:`RoutingTable.tick` after a short backoff (doubling while the
   peer takes nothing, up to ``_MAX_RETRY_S``); a message for a peer with messages
@@ -139,7 +151,8 @@ DEFAULT_MAX_PEER_QUEUE = 64 * 1024 * 1024
 """Default bound, in bytes, on what the broker holds outbound for any one peer."""
 
 TRACK_MIN = 1024
-"""Messages of at least this many bytes are counted until libzmq lets go of them."""
+"""The table's default ``track_min``: sends of at least this many bytes are counted until
+libzmq lets go of them. The broker derives its own from its bound and SNDHWM."""
 
 MESSAGE_OVERHEAD = 256
 """Bytes charged per message on top of its frames (the objects that carry it)."""
@@ -154,7 +167,7 @@ Authorize = Callable[[str | None, str], str]
 """``authorize(identity, name)``: ``""`` when the connection may register `name`, else why not."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Send(Generic[F]):
     """One multipart message for the shell to send to `peer` (routing id not included).
 
@@ -241,6 +254,14 @@ def _name(frame: object) -> str | None:
         return None
 
 
+def _is_name(raw: bytes) -> bool:
+    """True when `raw` is the UTF-8 of a valid FQCN."""
+    try:
+        return fqcn.is_valid(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return False
+
+
 def _under(name: str, prefix: str) -> bool:
     return not prefix or name == prefix or name.startswith(prefix + fqcn.SEPARATOR)
 
@@ -266,6 +287,9 @@ class RoutingTable:
             or a relay's), which all the cells behind it share.
         authorize_relay: with `authorize`, may a connection hold a subtree (see
             :data:`broker._tree.AuthorizeRelay`); without it such a table takes no relays.
+        track_min: sends of at least this many bytes are tracked until released
+            (:data:`TRACK_MIN`); 0 tracks every send, for a shell whose socket has no
+            per-peer message limit.
     """
 
     def __init__(
@@ -281,6 +305,7 @@ class RoutingTable:
         upstream_timeout: float = 2.0,
         max_relay_queue: int = _tree.DEFAULT_MAX_RELAY_QUEUE,
         authorize_relay: _tree.AuthorizeRelay | None = None,
+        track_min: int = TRACK_MIN,
     ) -> None:
         for arg, value in (
             ("heartbeat_interval", heartbeat_interval),
@@ -291,14 +316,18 @@ class RoutingTable:
         ):
             if not value > 0:
                 raise ValueError(f"{arg} must be > 0, not {value!r}")
+        if track_min < 0:
+            raise ValueError(f"track_min must be >= 0, not {track_min!r}")
         self.heartbeat_interval = heartbeat_interval
         self.cell_timeout = cell_timeout
         self.probe_timeout = probe_timeout
         self.max_message_size = max_message_size
         self.max_peer_queue = max_peer_queue
         self.authorize = authorize
+        self.track_min = track_min
         self._by_peer: dict[bytes, _Cell] = {}
         self._by_name: dict[str, _Cell] = {}
+        self._by_raw: dict[bytes, _Cell] = {}  # the same cells by their name's UTF-8
         self._claims: dict[str, _Claim] = {}  # by name
         self._claim_of: dict[bytes, str] = {}  # claimant peer -> name
         self._out: dict[bytes, _Out] = {}  # only peers with something outbound
@@ -333,6 +362,8 @@ class RoutingTable:
 
     def next_deadline(self) -> float:
         """The earliest time :meth:`tick` has something to do (for the poll timeout)."""
+        if not self._claims and not self._out:
+            return self._next_hb
         retries = (o.retry_at for o in self._out.values() if o.retry_at < math.inf)
         claims = (c.deadline for c in self._claims.values())
         return min([self._next_hb, self._tree.next_deadline(), *claims, *retries])
@@ -351,6 +382,39 @@ class RoutingTable:
         return self._tree.upstream_state()
 
     # -- input ---------------------------------------------------------------------
+
+    def forward(
+        self, peer: bytes, dest: bytes, size: int, now: float
+    ) -> tuple[bytes, bytes] | None:
+        """The fast path of a MSG: ``(to, origin)`` when it goes straight out, else None.
+
+        `dest` is frame 1 of a MSG of 3 frames or more from connection `peer` and `size`
+        the bytes of all its frames. If :meth:`handle` would do nothing but forward it,
+        untracked, to a peer with nothing outbound, this does to the table what
+        ``handle`` would (renews the sender, counts it routed) and returns the
+        destination's peer id and the sender's name: the shell sends ``[to, MSG, origin,
+        *frames[2:]]`` and, should libzmq refuse it, hands that to :meth:`send_failed`
+        as a :class:`Send` with ``origin=peer``. Otherwise the table is left as it was
+        and the answer is None: call ``handle``.
+        """
+        cell = self._by_peer.get(peer)
+        target = self._by_raw.get(dest)
+        if cell is None or target is None or self._claims:
+            return None
+        to = target.peer
+        nbytes = size - len(dest) + len(cell.raw)  # frame 1 goes out as the sender's name
+        if nbytes >= self.track_min or size > self.max_message_size:
+            return None
+        out = self._out.get(to)
+        if out is not None:
+            if not out.idle():
+                return None
+            del self._out[to]  # what _deliver would do
+        cell.last_seen = now
+        self._counters["routed"] += 1
+        if nbytes + MESSAGE_OVERHEAD > self._peak:
+            self._peak = nbytes + MESSAGE_OVERHEAD
+        return to, cell.raw
 
     def handle(
         self, peer: bytes, frames: Sequence[F], now: float, identity: str | None = None
@@ -398,7 +462,7 @@ class RoutingTable:
                 self._forget(act, peer, "bye", "said goodbye", now)
         elif not known:  # HB from a connection we do not know: a restarted broker
             self._count(act, "who", peer, "heartbeat from an unknown connection")
-            self._deliver(act, Send(peer, [wire.KIND_WHO]))
+            self._deliver(act, peer, [wire.KIND_WHO])
         return act
 
     def handle_upstream(self, frames: Sequence[F], now: float) -> Actions[F]:
@@ -436,7 +500,7 @@ class RoutingTable:
             for cell in silent:
                 self._forget(act, cell.peer, "expired", f"{cell.name!r} silent", now)
             for peer in list(self._by_peer):
-                self._deliver(act, Send(peer, [wire.KIND_HB]))
+                self._deliver(act, peer, [wire.KIND_HB])
             self._tree.heartbeat(act, now)
         self._tree.tick(act, now)
         return act
@@ -490,20 +554,19 @@ class RoutingTable:
     # -- kinds ---------------------------------------------------------------------
 
     def _msg(self, act: Actions[F], peer: bytes, cell: _Cell | None, frames: Sequence[F]) -> None:
-        dest = _name(frames[1])
-        if dest is None or not fqcn.is_valid(dest):
+        dest = _bytes(frames[1]) if _nbytes(frames[1]) <= _MAX_NAME_BYTES else b""
+        target = self._by_raw.get(dest)  # a live cell's name is valid: checked at REG
+        if target is None and not _is_name(dest):
             self._count(act, "drop_bad_name", peer, "MSG destination is not a valid name")
             return
-        dest_bytes = dest.encode()
         if cell is None:
-            self._nack(act, peer, dest_bytes, wire.NACK_UNREGISTERED, frames[2])
+            self._nack(act, peer, dest, wire.NACK_UNREGISTERED, frames[2])
             return
-        target = self._by_name.get(dest)
         if target is None:  # under a relay, above this one, or nowhere
-            self._tree.route_away(act, peer, cell.raw, dest, dest_bytes, frames[2:])
+            self._tree.route_away(act, peer, cell.raw, dest.decode(), dest, frames[2:])
             return
         out: list[bytes | F] = [wire.KIND_MSG, cell.raw, *frames[2:]]
-        self._deliver(act, Send(target.peer, out, origin=peer, dest=dest_bytes))
+        self._deliver(act, target.peer, out, peer, dest)
 
     def _reg(
         self,
@@ -555,7 +618,7 @@ class RoutingTable:
                 self._claims[name] = _Claim(name, peer, holder.peer, now + self.probe_timeout)
                 self._claim_of[peer] = name
                 self._count(act, "probes", holder.peer, f"{name!r} claimed by another connection")
-                self._deliver(act, Send(holder.peer, [wire.KIND_PING]))
+                self._deliver(act, holder.peer, [wire.KIND_PING])
                 return
             self._forget(act, holder.peer, "expired", f"{name!r} silent", now)
         self._grant(act, peer, name, now)
@@ -577,14 +640,15 @@ class RoutingTable:
         cell = _Cell(name, name.encode(), peer, now)
         self._by_peer[peer] = cell
         self._by_name[name] = cell
+        self._by_raw[cell.raw] = cell
         self._count(act, "reg_ok", peer, f"registered {name!r}")
-        self._deliver(act, Send(peer, [wire.KIND_REG_OK, name.encode()]))
+        self._deliver(act, peer, [wire.KIND_REG_OK, cell.raw])
         self._tree.added(act, name, now)
 
     def _refuse(self, act: Actions[F], peer: bytes, raw: bytes, counter: str, why: str) -> None:
         reason = why.encode() if why else _TAKEN
         self._count(act, counter, peer, f"REG {raw[:64]!r} refused: {reason.decode()}")
-        self._deliver(act, Send(peer, [wire.KIND_REG_ERR, raw, reason]))
+        self._deliver(act, peer, [wire.KIND_REG_ERR, raw, reason])
 
     def _holder_answered(self, act: Actions[F], cell: _Cell) -> None:
         claim = self._claims.get(cell.name)
@@ -613,6 +677,7 @@ class RoutingTable:
             return
         del self._by_name[cell.name]
         self._tree.removed(act, cell.name, now)
+        del self._by_raw[cell.raw]
         claim = self._claims.get(cell.name)
         if claim is not None:
             self._drop_claim(claim)
@@ -622,15 +687,15 @@ class RoutingTable:
         self, act: Actions[F], to: bytes, dest: bytes, reason: bytes, headers: bytes | F
     ) -> None:
         self._count(act, "nack_" + reason.decode(), to, f"for {dest[:64]!r}")
-        self._deliver(act, Send(to, [wire.KIND_NACK, dest, reason, headers]))
+        self._deliver(act, to, [wire.KIND_NACK, dest, reason, headers])
 
     def _too_big(
         self, act: Actions[F], peer: bytes, cell: _Cell | None, kind: bytes, frames: Sequence[F]
     ) -> None:
         if kind == wire.KIND_MSG and cell is not None and len(frames) >= 3:
-            dest = _name(frames[1])
-            if dest is not None and fqcn.is_valid(dest):
-                self._nack(act, peer, dest.encode(), wire.NACK_TOO_BIG, frames[2])
+            dest = _bytes(frames[1]) if _nbytes(frames[1]) <= _MAX_NAME_BYTES else b""
+            if dest in self._by_raw or _is_name(dest):
+                self._nack(act, peer, dest, wire.NACK_TOO_BIG, frames[2])
                 return
         self._count(act, "drop_too_big", peer, f"{kind.decode('ascii', 'replace')} too big")
 
@@ -640,16 +705,31 @@ class RoutingTable:
 
     # -- outbound bound ------------------------------------------------------------
 
-    def _deliver(self, act: Actions[F], send: Send[Any], force: bool = False) -> None:
-        """Send, queue behind waiting sends, or refuse `send`, by its peer's byte bound
-        (a relay link's is ``max_relay_queue``; `force`: queue it even past the bound)."""
-        nbytes = sum(_nbytes(f) for f in send.frames)
-        cost, track = nbytes + MESSAGE_OVERHEAD, nbytes >= TRACK_MIN
-        send = Send(send.peer, send.frames, send.origin, send.dest, cost, track)
-        out = self._out.get(send.peer)
+    def _deliver(
+        self,
+        act: Actions[F],
+        peer: bytes,
+        frames: list[Any],  # bytes, or frames of type F forwarded as they came
+        origin: bytes | None = None,
+        dest: bytes = b"",
+        force: bool = False,
+    ) -> None:
+        """Send, queue behind waiting sends, or refuse `frames` for `peer`, by its byte bound.
+
+        `origin` and `dest` are the sender's peer id and the destination's name of a
+        forwarded MSG (see :class:`Send`). A relay link's bound is ``max_relay_queue``;
+        `force` queues it even past the bound.
+        """
+        nbytes = sum(_nbytes(f) for f in frames)
+        cost, track = nbytes + MESSAGE_OVERHEAD, nbytes >= self.track_min
+        send: Send[F] = Send(peer, frames, origin, dest, cost, track)
+        out = self._out.get(peer)
+        if out is not None and out.idle():  # left by a retry that went through: forget it
+            del self._out[peer]
+            out = None
         total = out.total() if out is not None else 0
-        if total and not force and total + send.cost > self._tree.limit(send.peer):
-            self._fail_send(act, cast(Send[F], send), wire.NACK_BUSY, "over its byte bound")
+        if total and not force and total + send.cost > self._tree.limit(peer):
+            self._fail_send(act, send, wire.NACK_BUSY, "over its byte bound")
             return
         if send.origin is not None:
             self._counters["routed"] += 1
@@ -657,12 +737,16 @@ class RoutingTable:
             out.waiting.append(send)
             out.waiting_bytes += send.cost
         else:
-            if send.track:
+            if track:
                 if out is None:
-                    out = self._out[send.peer] = _Out()
-                out.held += send.cost
-            act.sends.append(cast(Send[F], send))
-        self._peak = max(self._peak, total + send.cost)
+                    out = self._out[peer] = _Out()
+                out.held += cost
+            act.sends.append(send)
+        self._peak = max(self._peak, total + cost)
+
+    def _deliver_send(self, act: Actions[F], send: Send[Any], force: bool = False) -> None:
+        """:meth:`_deliver` of a :class:`Send` made elsewhere (the relay modules build them)."""
+        self._deliver(act, send.peer, list(send.frames), send.origin, send.dest, force)
 
     def _flush(self, act: Actions[F], out: _Out) -> None:
         """Hand every waiting send of a peer to the shell again, oldest first.

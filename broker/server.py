@@ -1,14 +1,25 @@
 """The broker's I/O shell: one thread owns a ROUTER socket and drives a RoutingTable.
 
 Every decision (who is registered, where a MSG goes, what to NACK) is made by
-:class:`broker.routing.RoutingTable`; this module only moves frames. Received
-frames are kept as ``zmq.Frame`` objects and forwarded as they are (``copy=False``),
-so payload bytes are never copied or parsed here. Every send is non-blocking.
+:class:`broker.routing.RoutingTable`; this module only moves frames. Received frames
+of 16 KiB or more are kept as ``zmq.Frame`` objects and forwarded as they are
+(zero-copy); smaller ones are copied, so that none pins a shared receive buffer of
+libzmq's (see ``_COPY_BELOW``). Payloads are never parsed here. Every send is
+non-blocking.
+
+The loop (``_run``): poll the file descriptors of the ROUTER, the stop pipe (and ZAP);
+then, in one turn holding the table's lock, drain up to ``_BATCH`` messages, tell the
+table of tracked sends libzmq is done with, and tick the table if its next deadline
+has come. A MSG is first offered to :meth:`RoutingTable.forward`; when it says where,
+the frames go out one by one from here (routing id, ``MSG``, the sender's name, the
+received frames) and no object is built for it. Everything else goes through
+:meth:`RoutingTable.handle` and the :class:`~broker.routing.Send` objects it returns.
 
 What the broker holds for one peer is bounded in bytes by the table (``max_peer_queue``;
 docs/RELIABILITY.md). libzmq counts its per-peer queue in messages and says nothing of
-when it is done with one, so every send the table marks ``track`` goes out with its last
-frame wrapped in a tracked zero-copy ``zmq.Frame``: when libzmq lets go of the message
+when it is done with one, so every send the table marks ``track`` (those of at least
+``track_min`` bytes: see :func:`_track_min`) goes out with its last frame wrapped in a
+tracked zero-copy ``zmq.Frame``: when libzmq lets go of the message
 (written into the kernel's socket buffer, or dropped with its connection), the tracker
 is done and the shell tells the table (:meth:`RoutingTable.released`), oldest first per
 peer. A send libzmq refuses (its pipe to the peer full) goes back to the table, and so
@@ -30,14 +41,14 @@ client with ``upstream_key`` and ``upstream_broker_key``), hands what arrives on
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
+import math
 import os
 import threading
 import time
 from collections import deque
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from zmq.utils import z85
@@ -48,14 +59,16 @@ from broker._upstream import UpstreamSocket, check_upstream
 from broker.metrics import MetricsServer, RelayLink
 from broker.routing import (
     DEFAULT_MAX_PEER_QUEUE,
+    MESSAGE_OVERHEAD,
     UPSTREAM,
     Actions,
     Event,
     RoutingTable,
     Send,
 )
-from objdl import wire
+from objdl import fqcn, wire
 from objdl._logutil import RateLimitedLog
+from objdl._wake import Waker
 from objdl.errors import ObjdlError
 from objdl.security import (
     ZAP_ENDPOINT,
@@ -81,7 +94,26 @@ _BATCH = 256
 _REAP_EVERY = 32
 # A restart on the same address may race the old socket's asynchronous close.
 _ADDR_IN_USE_RETRY_S = 0.5
-_pipe_ids = itertools.count()
+# Sends too small to be worth a tracker (a zero-copy frame, an Event and a wake-up of
+# pyzmq's garbage-collector thread each) may together hold 1/_UNTRACKED_SHARE of the bound.
+_UNTRACKED_SHARE = 8
+# libzmq receives small frames into a shared buffer (8 KiB and a table of reference
+# counts, about 18 KiB) that stays allocated while any frame in it lives: a received
+# frame of 60 bytes kept waiting pins 18 KiB, 300 times its size (a peer that never
+# reads could make the broker hold three times its bound). Frames under this size are
+# therefore copied when forwarded or kept; larger ones have their own buffer and go on
+# as they came, zero-copy.
+_COPY_BELOW = 16 * 1024
+# A longer frame 1 cannot be a name: never copied to look it up.
+_MAX_NAME_BYTES = fqcn.MAX_FQCN_LENGTH
+# Plain ints: pyzmq's flag enums cost a Python-level `|` on every frame.
+_NOBLOCK = int(zmq.NOBLOCK)
+_MORE = int(zmq.NOBLOCK | zmq.SNDMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+# The Cython send of one frame: the Python wrapper in zmq.Socket (routing_id and group
+# for draft sockets) and send_multipart's per-frame checks cost more than the send.
+_zmq_send = zmq.backend.Socket.send
 
 _LEVELS = {
     "nack_unreachable": logging.DEBUG,
@@ -216,6 +248,7 @@ class Broker:
             "max_message_size": max_message_size,
             "max_peer_queue": max_peer_queue,
         }
+        self._table_args["track_min"] = _track_min(max_peer_queue, sndhwm)
         if self._policy is not None:
             self._table_args["authorize"] = self._authorize
             self._table_args["authorize_relay"] = self._authorize_relay
@@ -230,21 +263,25 @@ class Broker:
         self._hwm = (sndhwm, rcvhwm)
         self._given_context = context
         self._context: zmq.Context[Any] | None = None
-        self._wake: zmq.Socket[Any] | None = None
+        self._wake: Waker | None = None
         self._thread: threading.Thread | None = None
         self._lifecycle = threading.Lock()
-        self._lock = threading.Lock()  # guards _table between the I/O thread and readers
+        # Guards the table and counters: the I/O thread holds it for each turn (from a
+        # poll's return to the next poll), readers (stats, cells) between turns.
+        self._lock = threading.Lock()
         self._errors = 0
         self._zap_counts = {"zap_ok": 0, "zap_denied": 0}
         # Tracked sends libzmq may still hold, oldest first, per peer (I/O thread only).
         self._inflight: dict[bytes, deque[tuple[zmq.MessageTracker, Send[Any]]]] = {}
         self._stalled: set[bytes] = set()  # peers libzmq refused in the current batch
         self._acting = False
+        # A subclass that overrides _send (a test's tap) sees every send as a Send: the
+        # fast path, which sends frames itself, is only taken when _send is this one.
+        self._fast = type(self)._send is Broker._send
         self._log = RateLimitedLog(logger)
         self._up = (  # the DEALER to the parent, for a relay (I/O thread only)
             UpstreamSocket(upstream, up_keys, self._hwm) if upstream is not None else None
         )
-        self._poller: zmq.Poller | None = None
         self._metrics = MetricsServer(metrics, self) if metrics is not None else None
 
     # -- public --------------------------------------------------------------------
@@ -308,17 +345,10 @@ class Broker:
                     sockets.append(zap)
                 sock = self._bind_router(context, self._url or self._bind, timeout)
                 sockets.append(sock)
-                pipe = f"inproc://objdl-broker-wake-{next(_pipe_ids)}"
-                wake_rx = context.socket(zmq.PAIR)
-                sockets.append(wake_rx)
-                wake_rx.linger = 0
-                wake_rx.bind(pipe)
-                wake_tx = context.socket(zmq.PAIR)
-                sockets.append(wake_tx)
-                wake_tx.linger = 0
-                wake_tx.connect(pipe)
                 if self._up is not None:
                     sockets.append(self._open_upstream(context))
+                waker = Waker()
+                waker.open()
             except BaseException:
                 for s in sockets:
                     s.close(linger=0)
@@ -326,7 +356,7 @@ class Broker:
                     context.term()
                 raise
             self._url = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-            self._context, self._wake = context, wake_tx
+            self._context, self._wake = context, waker
             with self._lock:
                 self._table = RoutingTable(**self._table_args)  # a restart starts afresh
                 self._inflight = {}
@@ -335,7 +365,7 @@ class Broker:
             started = threading.Event()
             self._thread = threading.Thread(
                 target=self._run,
-                args=(sock, wake_rx, zap, started),
+                args=(sock, waker.read_fd, zap, started),
                 name=f"objdl-broker {self._url}",
                 daemon=True,
             )
@@ -471,8 +501,7 @@ class Broker:
             assert policy is not None
             reply = zap_reply(request, policy.allows_key)
             allowed = reply[2] == b"200"
-            with self._lock:
-                self._zap_counts["zap_ok" if allowed else "zap_denied"] += 1
+            self._zap_counts["zap_ok" if allowed else "zap_denied"] += 1
             if not allowed:
                 address = request[3].decode("utf-8", "replace") if len(request) > 3 else "?"
                 key = request[6] if len(request) == 7 and len(request[6]) == 32 else b""
@@ -501,30 +530,55 @@ class Broker:
             raise BrokerError(self.url, why) from exc
 
     def _from_parent(self, sock: zmq.Socket[Any], frames: list[Any]) -> None:
-        """Handle one message from the parent; nothing it sends may escape."""
+        """Handle one message from the parent (the turn holds the lock); nothing it sends
+        may escape."""
         try:
             now = time.monotonic()
-            with self._lock:
-                act = self._table.handle_upstream(frames, now)
+            act = self._table.handle_upstream(_unpinned(frames), now)
             self._act(sock, act, now)
         except Exception as exc:
             self._error("message from the parent", exc)
 
     def _replace_upstream(self, now: float) -> None:
-        """The table gave up on the parent's connection: a new socket, registered afresh."""
-        context, poller = self._context, self._poller
-        if self._up is None or context is None or poller is None:
+        """The table gave up on the parent's connection: a new socket, registered afresh
+        (called within the turn, which holds the lock; the loop polls the new socket)."""
+        context = self._context
+        if self._up is None or context is None:
             return
         queue = self._inflight.pop(UPSTREAM, None)  # closed with the socket: libzmq let go
         try:
-            self._up.replace(context, poller)
+            self._up.replace(context)
         except zmq.ZMQError as exc:
             self._error("reconnect to the parent", exc)
-        with self._lock:
-            for _, send in queue or ():
-                self._table.released(send)
-            self._table.upstream_replaced(now)
+        for _, send in queue or ():
+            self._table.released(send)
+        self._table.upstream_replaced(now)
         logger.info("objdl broker at %s: connecting to its parent afresh", self._url)
+
+    def _send_up(self, sock: zmq.Socket[Any], send: Send[Any], now: float) -> None:
+        """Send one message to a relay's parent, or hand it back (refused, gone)."""
+        assert self._up is not None
+        frames = list(send.frames)
+        tracked: zmq.Frame | None = None
+        if send.track:
+            tracked = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
+            frames[-1] = tracked
+        try:
+            self._up.send(frames)
+        except zmq.Again:
+            self._stalled.add(UPSTREAM)
+            self._refused(sock, send, False, now)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._refused(sock, send, True, now)
+                return
+            self._error("send to the parent", exc)  # the other sends go on
+            if send.track:
+                self._table.released(send)
+            return
+        if tracked is not None:
+            self._inflight.setdefault(UPSTREAM, deque()).append((tracked.tracker, send))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -564,12 +618,11 @@ class Broker:
                 self._metrics.stop(timeout)
             except TimeoutError as exc:
                 raise BrokerError(self.url, str(exc)) from exc
-        with contextlib.suppress(zmq.ZMQError):  # a stop already queued: join decides
-            wake.send(b"stop", zmq.NOBLOCK)
+        wake.wake()  # the only thing the I/O thread is ever woken for: stop
         thread.join(timeout)
         if thread.is_alive():
             raise BrokerError(self.url, f"I/O thread did not stop within {timeout:g}s")
-        wake.close(linger=0)
+        wake.close()
         if self._given_context is None and self._context is not None:
             self._context.term()
         self._thread = self._wake = self._context = None
@@ -580,37 +633,79 @@ class Broker:
     def _run(
         self,
         sock: zmq.Socket[Any],
-        wake: zmq.Socket[Any],
+        stop_fd: int,
         zap: zmq.Socket[Any] | None,
         started: threading.Event,
     ) -> None:
-        poller = self._poller = zmq.Poller()
-        poller.register(sock, zmq.POLLIN)
-        poller.register(wake, zmq.POLLIN)
-        if self._up is not None and self._up.sock is not None:
-            poller.register(self._up.sock, zmq.POLLIN)
+        """Poll, then one turn; until the stop pipe is readable.
+
+        The poll watches file descriptors only: the ROUTER's (and ZAP's, and a relay's
+        link to its parent) ``ZMQ_FD`` and the stop pipe, so it costs one ``poll()``,
+        not the ``ZMQ_EVENTS`` look per socket before and after that ``zmq.Poller``
+        takes (each a system call). ``ZMQ_FD`` is edge-triggered: it turns readable
+        when libzmq has news for the socket, and any call on the socket (a send too)
+        may take that news in. So before sleeping the loop asks ``ZMQ_EVENTS`` again
+        unless nothing was sent on the ROUTER since libzmq last said no message was
+        waiting (``known``); the parent's link, rarely busy, is asked every turn.
+        """
+        sock_fd = cast(int, sock.get(zmq.FD))
+        items: list[tuple[int, int]] = [(sock_fd, _POLLIN), (stop_fd, _POLLIN)]
+        zap_fd = -1
         if zap is not None:
-            poller.register(zap, zmq.POLLIN)
+            zap_fd = cast(int, zap.get(zmq.FD))
+            items.append((zap_fd, _POLLIN))
+        zap_due = zap is not None  # ZAP is drained to the end each time: then its FD is armed
+        pending = known = False  # a message waits in the ROUTER / that is still true
+        up_sock: zmq.Socket[Any] | None = None  # a relay's link to its parent, polled too
+        deadline = -math.inf  # the first turn ticks: the first heartbeats
         started.set()
         try:
             while True:
-                with self._lock:
-                    wait = self._table.next_deadline() - time.monotonic()
-                wait = min(max(wait, 0.0), _MAX_POLL_S)
-                try:
-                    ready = dict(poller.poll(int(wait * 1000.0) + 1))
-                except zmq.ContextTerminated:
-                    return
-                if wake in ready:
-                    return
-                if zap is not None and zap in ready:
-                    self._answer_zap(zap)
-                if sock in ready:
-                    self._drain(sock)
-                if self._up is not None and self._up.sock in ready:
-                    self._up.drain(lambda frames: self._from_parent(sock, frames), _BATCH)
-                self._reap()
-                self._guarded(sock, None, [])
+                up = self._up.sock if self._up is not None else None
+                if up is not up_sock:  # the parent's link opened or replaced: poll its FD
+                    if up_sock is not None:
+                        items.pop()
+                    up_sock = up
+                    if up is not None:
+                        items.append((cast(int, up.get(zmq.FD)), _POLLIN))
+                if not known:
+                    pending = bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+                    known = True
+                up_pending = up_sock is not None and bool(cast(int, up_sock.get(_EVENTS)) & _POLLIN)
+                if pending or zap_due or up_pending:
+                    wait_ms = 0
+                else:
+                    wait = min(max(deadline - time.monotonic(), 0.0), _MAX_POLL_S)
+                    wait_ms = int(wait * 1000.0) + 1
+                for fd, _ in zmq.zmq_poll(items, wait_ms):
+                    if fd == stop_fd:
+                        return
+                    if fd == zap_fd:
+                        zap_due = True
+                    elif fd == sock_fd and not pending:  # the ROUTER has news: perhaps a message
+                        known = False
+                with self._lock:  # one turn: readers of the table wait for it
+                    if zap_due:
+                        assert zap is not None
+                        self._answer_zap(zap)
+                        zap_due = False
+                    if not known:
+                        pending = bool(cast(int, sock.get(_EVENTS)) & _POLLIN)
+                        known = True
+                    if pending:
+                        pending = self._drain(sock, time.monotonic())
+                        known = not pending
+                    if up_sock is not None and self._up is not None:
+                        self._up.drain(lambda frames: self._from_parent(sock, frames), _BATCH)
+                        known = False  # what the parent sent went out on the ROUTER
+                    if self._inflight:
+                        self._reap()
+                    now = time.monotonic()
+                    if now >= deadline and self._tick(sock, now):
+                        known = False
+                    deadline = self._table.next_deadline()
+        except zmq.ContextTerminated:
+            return
         except Exception:
             logger.exception("objdl broker at %s: I/O thread failed, routing stopped", self._url)
         finally:
@@ -619,48 +714,119 @@ class Broker:
                     bye = self._table.upstream_bye()
                 self._up.close(bye)
             sock.close(linger=0)
-            wake.close(linger=0)
             if zap is not None:
                 zap.close(linger=0)
 
-    def _drain(self, sock: zmq.Socket[Any]) -> None:
-        for i in range(_BATCH):
-            if i % _REAP_EVERY == 0:
-                self._reap()
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            identity = None
-            if self._keys is not None and len(frames) == 4 and frames[1].bytes in _REG_KINDS:
-                identity = _user_id(frames[1])
-            self._guarded(sock, frames[0].bytes, frames[1:], identity)
+    def _drain(self, sock: zmq.Socket[Any], now: float) -> bool:
+        """Handle up to ``_BATCH`` waiting messages; the common MSG takes the fast path.
 
-    def _guarded(
+        Returns False when libzmq said no message is left, after the last send of the
+        batch; True when it stopped at ``_BATCH`` (more may be waiting).
+
+        The fast path (see :meth:`RoutingTable.forward`) sends ``[to, MSG, origin,
+        headers, ...]`` frame by frame with the received frames as they are; anything
+        else, or a MSG ``forward`` declines, goes through :meth:`RoutingTable.handle`.
+        """
+        recv = sock.recv
+        send = _zmq_send
+        table = self._table
+        forward = table.forward if self._fast else None
+        curve = self._keys is not None
+        inflight = self._inflight
+        for i in range(_BATCH):
+            if inflight and i % _REAP_EVERY == 0:
+                self._reap()
+            # A lone message is the common case: asking libzmq whether another one is
+            # waiting costs a tenth of the zmq.Again a recv would raise (pyzmq builds it in
+            # Python); once a second one came, more are likely and recv is simply tried.
+            if i == 1 and not cast(int, sock.get(_EVENTS)) & _POLLIN:
+                return False
+            try:
+                peer = recv(_NOBLOCK)  # the routing id: a ROUTER always has more after it
+            except zmq.Again:
+                return False
+            frames: list[zmq.Frame] = []
+            try:
+                frame = recv(_NOBLOCK, False)
+                frames.append(frame)
+                size = len(frame)
+                while frame.more:
+                    frame = recv(_NOBLOCK, False)
+                    frames.append(frame)
+                    size += len(frame)
+                kind = frames[0]
+                if (
+                    forward is not None
+                    and len(frames) >= 3
+                    and len(kind) == 3
+                    and kind.bytes == wire.KIND_MSG
+                    and len(frames[1]) <= _MAX_NAME_BYTES
+                ):
+                    dest = frames[1].bytes
+                    hit = forward(peer, dest, size, now)
+                    if hit is not None:
+                        to, origin = hit
+                        try:
+                            send(sock, to, _MORE)
+                        except zmq.ZMQError as exc:
+                            self._forward_failed(sock, exc, peer, dest, to, origin, frames, now)
+                            continue
+                        send(sock, wire.KIND_MSG, _MORE)
+                        send(sock, origin, _MORE)
+                        last = len(frames) - 1
+                        for j in range(2, last + 1):
+                            f: Any = frames[j]
+                            if len(f) < _COPY_BELOW:  # copied: see _COPY_BELOW
+                                f = memoryview(f)
+                            send(sock, f, _MORE if j < last else _NOBLOCK)
+                        continue
+                identity = None
+                if curve and len(frames) == 3 and len(kind) <= 4 and kind.bytes in _REG_KINDS:
+                    identity = _user_id(kind)  # REG, or a relay's RREG
+                frames = _unpinned(frames)  # the table may keep them a while
+                if identity is None:  # the plain call, as wrappers of handle() expect
+                    act = table.handle(peer, frames, now)
+                else:
+                    act = table.handle(peer, frames, now, identity)
+                self._act(sock, act, now)
+            except Exception as exc:
+                self._error("message from " + peer.hex(), exc)
+        return True
+
+    def _forward_failed(
         self,
         sock: zmq.Socket[Any],
-        peer: bytes | None,
-        frames: list[Any],
-        identity: str | None = None,
+        exc: zmq.ZMQError,
+        peer: bytes,
+        dest: bytes,
+        to: bytes,
+        origin: bytes,
+        frames: list[zmq.Frame],
+        now: float,
     ) -> None:
-        """Handle one message (or tick, when `peer` is None); nothing a peer sends may escape."""
-        act: Actions[Any]
+        """libzmq refused a fast-path MSG: hand it to the table as the Send it stands for."""
+        out: list[Any] = [wire.KIND_MSG, origin, *_unpinned(frames[2:])]
+        cost = sum(len(f) for f in out) + MESSAGE_OVERHEAD
+        failed: Send[Any] = Send(to, out, peer, dest, cost, False)
+        if isinstance(exc, zmq.Again):
+            self._refused(sock, failed, False, now)
+        elif exc.errno == zmq.EHOSTUNREACH:
+            self._refused(sock, failed, True, now)
+        else:
+            self._error("send to " + to.hex(), exc)
+
+    def _tick(self, sock: zmq.Socket[Any], now: float) -> bool:
+        """Tick the table and act on it; True if it sent anything. Nothing escapes."""
         try:
-            now = time.monotonic()
-            with self._lock:
-                if peer is None:
-                    act = self._table.tick(now)
-                elif identity is None:  # the plain call, as wrappers of handle() expect
-                    act = self._table.handle(peer, frames, now)
-                else:
-                    act = self._table.handle(peer, frames, now, identity)
+            act = self._table.tick(now)
             self._act(sock, act, now)
         except Exception as exc:
-            self._error("message from " + peer.hex() if peer is not None else "tick", exc)
+            self._error("tick", exc)
+            return True  # perhaps it sent
+        return bool(act.sends)
 
     def _error(self, where: str, exc: BaseException) -> None:
-        with self._lock:
-            self._errors += 1
+        self._errors += 1
         self._log.log(logging.ERROR, "error", "broker error on %s: %r", where, exc)
 
     def _act(self, sock: zmq.Socket[Any], act: Actions[Any], now: float) -> None:
@@ -683,60 +849,58 @@ class Broker:
                 self._stalled.clear()
 
     def _send(self, sock: zmq.Socket[Any], send: Send[Any], now: float) -> None:
-        stalled = self._stalled
-        if send.peer in stalled:
-            gone = False
-        else:
-            frames = list(send.frames)
-            tracked: zmq.Frame | None = None
-            if send.track:
-                tracked = zmq.Frame(memoryview(frames[-1]), track=True, copy=False)
-                frames[-1] = tracked
-            try:
-                if send.peer == UPSTREAM and self._up is not None:  # a relay's parent
-                    self._up.send(frames)
-                else:
-                    sock.send_multipart([send.peer, *frames], zmq.NOBLOCK, copy=False)
-                if tracked is not None:
-                    queue = self._inflight.setdefault(send.peer, deque())
-                    queue.append((tracked.tracker, send))
+        """Send one message of the table's, or hand it back (refused, gone)."""
+        peer = send.peer
+        if peer in self._stalled:
+            self._refused(sock, send, False, now)
+            return
+        if peer == UPSTREAM and self._up is not None:  # a relay's parent
+            self._send_up(sock, send, now)
+            return
+        frames = send.frames
+        last = frames[-1]
+        tracked: zmq.Frame | None = None
+        if send.track:
+            tracked = last = zmq.Frame(memoryview(last), track=True, copy=False)
+        try:
+            _zmq_send(sock, peer, _MORE)
+        except zmq.Again:
+            self._stalled.add(peer)
+            self._refused(sock, send, False, now)
+            return
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._refused(sock, send, True, now)
                 return
-            except zmq.Again:
-                gone = False
-                stalled.add(send.peer)
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    self._error("send to " + send.peer.hex(), exc)  # the other sends go on
-                    if send.track:
-                        with self._lock:
-                            self._table.released(send)
-                    return
-                gone = True
-        with self._lock:
-            follow_up = self._table.send_failed(send, gone, now)
+            self._error("send to " + peer.hex(), exc)  # the other sends go on
+            if send.track:
+                self._table.released(send)
+            return
+        for i in range(len(frames) - 1):
+            _zmq_send(sock, frames[i], _MORE)
+        _zmq_send(sock, last, _NOBLOCK)
+        if tracked is not None:
+            queue = self._inflight.setdefault(peer, deque())
+            queue.append((tracked.tracker, send))
+
+    def _refused(self, sock: zmq.Socket[Any], send: Send[Any], gone: bool, now: float) -> None:
+        follow_up = self._table.send_failed(send, gone, now)
         self._act(sock, follow_up, now)  # NACKs carry no origin: this recurses once at most
 
     def _reap(self) -> None:
         """Tell the table of every tracked send libzmq is done with (FIFO per peer)."""
-        if not self._inflight:
-            return
-        done: list[Send[Any]] = []
+        table = self._table
         for peer, queue in list(self._inflight.items()):
             while queue and queue[0][0].done:
-                done.append(queue.popleft()[1])
+                table.released(queue.popleft()[1])
             if not queue:
                 del self._inflight[peer]
-        if done:
-            with self._lock:
-                for send in done:
-                    self._table.released(send)
 
     def _log_event(self, event: Event) -> None:
         level = _LEVELS.get(event.kind, logging.WARNING)
         if not logger.isEnabledFor(level):
             return
-        with self._lock:
-            name = self._table.name_of(event.peer)
+        name = self._table.name_of(event.peer)
         origin = f"{event.peer.hex()} ({name})" if name else event.peer.hex()
         if event.peer == UPSTREAM:
             origin = f"to the parent {self._upstream}"
@@ -745,6 +909,21 @@ class Broker:
 
 
 _REG_KINDS = (wire.KIND_REG, KIND_RREG)
+
+
+def _unpinned(frames: list[Any]) -> list[Any]:
+    """`frames` with each one under ``_COPY_BELOW`` bytes copied out of libzmq's buffer."""
+    return [f.bytes if len(f) < _COPY_BELOW else f for f in frames]
+
+
+def _track_min(max_peer_queue: int, sndhwm: int) -> int:
+    """The size from which a send is tracked, so that the untracked ones fit in 1/8 of the
+    per-peer bound: libzmq holds at most SNDHWM messages per peer in its pipe and one being
+    written (docs/RELIABILITY.md). Without an SNDHWM (0) libzmq holds any number: all are
+    tracked. With the defaults (64 MiB, 1000) it is 8380 bytes."""
+    if sndhwm == 0:
+        return 0
+    return max_peer_queue // (_UNTRACKED_SHARE * (sndhwm + 1))
 
 
 def _user_id(frame: zmq.Frame) -> str | None:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
@@ -336,6 +337,67 @@ def test_slow_consumer_does_not_block_others(
     wait_for(busy_nacked)
     assert b.stats()["nack_busy"] >= nacks
     assert "slow" in b.cells()  # slow is not dead
+    slow.close()
+
+
+def _request(seq: int, nbytes: int) -> list[bytes]:
+    """A MSG to "slow" whose headers say request (so a refusal is NACKed) and carry `seq`."""
+    headers = msgpack.packb({"msg_type": "req", "req_id": seq})
+    return [wire.KIND_MSG, b"slow", headers, seq.to_bytes(4, "big") + bytes(nbytes)]
+
+
+def test_what_libzmq_refuses_on_the_fast_path_waits_in_order(
+    make_broker: Callable[..., Broker], peer: PeerFactory
+) -> None:
+    # Small MSGs take the fast path until libzmq's pipe to "slow" (5 messages) and the
+    # kernel's buffers are full; then they wait in the broker, behind the refused one,
+    # until the bound is reached and requests are NACKed busy. Nothing is reordered.
+    b = make_broker(sndhwm=5, max_peer_queue=2 << 20)
+    slow = peer(b.url, "slow", rcvhwm=1)
+    flooder = peer(b.url, "flooder")
+    flooder.sock.sndtimeo = 10_000
+    sent, nacked = 3000, 0
+
+    def read_nacks() -> None:
+        nonlocal nacked
+        while (frames := flooder.poll_one()) is not None:
+            nacked += frames[:3] == [wire.KIND_NACK, b"slow", wire.NACK_BUSY]
+
+    for seq in range(sent):  # 12 MiB: more than the pipe, the kernel and the bound hold
+        flooder.sock.send_multipart(_request(seq, 4000))  # waits while the broker catches up
+        read_nacks()
+    wait_for(lambda: (st := b.stats())["routed"] + st["nack_busy"] == sent, timeout=20)
+    stats = b.stats()
+    assert stats["deferred"] >= 1 and stats["nack_busy"] >= 1 and stats["errors"] == 0
+    assert stats["peak_peer_bytes"] <= 2 << 20
+    got = []
+    while len(got) < stats["routed"]:
+        frames = slow.recv(timeout=10)
+        assert frames[:2] == [wire.KIND_MSG, b"flooder"]
+        got.append(int.from_bytes(frames[3][:4], "big"))
+    assert got == sorted(got) and len(set(got)) == len(got)
+    wait_for(lambda: read_nacks() or nacked == stats["nack_busy"], timeout=10)
+    assert nacked + len(got) == sent
+
+
+def test_without_sndhwm_every_send_is_counted_against_the_bound(
+    make_broker: Callable[..., Broker], peer: PeerFactory
+) -> None:
+    # sndhwm=0 lets libzmq queue any number of messages for a peer: the broker must then
+    # track small ones too, or a peer that never reads makes it hold all it is sent.
+    b = make_broker(sndhwm=0, max_peer_queue=1 << 20)
+    slow = peer(b.url, "slow", rcvhwm=1)
+    flooder = peer(b.url, "flooder")
+    sent = 8000
+    flooder.sock.sndtimeo = 10_000
+    for seq in range(sent):  # 7 MiB of messages under 1 KiB, which a broker never tracked
+        flooder.sock.send_multipart(_request(seq, 900))  # waits while the broker catches up
+        while flooder.poll_one() is not None:
+            pass
+    wait_for(lambda: (st := b.stats())["routed"] + st["nack_busy"] == sent, timeout=20)
+    stats = b.stats()
+    assert stats["nack_busy"] >= 1 and stats["peak_peer_bytes"] <= 1 << 20
+    assert stats["errors"] == 0
     slow.close()
 
 

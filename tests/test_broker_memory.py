@@ -4,7 +4,8 @@ A bare DEALER registers as a site, asks an owner for 160 replies of 2 MiB (what 
 site with ``window=160`` asks for) and never reads one. The owner answers every request
 (a plain handler, so this is about the broker alone, whatever caps the owner has): the
 broker must hold at most its per-peer bound for that peer, count what it refused, and
-keep routing for everyone else.
+keep routing for everyone else. The second attack sends that peer messages just too
+small to be tracked one by one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import pytest
 import zmq
 
 from broker.routing import DEFAULT_MAX_PEER_QUEUE
+from broker.server import _track_min
 from objdl import wire
 from objdl.cell import Cell
 from objdl.message import Message, MessageHeaderKey, MessageType, ReturnCode
@@ -150,3 +152,68 @@ def test_peer_that_stops_reading_cannot_grow_the_broker() -> None:
                     child.join(10)
         for c in (broker_conn, broker_end, owner_conn, owner_end):
             c.close()
+
+
+@pytest.mark.timeout(180)
+def test_untracked_messages_cannot_grow_the_broker_past_its_bound() -> None:
+    # Messages under the broker's tracking threshold are not tracked one by one: libzmq
+    # may hold SNDHWM (1000) of them for a peer, under 1/8 of the bound; past that they
+    # wait in the broker, counted, and past the bound they are refused.
+    nbytes = _track_min(DEFAULT_MAX_PEER_QUEUE, 1000) - 200  # the body: the MSG stays under
+    count = DEFAULT_MAX_PEER_QUEUE * 3 // 2 // nbytes
+    mp = multiprocessing.get_context("spawn")
+    broker_end, broker_conn = mp.Pipe()
+    broker = mp.Process(target=stats_broker_main, args=({}, broker_end), daemon=True)
+    ctx = zmq.Context.instance()
+    socks: list[Any] = []
+    try:
+        broker.start()
+        assert broker_conn.poll(30), "broker did not start"
+        url = broker_conn.recv()
+        assert broker.pid is not None
+        for name in (b"attacker", b"flooder"):
+            sock = ctx.socket(zmq.DEALER)
+            socks.append(sock)
+            sock.linger = 0
+            if name == b"attacker":
+                sock.rcvhwm = 1
+                sock.setsockopt(zmq.RCVBUF, 4096)
+            sock.connect(url)
+            sock.send_multipart([wire.KIND_REG, wire.PROTOCOL_VERSION, name])
+            assert sock.poll(5000) and sock.recv_multipart()[0] == wire.KIND_REG_OK
+        attacker, flooder = socks
+        time.sleep(0.2)  # let the broker settle before its baseline
+        _reset_peak(broker.pid)
+        base = psutil.Process(broker.pid).memory_info().rss
+        headers = {_H.CHANNEL: "attack", _H.TOPIC: "t", _H.MSG_TYPE: MessageType.REQUEST}
+        nacks = 0
+        for i in range(count):  # 96 MiB for a peer that never reads
+            message = Message({**headers, _H.REQ_ID: i + 1}, bytes(nbytes))
+            flooder.send_multipart([wire.KIND_MSG, b"attacker", *wire.encode(message)])
+            while flooder.poll(0):
+                nacks += flooder.recv_multipart()[:3] == [wire.KIND_NACK, b"attacker", b"busy"]
+            if i % 1000 == 0:
+                attacker.send_multipart([wire.KIND_HB])  # stay registered: send, never read
+        wait_for(lambda: (st := _ask(broker_conn))["routed"] + st["nack_busy"] >= count, 60)
+        growth = _peak_kib(broker.pid) * 1024 - base
+        stats = _ask(broker_conn)
+        print(
+            f"{count} messages of {nbytes} bytes: broker peak RSS growth "
+            f"{growth / MiB:.1f} MiB; {stats['nack_busy']} NACKed busy, "
+            f"{stats['deferred']} deferred, peak per-peer {stats['peak_peer_bytes'] / MiB:.1f} MiB"
+        )
+        assert growth <= DEFAULT_MAX_PEER_QUEUE * 9 // 8 + SLACK, f"grew {growth / MiB:.0f} MiB"
+        assert stats["peak_peer_bytes"] <= DEFAULT_MAX_PEER_QUEUE
+        assert stats["nack_busy"] >= count // 4 and stats["errors"] == 0
+    finally:
+        for sock in socks:
+            sock.close(linger=0)
+        if broker.is_alive():
+            with contextlib.suppress(OSError):
+                broker_conn.send("stop")
+            broker.join(10)
+            if broker.is_alive():
+                broker.kill()
+                broker.join(10)
+        broker_conn.close()
+        broker_end.close()
