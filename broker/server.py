@@ -736,10 +736,10 @@ class Broker:
         for i in range(_BATCH):
             if inflight and i % _REAP_EVERY == 0:
                 self._reap()
-            # A lone message is the common case: asking libzmq whether another one is
-            # waiting costs a tenth of the zmq.Again a recv would raise (pyzmq builds it in
-            # Python); once a second one came, more are likely and recv is simply tried.
-            if i == 1 and not cast(int, sock.get(_EVENTS)) & _POLLIN:
+            # Small batches are the common case: asking libzmq whether another message
+            # is waiting costs a tenth of the zmq.Again a recv would raise (pyzmq builds
+            # it in Python); in a long batch more are likely and recv is simply tried.
+            if 0 < i < 8 and not cast(int, sock.get(_EVENTS)) & _POLLIN:
                 return False
             try:
                 peer = recv(_NOBLOCK)  # the routing id: a ROUTER always has more after it
