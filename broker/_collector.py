@@ -10,7 +10,7 @@ new ``drop_*`` or ``nack_*`` counter shows up under its family by itself):
 
 =====================================  ==========================================
 ``routed``                             ``objdl_broker_routed_messages_total{kind="msg"}``
-``routed_bytes`` (not counted yet)     ``objdl_broker_routed_bytes_total{kind="msg"}``
+``routed_bytes``                       ``objdl_broker_routed_bytes_total{kind="msg"}``
 ``nack_REASON``                        ``objdl_broker_nacks_total{reason}``
 ``drop_CAUSE``                         ``objdl_broker_drops_total{cause}``
 ``reg_ok``, ``reg_err_WHY``            ``objdl_broker_registrations_total{result}``

@@ -102,6 +102,7 @@ F = TypeVar("F")
 
 COUNTERS = (
     "routed",  # MSGs queued to their destination
+    "routed_bytes",  # their bytes as they go out (frames, not the per-message overhead)
     "nack_unreachable",
     "nack_unregistered",
     "nack_too_big",
@@ -411,7 +412,9 @@ class RoutingTable:
                 return None
             del self._out[to]  # what _deliver would do
         cell.last_seen = now
-        self._counters["routed"] += 1
+        counters = self._counters
+        counters["routed"] += 1
+        counters["routed_bytes"] += nbytes
         if nbytes + MESSAGE_OVERHEAD > self._peak:
             self._peak = nbytes + MESSAGE_OVERHEAD
         return to, cell.raw
@@ -533,6 +536,7 @@ class RoutingTable:
             return act
         if send.origin is not None:
             self._counters["routed"] -= 1
+            self._counters["routed_bytes"] -= sum(_nbytes(f) for f in send.frames)
         self._fail_send(act, send, wire.NACK_UNREACHABLE, "connection gone")
         if send.peer in self._by_peer or send.peer in self._claim_of:
             self._forget(act, send.peer, "gone", "connection closed", now)
@@ -733,6 +737,7 @@ class RoutingTable:
             return
         if send.origin is not None:
             self._counters["routed"] += 1
+            self._counters["routed_bytes"] += nbytes
         if out is not None and (out.waiting or out.retry):
             out.waiting.append(send)
             out.waiting_bytes += send.cost
@@ -773,6 +778,7 @@ class RoutingTable:
         for send in failed:
             if send.origin is not None:
                 self._counters["routed"] -= 1
+                self._counters["routed_bytes"] -= sum(_nbytes(f) for f in send.frames)
             self._fail_send(act, cast(Send[F], send), wire.NACK_UNREACHABLE, "peer forgotten")
 
     def _fail_send(self, act: Actions[F], send: Send[F], reason: bytes, why: str) -> None:

@@ -125,6 +125,9 @@ def test_counters_move_with_traffic(mbroker: Broker, ctx: zmq.Context[Any]) -> N
     wait_for(lambda: value(scrape(mbroker), "objdl_broker_drops_total", cause="unknown_kind") == 1)
     after = scrape(mbroker)
     assert value(after, "objdl_broker_routed_messages_total", kind="msg") == 10  # 5 each way
+    routed_bytes = value(after, "objdl_broker_routed_bytes_total", kind="msg")
+    assert 10 * 20 < routed_bytes < 10 * 1024  # ten small MSGs: their frames, no overhead
+    assert value(before, "objdl_broker_routed_bytes_total", kind="msg") == 0
     assert value(after, "objdl_broker_nacks_total", reason="unreachable") == 1
     assert value(after, "objdl_broker_nacks_total", reason="busy") == 0
     junk.close()
