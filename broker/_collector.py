@@ -110,26 +110,9 @@ _NOT_COUNTERS = frozenset({"peak_peer_bytes"})
 
 
 def queued_by_cell(broker: Broker) -> tuple[dict[str, int], int, int]:
-    """``({cell name: bytes outbound}, peers with bytes outbound, the per-peer bound)``.
-
-    Connections that hold no name (a claimant, or a forgotten cell whose last
-    messages libzmq still holds) are summed under ``""``. Reads the routing table
-    under the broker's lock: the table keeps only peers with something outbound, so
-    this costs what is queued, not how many cells there are. (``RoutingTable`` has
-    no public way to list those peers yet; this is the one place that looks inside.)
-    """
-    by_cell: dict[str, int] = {}
-    peers = 0
-    with broker._lock:
-        table = broker._table
-        for peer in list(table._out):
-            nbytes = table.outbound(peer)
-            if nbytes > 0:
-                peers += 1
-                name = table.name_of(peer) or ""
-                by_cell[name] = by_cell.get(name, 0) + nbytes
-        limit = table.max_peer_queue
-    return by_cell, peers, limit
+    """``({cell name: bytes outbound}, peers with bytes outbound, the per-peer bound)``:
+    :meth:`broker.Broker.queued_by_cell`."""
+    return broker.queued_by_cell()
 
 
 class BrokerCollector(Collector):

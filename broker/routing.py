@@ -357,6 +357,11 @@ class RoutingTable:
         out = self._out.get(peer)
         return out.total() if out else 0
 
+    def outbound_by_peer(self) -> dict[bytes, int]:
+        """Bytes charged to each peer's bound now, for the peers that have any. The table
+        keeps only such peers, so this costs what is queued, not how many cells there are."""
+        return {peer: out.total() for peer, out in self._out.items() if out.total() > 0}
+
     def peak_outbound(self) -> int:
         """The most bytes ever charged to one peer's bound at once (the bound's high mark)."""
         return self._peak

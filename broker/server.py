@@ -416,6 +416,23 @@ class Broker:
             counters.update(self._zap_counts)
         return counters
 
+    def queued_by_cell(self) -> tuple[dict[str, int], int, int]:
+        """``({cell name: bytes held outbound}, peers holding any, the per-peer bound)``.
+
+        Connections that hold no name (a claimant, or a forgotten cell whose last
+        messages libzmq still holds) are summed under ``""``; a snapshot taken under the
+        broker's lock (for the metrics endpoint).
+        """
+        by_cell: dict[str, int] = {}
+        with self._lock:
+            table = self._table
+            queued = table.outbound_by_peer()
+            for peer, nbytes in queued.items():
+                name = table.name_of(peer) or ""
+                by_cell[name] = by_cell.get(name, 0) + nbytes
+            limit = table.max_peer_queue
+        return by_cell, len(queued), limit
+
     def cells(self, prefix: str = "") -> list[str]:
         """Sorted names of live cells equal to `prefix` or under it (``""``: all)."""
         with self._lock:
