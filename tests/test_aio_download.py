@@ -154,7 +154,7 @@ def test_cancelling_a_download_ends_it_leaves_no_file_and_tells_the_owner(
     owner = threaded("server")
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
-        f.truncate(256 * MiB)
+        f.truncate(1024 * MiB)
     tx = new_tx(owner, timeout=60.0, num_sites=1)
     outcome = ObjDownloader.get_outcome(tx)
     assert outcome is not None
@@ -164,11 +164,26 @@ def test_cancelling_a_download_ends_it_leaves_no_file_and_tells_the_owner(
 
     async def main() -> tuple[float, int]:
         async with aio.Cell("site-1", broker.url) as cell:
+            loop = asyncio.get_running_loop()
+            under_way = asyncio.Event()
+
+            def progress(ref_id: str, done: int, total: int | None, rate: float) -> None:
+                if done >= 4 * MiB:  # on the download's thread: tell the loop
+                    loop.call_soon_threadsafe(under_way.set)
+
             task = asyncio.create_task(
-                aio.download_file(cell, "server", ref, out / "big.bin", window=1)
+                aio.download_file(
+                    cell,
+                    "server",
+                    ref,
+                    out / "big.bin",
+                    window=1,
+                    progress_cb=progress,
+                    progress_interval=0.0,
+                )
             )
-            await asyncio.sleep(0.5)
-            assert not task.done()
+            await asyncio.wait_for(under_way.wait(), 30)
+            assert not task.done()  # 4 MiB of 1 GiB in 64 KiB chunks, one at a time
             t0 = time.monotonic()
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
