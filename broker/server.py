@@ -582,17 +582,8 @@ class Broker:
             frames[-1] = tracked
         try:
             self._up.send(frames)
-        except zmq.Again:
-            self._stalled.add(UPSTREAM)
-            self._refused(sock, send, False, now)
-            return
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                self._refused(sock, send, True, now)
-                return
-            self._error("send to the parent", exc)  # the other sends go on
-            if send.track:
-                self._table.released(send)
+            self._not_sent(sock, send, exc, "send to the parent", now)
             return
         if tracked is not None:
             self._inflight.setdefault(UPSTREAM, deque()).append((tracked.tracker, send))
@@ -881,17 +872,8 @@ class Broker:
             tracked = last = zmq.Frame(memoryview(last), track=True, copy=False)
         try:
             _zmq_send(sock, peer, _MORE)
-        except zmq.Again:
-            self._stalled.add(peer)
-            self._refused(sock, send, False, now)
-            return
         except zmq.ZMQError as exc:
-            if exc.errno == zmq.EHOSTUNREACH:
-                self._refused(sock, send, True, now)
-                return
-            self._error("send to " + peer.hex(), exc)  # the other sends go on
-            if send.track:
-                self._table.released(send)
+            self._not_sent(sock, send, exc, "send to " + peer.hex(), now)
             return
         for i in range(len(frames) - 1):
             _zmq_send(sock, frames[i], _MORE)
@@ -899,6 +881,22 @@ class Broker:
         if tracked is not None:
             queue = self._inflight.setdefault(peer, deque())
             queue.append((tracked.tracker, send))
+
+    def _not_sent(
+        self, sock: zmq.Socket[Any], send: Send[Any], exc: zmq.ZMQError, where: str, now: float
+    ) -> None:
+        """libzmq refused `send`: back to the table behind its peer's pipe (``Again``) or
+        as gone (``EHOSTUNREACH``); any other error is counted and its bytes forgotten,
+        and the other sends go on."""
+        if isinstance(exc, zmq.Again):
+            self._stalled.add(send.peer)
+            self._refused(sock, send, False, now)
+        elif exc.errno == zmq.EHOSTUNREACH:
+            self._refused(sock, send, True, now)
+        else:
+            self._error(where, exc)
+            if send.track:
+                self._table.released(send)
 
     def _refused(self, sock: zmq.Socket[Any], send: Send[Any], gone: bool, now: float) -> None:
         follow_up = self._table.send_failed(send, gone, now)
