@@ -46,6 +46,24 @@ def broker() -> Iterator[object]:
 
 
 @pytest.fixture
+def make_cell(broker: Any) -> Iterator[Callable[..., Any]]:
+    """Start cells on `broker` (``make_cell(name, **Cell kwargs)``); all stopped after."""
+    from objdl.cell import Cell
+
+    cells: list[Cell] = []
+
+    def make(name: str, **kw: Any) -> Cell:
+        c = Cell(name, broker.url, **kw)
+        c.start()
+        cells.append(c)
+        return c
+
+    yield make
+    for c in cells:
+        c.stop()
+
+
+@pytest.fixture
 def cells(broker: Any) -> Iterator[tuple[Any, Any]]:
     """An owner cell ("server") and a site cell ("site-1"), started; downloader state
     is shut down after the test."""

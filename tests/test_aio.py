@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -21,21 +21,6 @@ pytestmark = pytest.mark.timeout(30)
 RC = MessageHeaderKey.RETURN_CODE
 
 
-@pytest.fixture
-def threaded(broker: Broker) -> Iterator[Callable[..., Cell]]:
-    cells: list[Cell] = []
-
-    def make(name: str, **kw: Any) -> Cell:
-        c = Cell(name, broker.url, **kw)
-        c.start()
-        cells.append(c)
-        return c
-
-    yield make
-    for c in cells:
-        c.stop()
-
-
 def echo(req: Message) -> Message:
     return Message({"echoed": True}, req.payload)
 
@@ -45,9 +30,9 @@ def objdl_threads() -> set[str]:
 
 
 def test_an_asyncio_client_asks_a_threaded_server(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, make_cell: Callable[..., Cell]
 ) -> None:
-    server = threaded("server")
+    server = make_cell("server")
     server.register_request_cb("ch", "echo", echo)
     blob = bytes(range(256)) * 4096
 
@@ -65,9 +50,9 @@ def test_an_asyncio_client_asks_a_threaded_server(
 
 
 def test_a_threaded_client_asks_an_asyncio_server_of_every_kind(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, make_cell: Callable[..., Cell]
 ) -> None:
-    site = threaded("site-1")
+    site = make_cell("site-1")
     ran: dict[str, str] = {}
     served = threading.Event()
     stop = threading.Event()
@@ -115,11 +100,11 @@ def test_a_threaded_client_asks_an_asyncio_server_of_every_kind(
 
 
 def test_return_codes_and_a_concurrent_broadcast(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, make_cell: Callable[..., Cell]
 ) -> None:
     for name in ("a", "b", "c"):
-        threaded(name).register_request_cb("ch", "slow", lambda req: time.sleep(0.3))
-    threaded("mute").register_request_cb("ch", "slow", lambda req: time.sleep(3))
+        make_cell(name).register_request_cb("ch", "slow", lambda req: time.sleep(0.3))
+    make_cell("mute").register_request_cb("ch", "slow", lambda req: time.sleep(3))
 
     async def main() -> tuple[Any, ...]:
         async with aio.Cell("site-1", broker.url) as cell:
@@ -142,9 +127,9 @@ def test_return_codes_and_a_concurrent_broadcast(
 
 
 def test_cancelling_a_waiting_request_ends_it_at_once_and_leaves_nothing(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, make_cell: Callable[..., Cell]
 ) -> None:
-    threaded("server").register_request_cb("ch", "slow", lambda req: time.sleep(1.0))
+    make_cell("server").register_request_cb("ch", "slow", lambda req: time.sleep(1.0))
 
     async def main() -> tuple[float, int, int]:
         async with aio.Cell("site-1", broker.url) as cell:
@@ -166,9 +151,9 @@ def test_cancelling_a_waiting_request_ends_it_at_once_and_leaves_nothing(
 
 
 def test_start_fails_clearly_and_stop_leaves_no_thread(
-    broker: Broker, threaded: Callable[..., Cell], dead_url: str
+    broker: Broker, make_cell: Callable[..., Cell], dead_url: str
 ) -> None:
-    threaded("taken")
+    make_cell("taken")
     before = objdl_threads()
 
     async def main() -> None:
@@ -210,9 +195,9 @@ def test_asyncio_cells_talk_to_each_other_on_one_loop(broker: Broker) -> None:
     assert asyncio.run(main()) == [2 * i for i in range(50)]
 
 
-def test_uvloop_when_installed(broker: Broker, threaded: Callable[..., Cell]) -> None:
+def test_uvloop_when_installed(broker: Broker, make_cell: Callable[..., Cell]) -> None:
     uvloop = pytest.importorskip("uvloop", reason="uvloop is not installed")
-    threaded("server").register_request_cb("ch", "echo", echo)
+    make_cell("server").register_request_cb("ch", "echo", echo)
 
     async def main() -> Message:
         async with aio.Cell("site-1", broker.url) as cell:

@@ -7,7 +7,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,25 +36,10 @@ pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
 
 
-@pytest.fixture
-def threaded(broker: Broker) -> Iterator[Callable[..., Cell]]:
-    cells: list[Cell] = []
-
-    def make(name: str, **kw: Any) -> Cell:
-        c = Cell(name, broker.url, **kw)
-        c.start()
-        cells.append(c)
-        return c
-
-    yield make
-    for c in cells:
-        c.stop()
-
-
 def test_an_asyncio_site_downloads_bytes_files_and_dicts_from_a_threaded_owner(
-    broker: Broker, threaded: Callable[..., Cell], tmp_path: Path
+    broker: Broker, make_cell: Callable[..., Cell], tmp_path: Path
 ) -> None:
-    owner = threaded("server")
+    owner = make_cell("server")
     data = os.urandom(5 * MiB + 1)
     src = tmp_path / "model.bin"
     src.write_bytes(data)
@@ -93,7 +78,7 @@ def test_an_asyncio_site_downloads_bytes_files_and_dicts_from_a_threaded_owner(
 
 
 def test_an_asyncio_owner_serves_a_threaded_site_off_its_loop(
-    broker: Broker, threaded: Callable[..., Cell], tmp_path: Path
+    broker: Broker, make_cell: Callable[..., Cell], tmp_path: Path
 ) -> None:
     data = os.urandom(3 * MiB)
     src = tmp_path / "model.bin"
@@ -123,7 +108,7 @@ def test_an_asyncio_owner_serves_a_threaded_site_off_its_loop(
     loop_thread.start()
     try:
         assert ready.wait(10)
-        site = threaded("site-1")
+        site = make_cell("site-1")
         got = download_bytes(site, "server", ref[0], chunk_size=512 * 1024)
         assert bytes(got) == data
         dest = tmp_path / "got.bin"
@@ -149,9 +134,9 @@ def test_asyncio_owner_and_site_on_one_loop(broker: Broker) -> None:
 
 
 def test_cancelling_a_download_ends_it_leaves_no_file_and_tells_the_owner(
-    broker: Broker, threaded: Callable[..., Cell], tmp_path: Path
+    broker: Broker, make_cell: Callable[..., Cell], tmp_path: Path
 ) -> None:
-    owner = threaded("server")
+    owner = make_cell("server")
     src = tmp_path / "big.bin"
     with open(src, "wb") as f:
         f.truncate(1024 * MiB)
@@ -200,9 +185,9 @@ def test_cancelling_a_download_ends_it_leaves_no_file_and_tells_the_owner(
 
 
 def test_a_failed_asyncio_download_raises_download_error(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, make_cell: Callable[..., Cell]
 ) -> None:
-    threaded("server")
+    make_cell("server")
 
     async def main() -> None:
         async with aio.Cell("site-1", broker.url) as cell:
@@ -227,9 +212,9 @@ def test_threaded_downloads_on_the_loop_thread_are_refused(broker: Broker) -> No
 
 
 def test_digest_of_an_asyncio_download_matches(
-    broker: Broker, threaded: Callable[..., Cell]
+    broker: Broker, make_cell: Callable[..., Cell]
 ) -> None:
-    owner = threaded("server")
+    owner = make_cell("server")
     data = os.urandom(MiB)
     ref = offer_bytes(owner, data)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +19,6 @@ from tests import _procs
 from tests.conftest import wait_for
 
 RC = MessageHeaderKey.RETURN_CODE
-
-
-@pytest.fixture
-def make_cell(broker: Broker) -> Iterator[Callable[..., Cell]]:
-    cells: list[Cell] = []
-
-    def make(name: str, **kw: Any) -> Cell:
-        c = Cell(name, broker.url, **kw)
-        c.start()
-        cells.append(c)
-        return c
-
-    yield make
-    for c in cells:
-        c.stop()
 
 
 def echo(req: Message) -> Message:
