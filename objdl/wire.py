@@ -49,6 +49,9 @@ __all__ = [
     "EXT_TENSOR",
     "KIND_BYE",
     "KIND_HB",
+    "KIND_LINK",
+    "KIND_LINK_ERR",
+    "KIND_LINK_OK",
     "KIND_LIST",
     "KIND_LIST_R",
     "KIND_MSG",
@@ -84,6 +87,9 @@ KIND_WHO = b"WHO"
 KIND_LIST = b"LIST"
 KIND_LIST_R = b"LIST_R"
 KIND_BYE = b"BYE"
+KIND_LINK = b"LINK"  # the direct data links between cells (objdl/cell/_links.py)
+KIND_LINK_OK = b"LINK_OK"
+KIND_LINK_ERR = b"LINK_ERR"
 
 NACK_UNREACHABLE = b"unreachable"
 NACK_BUSY = b"busy"

@@ -25,6 +25,8 @@ from objdl.cell._core import CellCore
 from objdl.cell._dealer import settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread
+from objdl.cell._linkio import DataConfig, LinkSockets
+from objdl.cell._links import LinkTable, check_offer
 from objdl.cell._pending import OnDone, PendingRequest
 from objdl.errors import CellError
 from objdl.message import (
@@ -34,6 +36,7 @@ from objdl.message import (
     Signal,
 )
 from objdl.security import (
+    KeyPolicy,
     KeySource,
     PeerKeySource,
     PublicKeySource,
@@ -89,6 +92,21 @@ class Cell:
             messages with: a directory (``<name>.key`` files, or the broker's
             allow-list directory with its ``allowed.json``), or a mapping name ->
             key. Makes ``secure=True`` work (it needs the ``cryptography`` package).
+        data_bind: open a *data socket* on this address (e.g. ``"tcp://0.0.0.0:*"``, a
+            port chosen at start) so that sites downloading from this cell pull the
+            chunks directly from it instead of through the broker; the broker still
+            carries the first reply, which offers the socket (docs/PROTOCOL.md,
+            "Direct links"). Default: none, everything goes through the broker.
+        data_advertise: the address sites are told to connect to: a host (the bound
+            port is added) or a full ``tcp://HOST:PORT``. Needed when `data_bind`
+            listens on every interface; default: the bound address.
+        data_allowed_keys: the public keys that may connect to the data socket and
+            the names each may use, as for the broker (an allow-list directory, a
+            mapping name -> key, or a :class:`~objdl.security.KeyPolicy`). A cell that
+            talks CURVE to its broker makes its data socket a CURVE server too, with
+            these keys (default: `peer_keys`); giving them turns CURVE on.
+        direct_links: accept the direct links that owners offer (default True);
+            False keeps every message on the broker.
 
     Raises:
         KeyFileError: a key or key file is missing or malformed (a ValueError).
@@ -110,9 +128,21 @@ class Cell:
         broker_public_key: PublicKeySource | None = None,
         peer_keys: PeerKeySource | None = None,
         drain_timeout: float = 1.0,
+        data_bind: str | None = None,
+        data_advertise: str | None = None,
+        data_allowed_keys: PeerKeySource | None = None,
+        direct_links: bool = True,
     ) -> None:
         conf = settings(
             fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
+        )
+        data = _data_config(
+            data_bind,
+            data_advertise,
+            data_allowed_keys,
+            peer_keys,
+            curve=conf.broker_key is not None,
+            has_keys=conf.keys is not None,
         )
         self._fqcn = conf.fqcn
         self.broker_urls = conf.broker_urls
@@ -139,6 +169,17 @@ class Cell:
         self._stop_cbs: list[Callable[[], None]] = []
         self._pool = HandlerPool(self._fqcn, max_workers, core.handlers)
         core.dispatch = self._pool.put
+        self._heartbeat, self._broker_timeout = heartbeat_interval, broker_timeout
+        if direct_links:
+            core.link_table = LinkTable(
+                self._fqcn,
+                heartbeat_interval,
+                broker_timeout,
+                core.fail_link_requests,
+                core.waiters.waiting,
+                core.out,
+            )
+        self._links = LinkSockets(self._fqcn, self._ctx, core, self._keys, data)
         self._io = IOThread(
             self._fqcn,
             conf.broker_urls,
@@ -147,6 +188,7 @@ class Cell:
             self._waker,
             keys=self._keys,
             broker_key=self._broker_key,
+            links=self._links,
         )
         if self._e2e is not None:  # the handshake a first sealed fire waits for
             core.handlers.register(_E2E_CHANNEL, _E2E_HELLO, _hello, (), {})
@@ -188,6 +230,77 @@ class Cell:
     def get_fqcn(self) -> str:
         return self._fqcn
 
+    # ---------------------------------------------------------------- direct links
+
+    @property
+    def data_url(self) -> str | None:
+        """The address offered to sites for direct links (after :meth:`start`), or None."""
+        server = self._core.link_server
+        return None if server is None else server.url
+
+    def link_offer(self, peer: str) -> dict[str, Any] | None:
+        """An offer of this cell's data socket for `peer`, or None (no data socket).
+
+        Send it only in a message that goes to `peer` through the broker (a reply to
+        its request): the broker's authentication of `peer` is what the offer's token
+        carries over to the direct link.
+        """
+        server = self._core.link_server
+        if server is None or peer == self._fqcn:
+            return None
+        return server.offer(peer, time.monotonic())
+
+    def open_link(self, peer: str, offer: Any) -> str:
+        """Open a direct link to `peer` as its `offer` says; returns at once.
+
+        Until the link is up, and after it goes down, messages to `peer` go through
+        the broker. Returns ``""`` if the link is being made (or is up), else why it
+        is not used (offers are peer data: any value is checked).
+        """
+        table = self._core.link_table
+        if table is None:
+            return "direct links are off (direct_links=False)"
+        if not self._started or self._stopped:
+            return "the cell is not running"
+        checked = check_offer(offer)
+        if isinstance(checked, str):
+            log.warning("cell %s: ignored a link offer from %s: %s", self._fqcn, peer, checked)
+            return checked
+        if checked.key is None and self._broker_key is not None:
+            return "a plaintext link offered to a cell that uses CURVE: not used"
+        if checked.key is not None:
+            if self._keys is None:
+                return "a CURVE link needs curve_keys on this cell"
+            if self._e2e is not None:
+                known, _ = self._e2e.peer_key(peer)
+                if known is not None and known != checked.key:
+                    log.warning(
+                        "cell %s: link offer for %s carries a key that is not %s's: not used",
+                        self._fqcn,
+                        peer,
+                        peer,
+                    )
+                    return f"the offer's key is not the key known for {peer}"
+        why = table.open(peer, checked, time.monotonic())
+        if not why:
+            self._waker.wake()
+        return why
+
+    def link_state(self, peer: str) -> str:
+        """The direct link to `peer`: ``none``, ``connecting``, ``up`` or ``failed``."""
+        table = self._core.link_table
+        return "none" if table is None else table.state(peer)
+
+    @property
+    def link_stats(self) -> dict[str, int]:
+        """Counts of links opened, failed and lost (site) and bound, refused, dropped (owner)."""
+        out: dict[str, int] = {}
+        if self._core.link_table is not None:
+            out.update(self._core.link_table.stats)
+        if self._core.link_server is not None:
+            out.update(self._core.link_server.stats)
+        return out
+
     def start(self, timeout: float | None = None) -> None:
         """Connect and register; return once the broker has accepted this cell.
 
@@ -203,6 +316,12 @@ class Cell:
                 raise CellError(f"cell {self._fqcn!r} was already started; make a new Cell")
             self._started = True
         self._waker.open()
+        try:  # bound here, so that a port in use fails the start with a clear error
+            self._core.link_server = self._links.bind(2 * self._broker_timeout)
+        except Exception:
+            self._stopped = True
+            self._waker.close()
+            raise
         self._pool.start()
         self._io.start()
         ok = self._io.ready.wait(timeout)
@@ -490,3 +609,35 @@ class Cell:
                     return
                 if w.wait(min(left, _ABORT_POLL)):
                     break
+
+
+def _data_config(
+    bind: str | None,
+    advertise: str | None,
+    allowed: PeerKeySource | None,
+    peer_keys: PeerKeySource | None,
+    *,
+    curve: bool,
+    has_keys: bool,
+) -> DataConfig | None:
+    """Check the data-socket arguments of a Cell (see its docstring)."""
+    if bind is None:
+        if advertise is not None or allowed is not None:
+            raise ValueError("data_advertise and data_allowed_keys need data_bind")
+        return None
+    if not isinstance(bind, str) or not _URL.fullmatch(bind.replace(":*", ":0")):
+        raise ValueError(f"data_bind must look like tcp://HOST:PORT (PORT may be *), got {bind!r}")
+    if advertise is not None and (not isinstance(advertise, str) or not advertise.strip()):
+        raise ValueError(f"data_advertise must be a host or a tcp:// URL, got {advertise!r}")
+    if allowed is None and not curve:
+        return DataConfig(bind, advertise, None)  # plain TCP, as the broker connection
+    source = allowed if allowed is not None else peer_keys
+    if source is None:
+        raise ValueError(
+            "this cell talks CURVE to its broker, so its data socket is a CURVE server too: "
+            "give data_allowed_keys= (the allow-list of site keys and names, as the "
+            "broker's) or peer_keys="
+        )
+    if not has_keys:
+        raise ValueError("a CURVE data socket (data_allowed_keys) needs curve_keys")
+    return DataConfig(bind, advertise, KeyPolicy.of(source))

@@ -41,6 +41,7 @@ from objdl import wire
 from objdl._logutil import RateLimitedLog
 from objdl._session import Action, Session
 from objdl.cell._handlers import Handlers
+from objdl.cell._links import LinkClient, LinkServer, LinkTable
 from objdl.cell._pending import OnDone, PendingRequest, Sealed, Waiters
 from objdl.cell._secure import Opener
 from objdl.errors import CellError, WireError
@@ -152,6 +153,8 @@ class CellCore:
             self.resend,
         )
         self.handlers = Handlers(fqcn, max_pending, self.send_reply, self.opener.open_request)
+        self.link_server: LinkServer | None = None  # an owner's data socket (data_bind)
+        self.link_table: LinkTable | None = None  # a site's direct links
         self._origins: dict[bytes, str] = {}
         self._targets: set[str] = set()
         self.broker_url = ""  # for error texts; set by the shell
@@ -205,11 +208,12 @@ class CellCore:
 
     # ---------------------------------------------------------------- receiving
 
-    def _on_msg(self, frames: list[Any]) -> None:
+    def _on_msg(self, frames: list[Any], raw_origin: bytes | None = None) -> None:
         if len(frames) < 3:
             self.drop("short", "MSG with %d frames", len(frames))
             return
-        raw_origin = frames[1].bytes
+        if raw_origin is None:
+            raw_origin = frames[1].bytes
         origin = self._origins.get(raw_origin)
         if origin is None:
             try:
@@ -244,6 +248,8 @@ class CellCore:
         mtype = headers.get(_H.MSG_TYPE)
         if mtype == MessageType.REPLY:
             w = self.waiters.pop_from(headers.get(_H.REQ_ID), origin)
+            if w is not None and self.link_table is not None:
+                self.link_table.replied(origin, w.req_id)
             if w is None:
                 self.stats["dropped_late_reply"] += 1
                 log.debug(
@@ -372,17 +378,21 @@ class CellCore:
             )
             for t in targets
         ]
-        if not self.session.registered:
+        table = self.link_table
+        if not self.session.registered and not (
+            table is not None and all(t in table.up for t in targets)
+        ):  # (a direct link up to every target needs no broker)
             err = f"cell {self.fqcn} is not connected to the broker at {self.broker_url}"
             for p in pending:
                 p.resolve(make_reply(ReturnCode.COMM_ERROR, err))
             return pending
         self.waiters.add(pending)
         if not secure:
-            out = self.out
             for p in pending:
-                out.append(
-                    self.encode(request, channel, topic, p.target, MessageType.REQUEST, p.req_id)
+                self.queue(
+                    p.target,
+                    self.encode(request, channel, topic, p.target, MessageType.REQUEST, p.req_id),
+                    p.req_id,
                 )
             self.wake()
             return pending
@@ -444,7 +454,7 @@ class CellCore:
         """Queue a fire-and-forget `message` for each (checked) target."""
         if not secure:
             for t in targets:
-                self.out.append(self.encode(message, channel, topic, t, MessageType.FIRE, None))
+                self.queue(t, self.encode(message, channel, topic, t, MessageType.FIRE, None))
             self.wake()
             return
         try:
@@ -486,7 +496,7 @@ class CellCore:
                 req_id,
             )
         if not secure:
-            self.out.append(frames)
+            self.queue(origin, frames)
             self.wake()
             return
         try:
@@ -494,6 +504,73 @@ class CellCore:
         except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
             log.error("cell %s: sealed reply to %s not sent: %s", self.fqcn, origin, exc)
         self.wake()
+
+    def queue(self, target: str, frames: list[Any], req_id: int | None = None) -> None:
+        """Queue the MSG `frames` for `target`: on its direct link if one is up, else
+        for the broker (any thread; the caller wakes the shell)."""
+        server = self.link_server
+        if server is not None and server.route(target, frames):
+            return
+        table = self.link_table
+        if table is not None and table.up and table.route(target, frames, req_id):
+            return
+        self.out.append(frames)
+
+    # ---------------------------------------------------------------- direct links
+
+    def on_data_frames(
+        self, rid: bytes, frames: list[Any], identity: str | None, now: float
+    ) -> None:
+        """One message on the owner's data socket from connection `rid`."""
+        server = self.link_server
+        assert server is not None
+        if not frames:
+            return
+        kind = frames[0].bytes
+        if kind == wire.KIND_MSG:
+            name = server.bound(rid, now)
+            if name is None:
+                self.drop("link", "message on an unlinked data connection")
+                server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
+            elif len(frames) < 3 or frames[1].bytes != self.fqcn.encode():
+                self.drop("link", "direct message from %s not addressed to this cell", name)
+            else:
+                self._on_msg(frames, name.encode())
+        elif kind == wire.KIND_HB and len(frames) == 1:
+            if server.bound(rid, now) is None:
+                server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
+            else:
+                server.out.append([rid, wire.KIND_HB])
+        elif kind == wire.KIND_LINK and all(len(f) <= 512 for f in frames):
+            server.on_link(rid, frames, identity, now)
+        elif kind == wire.KIND_BYE:
+            server.unbind(rid)
+        else:
+            self.drop("link", "unexpected %r on the data socket", kind[:16])
+
+    def on_link_frames(self, link: LinkClient, frames: list[Any], now: float) -> None:
+        """One message from the owner on a site's direct `link`."""
+        table = self.link_table
+        assert table is not None
+        if not frames:
+            return
+        if frames[0].bytes == wire.KIND_MSG:
+            msg = table.on_frames(link, frames, now)
+            if msg is None:
+                self.drop("link", "message from %s on a link not up", link.peer)
+            else:
+                self._on_msg(msg)
+        elif len(frames) <= 2 and all(len(f) <= 512 for f in frames):
+            table.on_frames(link, frames, now)
+        else:
+            self.drop("link", "unexpected message on the link to %s", link.peer)
+
+    def fail_link_requests(self, req_ids: set[int], why: str) -> None:
+        """Requests sent over a link that went down: ``comm_error`` now (callers retry)."""
+        for req_id in req_ids:
+            w = self.waiters.pop(req_id)
+            if w is not None:
+                w.resolve(make_reply(ReturnCode.COMM_ERROR, why))
 
     # ---------------------------------------------------------------- encoding and sealing
 
@@ -541,13 +618,12 @@ class CellCore:
         """
         assert self.e2e is not None
         route = [wire.KIND_MSG, target.encode()]
-        out = self.out
 
         def deliver(sealed: list[Any]) -> None:
             if pending is not None:
                 pending.seal = seal_of(sealed)
             _hold_plain(sealed, frames)
-            out.append(route + sealed)
+            self.queue(target, route + sealed, None if pending is None else pending.req_id)
 
         self.e2e.outbound(target).seal(frames, deliver, in_reply_to=in_reply_to)
 

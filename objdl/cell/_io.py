@@ -24,6 +24,7 @@ from objdl._session import Action, SessionState
 from objdl._wake import Waker
 from objdl.cell._core import CellCore
 from objdl.cell._dealer import Handshake, close_dealer, new_dealer
+from objdl.cell._linkio import LinkSockets
 from objdl.security import KeyPair
 
 __all__ = ["IOThread"]
@@ -47,8 +48,10 @@ class IOThread:
         *,
         keys: KeyPair | None,
         broker_key: bytes | None,
+        links: LinkSockets | None = None,
     ) -> None:
         self._name = name
+        self._links = links
         self._urls = broker_urls
         self._url_index = 0
         self._ctx = ctx
@@ -103,6 +106,11 @@ class IOThread:
             self.registered = False
             self.connected.clear()
             self.ready.set()
+            if self._links is not None:
+                try:
+                    self._links.close()
+                except Exception:
+                    log.exception("cell %s: closing the direct links failed", self._name)
             if self._sock is not None:
                 self._close_socket(self._sock)
                 self._sock = None
@@ -121,10 +129,15 @@ class IOThread:
         monitor = self._monitor
         if monitor is not None:
             poller.register(monitor, zmq.POLLIN)
+        links = self._links
+        if links is not None:
+            links.register(poller)
         stalled: list[Any] | None = None
         while not self._stopping.is_set():
             now = time.monotonic()
             act = core.on_tick(now)
+            if links is not None:
+                links.tick(now)
             if act.reconnect:
                 poller.unregister(sock)
                 if monitor is not None:
@@ -151,10 +164,16 @@ class IOThread:
                     poller.register(sock, zmq.POLLIN | zmq.POLLOUT if want_out else zmq.POLLIN)
             elif out:
                 out.clear()  # requests made while unregistered already failed
+            if links is not None:
+                links.flush()
             wait = max(0.0, session.next_deadline() - time.monotonic())
             if out and stalled is None and session.state is SessionState.REGISTERED:
                 wait = 0.0  # queued meanwhile (by a handler, or an on_done hook)
+            if links is not None and links.busy():
+                wait = 0.0
             events = dict(poller.poll(int(min(wait, 0.1) * 1000)))
+            if links is not None:
+                links.on_events(events)
             if waker.read_fd in events:
                 waker.woken()
             if sock in events:
@@ -163,6 +182,8 @@ class IOThread:
                 self._on_handshake(monitor)
         if session.state is SessionState.REGISTERED:
             self._flush(sock, stalled)  # replies the last handlers queued
+        if links is not None:
+            links.flush()
         bye = core.close()
         if bye is not None:
             with contextlib.suppress(zmq.ZMQError):

@@ -138,6 +138,10 @@ class Waiters:
         with self._lock:
             self._requests.pop(req_id, None)
 
+    def waiting(self, req_id: int) -> bool:
+        """True while request `req_id` waits for its reply."""
+        return req_id in self._requests
+
     def pop(self, req_id: Any) -> PendingRequest | None:
         """Take out the request `req_id` (any value from the network), if it waits."""
         if not isinstance(req_id, int):

@@ -35,6 +35,7 @@ class _PropKey:
     STATUS = "status"
     ERROR = "error"
     CANCEL = "cancel"  # payload key (not in the seed): the site gives up, with a reason
+    DIRECT = "direct"  # first reply's payload key (not in the seed): a direct link offer
 
 
 class ProduceRC:

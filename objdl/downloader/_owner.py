@@ -68,6 +68,8 @@ class _OwnerState:
     def __init__(self, cell: CellLike, clock: Callable[[], float] | None = None) -> None:
         self.cell = cell
         self.clock = clock_of(cell) if clock is None else clock
+        # A cell with a data socket (Cell(data_bind=...)) offers sites a direct link.
+        self.link_offer: Callable[[str], dict | None] | None = getattr(cell, "link_offer", None)
         self.table = TransactionTable()
         self.inflight = InFlight(MAX_INFLIGHT_PER_SITE, MAX_INFLIGHT_TOTAL)
         self._cond = threading.Condition()
@@ -212,10 +214,12 @@ class _OwnerState:
             if busy is not None:
                 return self._busy(rid, requester, busy)
             self._served(ref, requester, state, data, new_state, now)
-            return make_reply(
-                ReturnCode.OK,
-                body={_PropKey.STATUS: rc, _PropKey.STATE: new_state, _PropKey.DATA: data},
-            )
+            body = {_PropKey.STATUS: rc, _PropKey.STATE: new_state, _PropKey.DATA: data}
+            if state is None or "offset" not in state:  # a first request: offer a link
+                offer = self.link_offer(requester) if self.link_offer is not None else None
+                if offer is not None:
+                    body[_PropKey.DIRECT] = offer
+            return make_reply(ReturnCode.OK, body=body)
         if rc == ProduceRC.EOF:
             short = self._not_delivered(ref, requester)
             if short is not None:

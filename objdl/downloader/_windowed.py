@@ -31,10 +31,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from objdl.cell import PendingRequest
-from objdl.downloader._defs import OBJ_DOWNLOADER_CHANNEL, OBJ_DOWNLOADER_TOPIC
+from objdl.downloader._defs import OBJ_DOWNLOADER_CHANNEL, OBJ_DOWNLOADER_TOPIC, _PropKey
 from objdl.downloader._reply import Descriptor
 from objdl.downloader._window import ChunkRequest, DownloadWindow, Failed, Step, Write
 from objdl.downloader.sized import INLINE_DIGESTS, OrderedDigest, SizedConsumer
+from objdl.message import Message
 
 if TYPE_CHECKING:
     from objdl.downloader._site import _Requester
@@ -129,6 +130,7 @@ class _Window:
         self.planned = 0.0  # when the download's thread wakes next, unless nudged
         self.outcome: Step | None = None
         self._local = threading.local()  # per thread: requests waiting to be sent
+        self.offer_seen = False  # the first reply (which may offer a direct link) came
 
     def run(self) -> Step:
         """Download; the last step, once verified and the owner told, or failed."""
@@ -182,6 +184,8 @@ class _Window:
                     if key is not None:
                         assert item.reply is not None
                         self.pending.pop(key, None)
+                        if not self.offer_seen:
+                            self.take_offer(item.reply)
                         self.apply(self.feed(self.win.on_reply, key, item.reply))
                 if self.outcome is not None:
                     return
@@ -308,6 +312,25 @@ class _Window:
 
     # -- any thread -------------------------------------------------------------------
 
+    def take_offer(self, reply: Message) -> None:
+        """The first reply: if it offers a direct link to the owner, have the cell open it.
+
+        The chunks then skip the broker once the link is up; until then, and if it
+        cannot be made or goes down, they go through the broker (the cell decides).
+        """
+        self.offer_seen = True
+        payload = reply.payload
+        offer = payload.get(_PropKey.DIRECT) if isinstance(payload, dict) else None
+        open_link = getattr(self.req.cell, "open_link", None)
+        if offer is None or open_link is None:
+            return
+        try:
+            why = open_link(self.req.owner, offer)
+        except Exception as exc:  # never let a link end a download
+            why = f"{type(exc).__name__}: {exc}"
+        if why:
+            log.debug("download %s: no direct link to %s: %s", self.req.ref_id, self.req.owner, why)
+
     def send(self, reqs: list[ChunkRequest]) -> None:
         """Send `reqs`; on a thread already sending (a reply came back inside
         ``request_async``), queue them for that outer call instead of nesting."""
@@ -364,6 +387,8 @@ class _Window:
         """
         abort = self.req.abort
         now = time.monotonic()
+        if not self.offer_seen and p.reply is not None:
+            self.take_offer(p.reply)
         with self.lock:
             if self.closed:
                 return

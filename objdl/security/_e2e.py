@@ -342,6 +342,10 @@ class EndToEnd:
 
     # -- sending -------------------------------------------------------------------
 
+    def peer_key(self, name: str) -> tuple[bytes | None, str]:
+        """The public key known for `name` and ``""``, or None and why there is none."""
+        return self._peers.lookup(name)
+
     def require_peer(self, name: str) -> bytes:
         """The public key for `name`.
 

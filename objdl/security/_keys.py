@@ -336,6 +336,17 @@ class KeyPolicy:
             labels.setdefault(public, name)
         return cls(bindings, labels)
 
+    @classmethod
+    def of(cls, source: PathLike | Mapping[str, PublicKeySource] | KeyPolicy) -> KeyPolicy:
+        """A policy from an allow-list directory, a mapping name -> key, or a policy."""
+        if isinstance(source, KeyPolicy):
+            return source
+        if isinstance(source, Mapping):
+            return cls.exact(source)
+        if isinstance(source, (str, os.PathLike)):
+            return cls.from_dir(source)
+        raise TypeError(f"keys must be a directory or a mapping, not {type(source).__name__}")
+
     @property
     def keys(self) -> frozenset[bytes]:
         return frozenset(self._names)
@@ -436,19 +447,8 @@ class PeerKeys:
         own: tuple[str, bytes] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._dir: Path | None = None
-        if isinstance(source, KeyPolicy):
-            policy = source
-        elif isinstance(source, Mapping):
-            policy = KeyPolicy.exact(source)
-        elif isinstance(source, (str, os.PathLike)):
-            self._dir = Path(source)
-            policy = KeyPolicy.from_dir(self._dir)
-        else:
-            raise TypeError(
-                f"peer keys must be a directory or a mapping, not {type(source).__name__}"
-            )
-        self._policy = policy
+        self._dir = Path(source) if isinstance(source, (str, os.PathLike)) else None
+        self._policy = KeyPolicy.of(source)
         self._own = own
         self._clock = clock
         self._lock = threading.Lock()

@@ -1,0 +1,373 @@
+"""The sockets of a cell's direct links, driven by its I/O thread (see ``_links.py``).
+
+An owner made with ``data_bind`` gets a ROUTER, the *data socket*; under CURVE it
+lives in a private ZeroMQ context whose ZAP handler is bound first, on the same I/O
+thread, so no connection is accepted unchecked and no other ZAP handler in the
+process (a broker's, say) is in the way. A site gets one DEALER per link, with a
+monitor socket so that a closed connection or a refused CURVE key takes the link
+down at once instead of after the heartbeat timeout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from objdl._frames import POLLIN, recv_frames, send_frames, zmq_events
+from objdl.cell._core import CellCore
+from objdl.cell._links import LINK_MAX_TO_OWNER, LINK_MAX_TO_SITE, LinkClient, LinkServer
+from objdl.errors import CellError
+from objdl.security import ZAP_ENDPOINT, KeyPair, KeyPolicy, zap_reply
+
+__all__ = ["DataConfig", "LinkSockets", "advertised_url"]
+
+log = logging.getLogger("objdl.cell")
+
+_DRAIN = 256
+_MONITOR_EVENTS = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """An owner's data socket: where it binds, what it advertises, how it authenticates."""
+
+    bind: str
+    advertise: str | None  # a URL or a host; None: the bound address
+    policy: KeyPolicy | None  # CURVE server with this allow-list; None: plain TCP
+
+
+def advertised_url(bound: str, advertise: str | None) -> str:
+    """The address sites are told to connect to, from the bound one and `advertise`."""
+    if advertise is not None and "://" in advertise:
+        return advertise
+    if not bound.startswith("tcp://"):
+        return bound
+    host, _, port = bound[len("tcp://") :].rpartition(":")
+    if advertise is not None:
+        host = f"[{advertise}]" if ":" in advertise and not advertise.startswith("[") else advertise
+    elif host in _WILDCARD_HOSTS:
+        raise CellError(
+            f"data_bind {bound!r} listens on every interface: give data_advertise= the host "
+            "or address that sites use to reach this cell"
+        )
+    return f"tcp://{host}:{port}"
+
+
+class LinkSockets:
+    """The owner's data socket and the site's link sockets of one cell."""
+
+    def __init__(
+        self,
+        name: str,
+        ctx: zmq.Context,
+        core: CellCore,
+        keys: KeyPair | None,
+        data: DataConfig | None,
+    ) -> None:
+        self._name = name
+        self._ctx = ctx
+        self._core = core
+        self._keys = keys
+        self._data = data
+        self._private: zmq.Context | None = None
+        self.router: zmq.Socket | None = None
+        self.zap: zmq.Socket | None = None
+        self._stalled: list[Any] | None = None
+        self._socks: dict[int, tuple[LinkClient, zmq.Socket, zmq.Socket]] = {}  # id(link)
+        self._by_sock: dict[zmq.Socket, LinkClient] = {}
+        self._by_monitor: dict[zmq.Socket, LinkClient] = {}
+        self._poller: zmq.Poller | None = None
+
+    # -- the owner's data socket ----------------------------------------------------------
+
+    def bind(self, timeout: float) -> LinkServer | None:
+        """Bind the data socket (if configured); the core's :class:`LinkServer` for it.
+
+        Raises CellError if the address cannot be bound.
+        """
+        data = self._data
+        if data is None:
+            return None
+        ctx = self._ctx
+        if data.policy is not None:
+            self._private = ctx = zmq.Context()
+            self.zap = ctx.socket(zmq.REP)
+            self.zap.linger = 0
+            self.zap.bind(ZAP_ENDPOINT)  # before the ROUTER: nothing gets in unchecked
+        sock = ctx.socket(zmq.ROUTER)
+        sock.linger = 0
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone site is an error, not a silent drop
+        sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_TO_OWNER)
+        sock.setsockopt(zmq.RCVHWM, 256)
+        key = None
+        if data.policy is not None:
+            assert self._keys is not None
+            sock.curve_server = True
+            sock.curve_secretkey = self._keys.secret
+            sock.curve_publickey = self._keys.public
+            sock.zap_domain = b"objdl"
+            with contextlib.suppress(AttributeError, zmq.ZMQError):  # fail closed without ZAP
+                sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+            key = self._keys.public
+        try:
+            sock.bind(data.bind)
+            bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            url = advertised_url(bound, data.advertise)
+        except (zmq.ZMQError, CellError) as exc:
+            sock.close(linger=0)
+            self._close_private()
+            if isinstance(exc, CellError):
+                raise
+            raise CellError(
+                f"cell {self._name}: cannot bind data_bind {data.bind!r}: {exc}"
+            ) from exc
+        self.router = sock
+        log.info("cell %s: data socket on %s (offered as %s)", self._name, bound, url)
+        return LinkServer(self._name, url, key, data.policy, timeout)
+
+    def _close_private(self) -> None:
+        if self.zap is not None:
+            self.zap.close(linger=0)
+            self.zap = None
+        if self._private is not None:
+            self._private.term()
+            self._private = None
+
+    # -- polling -------------------------------------------------------------------------
+
+    def register(self, poller: zmq.Poller) -> None:
+        self._poller = poller
+        if self.router is not None:
+            poller.register(self.router, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap, zmq.POLLIN)
+
+    def busy(self) -> bool:
+        """Something waits to be sent on a link (the loop should not sleep)."""
+        server, table = self._core.link_server, self._core.link_table
+        if server is not None and server.out and self._stalled is None:
+            return True
+        return table is not None and any(link.out for link in table.up.values())
+
+    def on_events(self, events: dict[Any, int]) -> None:
+        """Read whatever the poll said is readable on the link sockets."""
+        now = time.monotonic()
+        if self.zap is not None and self.zap in events:
+            self._answer_zap()
+        if self.router is not None and self.router in events:
+            self._drain_router(now)
+        for sock, link in list(self._by_sock.items()):
+            if sock in events:
+                self._drain_link(sock, link, now)
+        for monitor, link in list(self._by_monitor.items()):
+            if monitor in events:
+                self._on_monitor(monitor, link, now)
+
+    def _answer_zap(self) -> None:
+        assert self.zap is not None and self._data is not None and self._data.policy is not None
+        allows = self._data.policy.allows_key
+        for _ in range(64):
+            try:
+                request = self.zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            with contextlib.suppress(zmq.ZMQError):
+                self.zap.send_multipart(zap_reply(request, allows), zmq.NOBLOCK)
+
+    def _drain_router(self, now: float) -> None:
+        sock = self.router
+        assert sock is not None
+        core = self._core
+        curve = self._data is not None and self._data.policy is not None
+        for _ in range(_DRAIN):
+            if not zmq_events(sock) & POLLIN:
+                return
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                return
+            if len(frames) < 2:
+                continue
+            identity: str | None = None
+            if curve:
+                with contextlib.suppress(zmq.ZMQError):
+                    user = frames[1].get("User-Id")
+                    identity = user if isinstance(user, str) else None
+            core.on_data_frames(frames[0].bytes, frames[1:], identity, now)
+
+    def _drain_link(self, sock: zmq.Socket, link: LinkClient, now: float) -> None:
+        core = self._core
+        for _ in range(_DRAIN):
+            if link.state in ("closed", "failed") or not zmq_events(sock) & POLLIN:
+                return
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                return
+            core.on_link_frames(link, frames, now)
+
+    def _on_monitor(self, monitor: zmq.Socket, link: LinkClient, now: float) -> None:
+        table = self._core.link_table
+        assert table is not None
+        for _ in range(16):
+            try:
+                event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            except (zmq.ZMQError, ValueError, IndexError):
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_DISCONNECTED:
+                table.down(link, "connection closed", now, failed=True)
+            elif kind & _MONITOR_EVENTS:
+                table.down(link, f"CURVE handshake failed ({zmq.Event(kind).name})", now, True)
+
+    # -- each turn of the loop -------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Open and close link sockets as the table asks; heartbeats; timeouts."""
+        server, table = self._core.link_server, self._core.link_table
+        if server is not None:
+            server.tick(now)
+        if table is None:
+            return
+        while table.opens:
+            self._open(table.opens.popleft())
+        for link, frames in table.tick(now):
+            self._send_control(link, frames)
+        while table.closes:
+            self._close(table.closes.popleft())
+
+    def _send_control(self, link: LinkClient, frames: list[Any]) -> None:
+        entry = self._socks.get(id(link))
+        if entry is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                entry[1].send_multipart(frames, zmq.NOBLOCK)
+
+    def _open(self, link: LinkClient) -> None:
+        table = self._core.link_table
+        assert table is not None
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_TO_SITE)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        key = link.offer.key
+        if key is not None:
+            assert self._keys is not None
+            sock.curve_serverkey = key
+            sock.curve_publickey = self._keys.public
+            sock.curve_secretkey = self._keys.secret
+        monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+        monitor.linger = 0
+        try:
+            sock.connect(link.offer.url)
+        except zmq.ZMQError as exc:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+            sock.close(linger=0)
+            table.down(link, f"cannot connect to {link.offer.url}: {exc}", time.monotonic(), True)
+            return
+        self._socks[id(link)] = (link, sock, monitor)
+        self._by_sock[sock] = link
+        self._by_monitor[monitor] = link
+        if self._poller is not None:
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(monitor, zmq.POLLIN)
+
+    def _close(self, link: LinkClient) -> None:
+        entry = self._socks.pop(id(link), None)
+        if entry is None:
+            return
+        _, sock, monitor = entry
+        self._by_sock.pop(sock, None)
+        self._by_monitor.pop(monitor, None)
+        if self._poller is not None:
+            self._poller.unregister(sock)
+            self._poller.unregister(monitor)
+        with contextlib.suppress(zmq.ZMQError):
+            sock.disable_monitor()
+        monitor.close(linger=0)
+        sock.close(linger=0)
+
+    def flush(self) -> None:
+        """Send what waits on the data socket and on each link, without blocking."""
+        core = self._core
+        server, table = core.link_server, core.link_table
+        if server is not None and self.router is not None:
+            self._flush_router(server)
+        if table is None or not table.up:
+            return
+        for link in list(table.up.values()):
+            entry = self._socks.get(id(link))
+            if entry is None or not link.out:
+                continue
+            sock = entry[1]
+            out = link.out
+            while out:
+                frames = out[0]
+                try:
+                    send_frames(sock, frames)
+                except zmq.Again:
+                    break  # the heartbeat timeout or the monitor takes a dead link down
+                except zmq.ZMQError as exc:
+                    table.down(link, f"send failed: {exc}", time.monotonic(), failed=True)
+                    break
+                out.popleft()
+                core.stats["sent"] += 1
+
+    def _flush_router(self, server: LinkServer) -> None:
+        sock = self.router
+        assert sock is not None
+        out = server.out
+        core = self._core
+        while True:
+            item = self._stalled if self._stalled is not None else (out.popleft() if out else None)
+            if item is None:
+                return
+            try:
+                send_frames(sock, item)
+            except zmq.Again:
+                self._stalled = item
+                return
+            except zmq.ZMQError as exc:
+                self._stalled = None
+                if exc.errno != errno.EHOSTUNREACH:
+                    log.warning("cell %s: data socket send failed: %s", self._name, exc)
+                back = server.unreachable(item[0], item)
+                if back is not None:
+                    core.out.append(back)
+                    core.wake()
+                continue
+            self._stalled = None
+            core.stats["sent"] += 1
+
+    # -- the end ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """BYE on every link, then every socket closed (the private context ended)."""
+        table = self._core.link_table
+        if table is not None:
+            for link, frames in table.close_all(time.monotonic()):
+                self._send_control(link, frames)
+            while table.closes:
+                self._close(table.closes.popleft())
+        for link, sock, monitor in list(self._socks.values()):
+            self._close(link)
+            del sock, monitor
+        if self.router is not None:
+            self.router.close(linger=0)
+            self.router = None
+        self._close_private()
