@@ -64,6 +64,7 @@ _NACK_RC = {
     wire.NACK_UNREGISTERED: ReturnCode.COMM_ERROR,
 }
 _NAME_CACHE = 4096  # names come from the network and from callers: caches stay bounded
+_VIA_MAX = 65536  # requests from direct links waiting for their reply
 _SECURE_MSG = (
     "secure=True needs end-to-end keys, which cell {} does not have: give it curve_keys= "
     "(its key pair) and peer_keys= (its peers' public keys); refusing rather than sending "
@@ -155,6 +156,7 @@ class CellCore:
         self.handlers = Handlers(fqcn, max_pending, self.send_reply, self.opener.open_request)
         self.link_server: LinkServer | None = None  # an owner's data socket (data_bind)
         self.link_table: LinkTable | None = None  # a site's direct links
+        self._via: dict[tuple[str, int], bytes] = {}  # (site, req_id) -> data connection
         self._origins: dict[bytes, str] = {}
         self._targets: set[str] = set()
         self.broker_url = ""  # for error texts; set by the shell
@@ -208,7 +210,10 @@ class CellCore:
 
     # ---------------------------------------------------------------- receiving
 
-    def _on_msg(self, frames: list[Any], raw_origin: bytes | None = None) -> None:
+    def _on_msg(
+        self, frames: list[Any], raw_origin: bytes | None = None, via: bytes | None = None
+    ) -> None:
+        """A MSG; `raw_origin` and `via` (its connection) when it came on a direct link."""
         if len(frames) < 3:
             self.drop("short", "MSG with %d frames", len(frames))
             return
@@ -230,7 +235,7 @@ class CellCore:
             except WireError:
                 headers = {}  # wire.decode below says what is wrong
             if headers.get(_H.SECURE):
-                self._on_sealed(frames, headers, origin)
+                self._on_sealed(frames, headers, origin, via)
                 return
         try:
             msg = wire.decode(frames[2:])
@@ -258,6 +263,8 @@ class CellCore:
                 return
             w.resolve(Opener.unsealed(msg, origin) if w.secure else msg)
         elif mtype in (MessageType.REQUEST, MessageType.FIRE):
+            if via is not None and mtype == MessageType.REQUEST:
+                self._note_via(origin, headers.get(_H.REQ_ID), via)
             if self.handlers.inline(headers.get(_H.CHANNEL), headers.get(_H.TOPIC)):
                 self.handlers.run(msg, origin)
             elif self.handlers.admit(mtype, msg, origin):
@@ -265,7 +272,9 @@ class CellCore:
         else:
             self.drop("mtype", "unknown msg_type %r from %s", mtype, origin)
 
-    def _on_sealed(self, frames: list[Any], headers: dict[str, Any], origin: str) -> None:
+    def _on_sealed(
+        self, frames: list[Any], headers: dict[str, Any], origin: str, via: bytes | None
+    ) -> None:
         """A message marked secure, at a cell that can open it (requests open on the pool)."""
         self.stats["received"] += 1
         mtype = headers.get(_H.MSG_TYPE)
@@ -276,6 +285,8 @@ class CellCore:
                 return
             self.opener.open_reply(frames, w, origin)
         elif mtype in (MessageType.REQUEST, MessageType.FIRE):
+            if via is not None and mtype == MessageType.REQUEST:
+                self._note_via(origin, headers.get(_H.REQ_ID), via)
             if self.handlers.admit(mtype, Message(headers), origin):
                 self.dispatch(Sealed(frames[2:], headers), origin)
         else:
@@ -389,7 +400,7 @@ class CellCore:
         self.waiters.add(pending)
         if not secure:
             for p in pending:
-                self.queue(
+                self.queue_request(
                     p.target,
                     self.encode(request, channel, topic, p.target, MessageType.REQUEST, p.req_id),
                     p.req_id,
@@ -454,7 +465,9 @@ class CellCore:
         """Queue a fire-and-forget `message` for each (checked) target."""
         if not secure:
             for t in targets:
-                self.queue(t, self.encode(message, channel, topic, t, MessageType.FIRE, None))
+                self.queue_request(
+                    t, self.encode(message, channel, topic, t, MessageType.FIRE, None)
+                )
             self.wake()
             return
         try:
@@ -481,6 +494,7 @@ class CellCore:
         channel = request.get_header(_H.CHANNEL) or ""
         topic = request.get_header(_H.TOPIC) or ""
         req_id = request.get_header(_H.REQ_ID)
+        via = self._via.pop((origin, req_id), None) if self._via and type(req_id) is int else None
         encode = self.encode_secure if secure else self.encode
         try:
             frames = encode(reply, channel, topic, origin, MessageType.REPLY, req_id)
@@ -496,25 +510,44 @@ class CellCore:
                 req_id,
             )
         if not secure:
-            self.queue(origin, frames)
+            self.queue_reply(origin, frames, via)
             self.wake()
             return
         try:
-            self.queue_sealed(origin, frames, secure if isinstance(secure, bytes) else b"")
+            self.queue_sealed(
+                origin, frames, secure if isinstance(secure, bytes) else b"", via=via, reply=True
+            )
         except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
             log.error("cell %s: sealed reply to %s not sent: %s", self.fqcn, origin, exc)
         self.wake()
 
-    def queue(self, target: str, frames: list[Any], req_id: int | None = None) -> None:
-        """Queue the MSG `frames` for `target`: on its direct link if one is up, else
-        for the broker (any thread; the caller wakes the shell)."""
-        server = self.link_server
-        if server is not None and server.route(target, frames):
-            return
+    def queue_request(self, target: str, frames: list[Any], req_id: int | None = None) -> None:
+        """Queue a request's or fire's MSG `frames` for `target`: on the direct link to
+        it if one is up, else for the broker (any thread; the caller wakes the shell)."""
         table = self.link_table
         if table is not None and table.up and table.route(target, frames, req_id):
             return
         self.out.append(frames)
+
+    def queue_reply(self, target: str, frames: list[Any], via: bytes | None) -> None:
+        """Queue a reply's MSG `frames` the way its request came: `via` the data
+        socket's connection it arrived on (if still bound to `target`), else the broker.
+
+        Never by the target's name alone: a site that gave up on its link asks again
+        through the broker, and must get that answer through the broker.
+        """
+        server = self.link_server
+        if via is not None and server is not None and server.route_to(via, target, frames):
+            return
+        self.out.append(frames)
+
+    def _note_via(self, origin: str, req_id: Any, via: bytes) -> None:
+        """A request came on the data socket's connection `via`: its reply goes back there."""
+        if type(req_id) is not int:
+            return
+        if len(self._via) >= _VIA_MAX:  # replies never sent (a dropped sealed request...)
+            self._via.clear()
+        self._via[(origin, req_id)] = via
 
     # ---------------------------------------------------------------- direct links
 
@@ -535,7 +568,7 @@ class CellCore:
             elif len(frames) < 3 or frames[1].bytes != self.fqcn.encode():
                 self.drop("link", "direct message from %s not addressed to this cell", name)
             else:
-                self._on_msg(frames, name.encode())
+                self._on_msg(frames, name.encode(), rid)
         elif kind == wire.KIND_HB and len(frames) == 1:
             if server.bound(rid, now) is None:
                 server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
@@ -610,6 +643,8 @@ class CellCore:
         frames: list[Any],
         in_reply_to: bytes = b"",
         pending: PendingRequest | None = None,
+        via: bytes | None = None,
+        reply: bool = False,
     ) -> None:
         """Seal `frames` for `target` and queue them, in the order of their counters.
 
@@ -623,7 +658,12 @@ class CellCore:
             if pending is not None:
                 pending.seal = seal_of(sealed)
             _hold_plain(sealed, frames)
-            self.queue(target, route + sealed, None if pending is None else pending.req_id)
+            if reply:
+                self.queue_reply(target, route + sealed, via)
+            else:
+                self.queue_request(
+                    target, route + sealed, None if pending is None else pending.req_id
+                )
 
         self.e2e.outbound(target).seal(frames, deliver, in_reply_to=in_reply_to)
 

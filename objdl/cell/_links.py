@@ -250,10 +250,11 @@ class LinkServer:
             self.unbind(rid)
             self.stats["link_dropped"] += 1
 
-    def route(self, target: str, frames: list[Any]) -> bool:
-        """Queue `frames` (``[MSG, target, ...]``) on `target`'s link if it has one."""
-        rid = self._by_name.get(target)
-        if rid is None or frames_size(frames) > LINK_MAX_TO_SITE:
+    def route_to(self, rid: bytes, target: str, frames: list[Any]) -> bool:
+        """Queue the reply `frames` (``[MSG, target, ...]``) on connection `rid` if it is
+        still bound to `target` (any thread); False: send it through the broker."""
+        entry = self._by_rid.get(rid)
+        if entry is None or entry[0] != target or frames_size(frames) > LINK_MAX_TO_SITE:
             return False
         frames = list(frames)
         frames[1] = self._name_b  # the site sees its peer's name, as from the broker
