@@ -204,8 +204,11 @@ class CellCore:
 
     def _after(self, act: Action) -> None:
         if act.lost:
+            table = self.link_table
             self.waiters.fail_all(
-                ReturnCode.COMM_ERROR, f"connection to the broker lost: {act.lost}"
+                ReturnCode.COMM_ERROR,
+                f"connection to the broker lost: {act.lost}",
+                keep=frozenset() if table is None else table.in_flight(),
             )
 
     # ---------------------------------------------------------------- receiving

@@ -31,6 +31,7 @@ __all__ = ["DataConfig", "LinkSockets", "advertised_url"]
 log = logging.getLogger("objdl.cell")
 
 _DRAIN = 256
+_TICK = 0.02  # links' hellos, heartbeats and timeouts are looked at this often
 _MONITOR_EVENTS = (
     zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -90,6 +91,7 @@ class LinkSockets:
         self._by_sock: dict[zmq.Socket, LinkClient] = {}
         self._by_monitor: dict[zmq.Socket, LinkClient] = {}
         self._poller: zmq.Poller | None = None
+        self._next_tick = 0.0
 
     # -- the owner's data socket ----------------------------------------------------------
 
@@ -238,12 +240,16 @@ class LinkSockets:
     def tick(self, now: float) -> None:
         """Open and close link sockets as the table asks; heartbeats; timeouts."""
         server, table = self._core.link_server, self._core.link_table
+        if table is not None:
+            while table.opens:
+                self._open(table.opens.popleft())
+        if now < self._next_tick:
+            return
+        self._next_tick = now + _TICK
         if server is not None:
             server.tick(now)
         if table is None:
             return
-        while table.opens:
-            self._open(table.opens.popleft())
         for link, frames in table.tick(now):
             self._send_control(link, frames)
         while table.closes:

@@ -434,6 +434,11 @@ class LinkTable:
         if sent:
             self._fail(sent, f"direct link to {link.peer} {link.state}: {why}")
 
+    def in_flight(self) -> frozenset[int]:
+        """The requests sent over links that are up (they need no broker)."""
+        with self.lock:
+            return frozenset(r for link in self.up.values() for r in link.sent_requests)
+
     def replied(self, peer: str, req_id: int) -> None:
         """Request `req_id` to `peer` got its reply (whichever way it came)."""
         link = self.up.get(peer)

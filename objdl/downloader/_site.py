@@ -130,7 +130,7 @@ class _Requester:
         budget for an outage is ``tries x per_request_timeout`` (and the overall
         deadline, and the abort signal).
         """
-        if self.cell.is_connected:
+        if self.cell.is_connected or self.link_up():
             return
         budget = self.retry.tries * self.timeout
         end = time.monotonic() + budget
@@ -141,11 +141,18 @@ class _Requester:
         )
         while not self.cell.wait_connected(min(_ABORT_POLL, max(0.0, end - time.monotonic()))):
             self.check()
+            if self.link_up():
+                return
             if time.monotonic() >= end:
                 raise _Failed(
                     f"comm_error: no broker connection for {budget:g}s (longer than the retry "
                     f"budget of tries x per_request_timeout) after {self.elapsed()}"
                 )
+
+    def link_up(self) -> bool:
+        """True while a direct link to the owner is up (it carries the download)."""
+        state = getattr(self.cell, "link_state", None)
+        return state is not None and state(self.owner) == "up"
 
     def elapsed(self) -> str:
         return f"{time.monotonic() - self.started:.2f}s"
