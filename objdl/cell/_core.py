@@ -606,6 +606,7 @@ class CellCore:
         for req_id in req_ids:
             w = self.waiters.pop(req_id)
             if w is not None:
+                w.link_lost = True
                 w.resolve(make_reply(ReturnCode.COMM_ERROR, why))
 
     # ---------------------------------------------------------------- encoding and sealing

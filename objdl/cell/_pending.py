@@ -35,6 +35,7 @@ class PendingRequest:
         "deadline",
         "done_queue",
         "first_seal",
+        "link_lost",
         "on_done",
         "plain",
         "reply",
@@ -61,6 +62,9 @@ class PendingRequest:
         self.plain: list[Any] | None = None  # the unsealed frames, to resend to a new session
         self.resent = False
         self.first_seal = b""  # after a resend: the seal of the try that was refused
+        # Answered by the cell itself: the direct link it went on went down first (its
+        # sender may ask again through the broker at once, spending no try).
+        self.link_lost = False
         self.req_id = req_id
         self.target = target
         self.deadline = deadline

@@ -309,6 +309,21 @@ class DownloadWindow:
             self._end(step, stop.failure)
         return step
 
+    def on_rerouted(self, key: int, now: float) -> Step:
+        """Request `key` was lost with the direct link it went on (the cell says so, not
+        the owner): ask again at once, through the broker, without spending a try. A
+        download opens its link once, so this happens at most once per request."""
+        step = Step()
+        req = self._inflight.pop(key, None) if self.state in _ASKING else None
+        if req is None:
+            return step
+        self._later(now, req, req.attempt)
+        try:
+            self._after(step, now)
+        except _Stop as stop:
+            self._end(step, stop.failure)
+        return step
+
     def on_tick(self, now: float) -> Step:
         """Time passed: requests past their deadline time out; due retries go out."""
         step = Step()

@@ -186,7 +186,10 @@ class _Window:
                         self.pending.pop(key, None)
                         if not self.offer_seen:
                             self.take_offer(item.reply)
-                        self.apply(self.feed(self.win.on_reply, key, item.reply))
+                        if getattr(item, "link_lost", False):
+                            self.apply(self.feed(self.win.on_rerouted, key))
+                        else:
+                            self.apply(self.feed(self.win.on_reply, key, item.reply))
                 if self.outcome is not None:
                     return
                 item = self.events.get_nowait()
@@ -396,6 +399,8 @@ class _Window:
             assert p.reply is not None
             if abort is not None and abort.triggered:
                 step = self.win.abort(now)
+            elif getattr(p, "link_lost", False):
+                step = self.win.on_rerouted(key, now)
             else:
                 step = self.win.on_reply(key, p.reply, now)
             stale = [self.pending.pop(k) for k in step.cancel if k in self.pending]
