@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from tests._cli_procs import ROOT, Child, run
 
@@ -19,8 +20,20 @@ def test_federation_with_an_asyncio_site() -> None:
     assert any("(asyncio)" in line for line in out[1])
 
 
-def federation(*site_scripts: str) -> list[list[str]]:
-    """Run the server and one site per script for 2 rounds; the sites' output lines."""
+def test_federation_over_direct_links() -> None:
+    """Server and sites bind data sockets: the model and the updates skip the broker."""
+    bind = ["--data-bind", "tcp://127.0.0.1:*"]
+    outs = federation("site.py", "site.py", site_args=bind, server_args=[*bind, "--size-mib", "8"])
+    for name, out in zip(("site-1", "site-2"), outs[:2], strict=True):
+        assert f"{name}: direct link to server: up" in out, out
+    assert "server: direct links to the sites: site-1 up, site-2 up" in outs[2], outs[2]
+
+
+def federation(
+    *site_scripts: str, site_args: Sequence[str] = (), server_args: Sequence[str] = ()
+) -> list[list[str]]:
+    """Run the server and one site per script for 2 rounds; the sites' output lines,
+    then the server's."""
     broker = Child([sys.executable, "-m", "broker", "--bind", "tcp://127.0.0.1:*"])
     procs: list[Child] = []
     try:
@@ -28,10 +41,10 @@ def federation(*site_scripts: str) -> list[list[str]]:
         # Sites first: they wait for the server, as in the README's terminals.
         for i, script in enumerate(site_scripts, 1):
             site = [sys.executable, str(FEDERATION / script), "--broker", url, "--timeout", "30"]
-            procs.append(Child([*site, "--name", f"site-{i}"]))
+            procs.append(Child([*site, "--name", f"site-{i}", *site_args]))
         server = Child(
             [sys.executable, str(FEDERATION / "server.py"), "--broker", url, "--name", "server",
-             "--sites", "2", "--rounds", "2", "--size-mib", "1", "--timeout", "30"]
+             "--sites", "2", "--rounds", "2", "--size-mib", "1", "--timeout", "30", *server_args]
         )  # fmt: skip
         procs.append(server)
         assert server.wait(40.0) == 0, server.out + server.err
@@ -39,13 +52,13 @@ def federation(*site_scripts: str) -> list[list[str]]:
             assert site.wait(20.0) == 0, site.out + site.err
         rounds = [line for line in server.out if line.startswith("round ")]
         assert [r.split(":")[0] for r in rounds] == ["round 1", "round 2"]
-        assert "model 1.0 MiB to 2 sites" in rounds[0]
+        assert "MiB to 2 sites" in rounds[0]
         assert any(line.startswith("server: 2 rounds in") for line in server.out)
         for site, name in zip(procs[:2], ("site-1", "site-2"), strict=True):
             assert any(line.startswith(f"{name}: round 2:") for line in site.out), site.out
         for p in procs:
             assert not any("Traceback" in line or "error" in line for line in p.err), p.err
-        return [p.out for p in procs[:2]]
+        return [p.out for p in procs]
     finally:
         for p in procs:
             p.stop()

@@ -180,6 +180,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", default="server", help="this server's cell name (%(default)s)")
     p.add_argument("--sites", type=int, default=2, help="sites to wait for (%(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds to run (%(default)s)")
+    p.add_argument(
+        "--data-bind",
+        metavar="URL",
+        help="open a data socket here (e.g. tcp://127.0.0.1:*) so that sites pull the model "
+        "directly, not through the broker (default: all through the broker)",
+    )
     p.add_argument("--size-mib", type=float, default=16.0, help="model size (%(default)s MiB)")
     p.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to join, and per round (%(default)s)"
@@ -196,7 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     box = Mailbox(args.rounds)
-    cell = Cell(args.name, args.broker)
+    try:
+        cell = Cell(args.name, args.broker, data_bind=args.data_bind)
+    except ValueError as exc:
+        print(f"server: error: {exc}", file=sys.stderr)
+        return 2
     cell.register_request_cb(CHANNEL, "join", box.on_join)
     cell.register_request_cb(CHANNEL, "update", box.on_update)
     try:
@@ -219,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(1, args.rounds + 1):
             model = run_round(cell, box, sites, rnd, model, args.timeout, stop)
         print(f"server: {args.rounds} rounds in {time.monotonic() - started:.2f}s", flush=True)
+        links = ", ".join(f"{s} {cell.link_state(s)}" for s in sites)
+        print(f"server: direct links to the sites: {links}", flush=True)
         # "done" needs no reply; the sites' leaving shows it arrived, so stopping
         # our cell cannot cut it off.
         cell.fire_and_forget(CHANNEL, "done", sites, Message())

@@ -91,6 +91,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--broker", default="tcp://127.0.0.1:8002", help="broker URL (%(default)s)")
     p.add_argument("--name", required=True, help="this site's cell name, e.g. site-1")
     p.add_argument("--server", default="server", help="the server's cell name (%(default)s)")
+    p.add_argument(
+        "--data-bind",
+        metavar="URL",
+        help="open a data socket here so that the server pulls this site's updates directly",
+    )
     p.add_argument("--lr", type=float, default=0.1, help="local step size (%(default)s)")
     p.add_argument(
         "--timeout", type=float, default=60.0, help="seconds to wait for the server (%(default)s)"
@@ -108,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, stop)
     inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
     try:
-        cell = Cell(args.name, args.broker)
+        cell = Cell(args.name, args.broker, data_bind=args.data_bind)
     except ValueError as exc:
         print(f"site: error: {exc}", file=sys.stderr)
         return 2
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         # The server sends "done" after it has every update of the last round.
         if next_message(inbox, time.monotonic() + args.timeout, stop) is not None:
             raise SiteError("expected 'done' from the server after the last round")
+        link = cell.link_state(args.server)
+        print(f"{args.name}: direct link to {args.server}: {link}", flush=True)
         return 0
     except SiteError as exc:
         print(f"{args.name}: error: {exc}", file=sys.stderr)
