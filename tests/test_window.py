@@ -753,3 +753,44 @@ def test_an_owner_busy_for_every_chunk_gets_no_more_than_a_window_of_asks() -> N
     assert site.end.failed is not None and "service_unavailable" in site.end.failed.reason
     asked = {r.offset for r in site.sent if r.kind == "chunk"}
     assert asked == {C, 2 * C, 3 * C}
+
+
+# --- a direct link being made ------------------------------------------------------------
+
+
+def test_a_hold_asks_for_nothing_until_released_then_fills_the_window() -> None:
+    win = window()
+    (first,) = win.start(0.0).send
+    win.hold(0.5)  # the first reply offered a link: wait for it
+    step = win.on_reply(first.key, answer(first, DATA), 0.01)
+    assert step.described is not None
+    step = win.begin(0, 0.01)
+    assert step.send == [] and win.in_flight == 0
+    assert win.next_wake() == 0.5  # the driver wakes at the end of the hold at the latest
+    step = win.release(0.02)  # the link is up (the first chunk is not hashed yet: 3 more)
+    assert [r.offset for r in step.send] == [C, 2 * C, 3 * C]
+    assert win.release(0.03).send == []  # once
+
+
+def test_a_hold_ends_by_itself_on_a_tick() -> None:
+    site = Site(window())
+    site.start()
+    site.win.hold(0.5)
+    site.reply()
+    assert site.chunks_out() == []
+    site.tick(0.49)
+    assert site.chunks_out() == []
+    site.tick(0.5)
+    assert site.chunks_out() == [C, 2 * C, 3 * C, 4 * C]
+    assert site.run().done
+
+
+def test_a_request_lost_with_its_link_is_asked_again_at_once_without_a_try() -> None:
+    site = described_site()
+    key = min(site.out)
+    req = site.out.pop(key)
+    step = site.do(site.win.on_rerouted(key, site.now))
+    (again,) = step.send
+    assert (again.offset, again.attempt) == (req.offset, req.attempt)
+    assert site.win.retries == 0
+    assert site.run().done

@@ -250,12 +250,17 @@ class Cell:
             return None
         return server.offer(peer, time.monotonic())
 
-    def open_link(self, peer: str, offer: Any) -> str:
+    def open_link(
+        self, peer: str, offer: Any, on_ready: Callable[[bool], None] | None = None
+    ) -> str:
         """Open a direct link to `peer` as its `offer` says; returns at once.
 
         Until the link is up, and after it goes down, messages to `peer` go through
         the broker. Returns ``""`` if the link is being made (or is up), else why it
-        is not used (offers are peer data: any value is checked).
+        is not used (offers are peer data: any value is checked). If it returns
+        ``""``, `on_ready(up)` is called once the link is up (True) or will not be
+        (False): on the cell's I/O thread (cheap, never blocking), or at once if
+        the link is up already.
         """
         table = self._core.link_table
         if table is None:
@@ -281,7 +286,7 @@ class Cell:
                         peer,
                     )
                     return f"the offer's key is not the key known for {peer}"
-        why = table.open(peer, checked, time.monotonic())
+        why = table.open(peer, checked, time.monotonic(), on_ready)
         if not why:
             self._waker.wake()
         return why

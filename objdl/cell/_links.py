@@ -286,6 +286,7 @@ class LinkClient:
     out: deque[list[Any]] = field(default_factory=deque)
     sent_requests: set[int] = field(default_factory=set)
     why: str = ""
+    on_ready: list[Callable[[bool], None]] = field(default_factory=list)
 
 
 class LinkTable:
@@ -325,11 +326,32 @@ class LinkTable:
             return link.state
         return "failed" if peer in self.failed else "none"
 
-    def open(self, peer: str, offer: Offer, now: float) -> str:
-        """Start a link to `peer` (returns at once); ``""`` or why not."""
+    def open(
+        self,
+        peer: str,
+        offer: Offer,
+        now: float,
+        on_ready: Callable[[bool], None] | None = None,
+    ) -> str:
+        """Start a link to `peer` (returns at once); ``""`` or why not.
+
+        `on_ready(up)` is called once the link is up (True) or will not be (False),
+        on the I/O thread, or at once here if it is up already.
+        """
         with self.lock:
-            if peer in self.links:
-                return ""
+            link = self.links.get(peer)
+            if link is not None:
+                if link.state == "connecting" and on_ready is not None:
+                    link.on_ready.append(on_ready)
+                    on_ready = None
+                up = link.state == "up"
+            else:
+                up = False
+        if link is not None:
+            if on_ready is not None:
+                _call_ready([on_ready], up)
+            return ""
+        with self.lock:
             until = self.failed.get(peer)
             if until is not None and now < until:
                 return "failed lately"
@@ -337,6 +359,8 @@ class LinkTable:
             if len(self.links) >= MAX_LINKS:
                 return "too many links"
             link = LinkClient(peer, offer, now, heard=now, used=now, next_hello=now)
+            if on_ready is not None:
+                link.on_ready.append(on_ready)
             self.links[peer] = link
             self.opens.append(link)
         self.stats["links_opened"] += 1
@@ -369,7 +393,9 @@ class LinkTable:
             with self.lock:
                 link.state = "up"
                 self.up[link.peer] = link
+                ready, link.on_ready = link.on_ready, []
             link.next_hb = now + self.heartbeat
+            _call_ready(ready, True)
             log.info("cell %s: direct link to %s up (%s)", self.name, link.peer, link.offer.url)
         elif kind == wire.KIND_LINK_ERR:
             why = frames[1].bytes[:200].decode("utf-8", "replace") if len(frames) > 1 else ""
@@ -417,6 +443,7 @@ class LinkTable:
             self._broker_out.extend(queued)
             sent = link.sent_requests
             link.sent_requests = set()
+            ready, link.on_ready = link.on_ready, []
             if failed:
                 if len(self.failed) >= _FAILED_MAX:
                     self.failed.clear()
@@ -431,6 +458,7 @@ class LinkTable:
                 "lost" if was_up else "not made",
                 why,
             )
+        _call_ready(ready, False)
         if sent:
             self._fail(sent, f"direct link to {link.peer} {link.state}: {why}")
 
@@ -451,3 +479,11 @@ class LinkTable:
         for link in list(self.links.values()):
             self.down(link, "cell stopping", now)
         return send
+
+
+def _call_ready(callbacks: list[Callable[[bool], None]], up: bool) -> None:
+    for cb in callbacks:
+        try:
+            cb(up)
+        except Exception:  # a caller's hook never breaks the I/O thread
+            log.exception("a direct link's on_ready hook raised")

@@ -223,6 +223,7 @@ class DownloadWindow:
         # Requests to ask again: (when, old key, request, attempt); keys are unique, so
         # the heap never compares two requests.
         self._retry_at: list[tuple[float, int, ChunkRequest, int]] = []
+        self._hold_until: float | None = None  # a direct link is being made (see hold)
         self._keys = 0
         self._first: dict | None = None  # the first reply's payload, until begin()
         self._mismatch = ""  # the digest mismatch reason, while REJECTING
@@ -248,6 +249,8 @@ class DownloadWindow:
         if self.state not in _ASKING:
             return None
         times = [r.deadline for r in self._inflight.values()]
+        if self._hold_until is not None:
+            times.append(self._hold_until)
         if self._retry_at and len(self._inflight) < self.limit:
             times.append(self._retry_at[0][0])
         if self.deadline is not None and self.state in (DESCRIBING, RECEIVING):
@@ -304,6 +307,23 @@ class DownloadWindow:
             return step  # timed out already, answered already, never sent, or over
         try:
             self._answer(step, req, reply, now)
+            self._after(step, now)
+        except _Stop as stop:
+            self._end(step, stop.failure)
+        return step
+
+    def hold(self, until: float) -> None:
+        """Ask for nothing more until `until` or :meth:`release`: a direct link to the
+        owner is being made, and what is asked for now would go through the broker."""
+        self._hold_until = until
+
+    def release(self, now: float) -> Step:
+        """The link is up (or will not be): fill the window now."""
+        step = Step()
+        if self._hold_until is None:
+            return step
+        self._hold_until = None
+        try:
             self._after(step, now)
         except _Stop as stop:
             self._end(step, stop.failure)
@@ -548,6 +568,10 @@ class DownloadWindow:
         """Keep the window full: due retries first, then new chunks within the span."""
         if self.state not in _ASKING:
             return
+        if self._hold_until is not None:
+            if now < self._hold_until:
+                return
+            self._hold_until = None
         asked = self.window * self.chunk
         held = self.span * self.chunk
         while len(self._inflight) < self.limit:

@@ -76,6 +76,7 @@ _ON_DONE: dict[type, bool] = {}
 # (chunks asked for and not yet hashed) is this many windows, so `window` requests
 # stay in flight while up to a window of chunks waits to be written.
 _HOOKED_SPAN = 2
+_LINK_WAIT = 0.5  # the longest the window waits for an offered direct link to come up
 
 
 class _Window:
@@ -327,12 +328,33 @@ class _Window:
         open_link = getattr(self.req.cell, "open_link", None)
         if offer is None or open_link is None:
             return
+        # What is asked for before the link is up goes through the broker: wait for
+        # it (a few ms on a LAN), within a bound.
+        with self.lock:
+            self.win.hold(time.monotonic() + _LINK_WAIT)
         try:
-            why = open_link(self.req.owner, offer)
+            why = open_link(self.req.owner, offer, self.on_link_ready)
         except Exception as exc:  # never let a link end a download
             why = f"{type(exc).__name__}: {exc}"
         if why:
             log.debug("download %s: no direct link to %s: %s", self.req.ref_id, self.req.owner, why)
+            self.on_link_ready(False)
+
+    def on_link_ready(self, up: bool) -> None:
+        """The link is up, or will not be (often on the cell's I/O thread): fill the window."""
+        step = self.feed(self.win.release)
+        try:
+            self.send(step.send)
+        except Exception as exc:  # the cell stopped under us: end, on the download's thread
+            step = self.feed(
+                self.win.fail, f"could not send a request: {type(exc).__name__}: {exc}"
+            )
+            self.stop_waiting(step.cancel)
+        step.cancel, step.send = [], []
+        if step.write or step.described is not None or step.verify or step.ended:
+            self.events.put(step)
+        else:
+            self.events.put(None)  # the window's next wake moved: let the download's thread look
 
     def send(self, reqs: list[ChunkRequest]) -> None:
         """Send `reqs`; on a thread already sending (a reply came back inside
