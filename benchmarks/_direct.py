@@ -130,7 +130,9 @@ def direct_problem(routed: int | None, moved: int, links: Sequence[Any]) -> str:
     elif share > MAX_BROKER_SHARE:
         why.append(
             f"the broker routed {100 * share:.0f}% of the bytes moved "
-            f"(at most {100 * MAX_BROKER_SHARE:.0f}% for a direct run)"
+            f"(at most {100 * MAX_BROKER_SHARE:.0f}% for a direct run; the first reply and "
+            "the requests sent before the link is up go through it: a file of not many more "
+            "chunks than the window never reaches the link)"
         )
     if not why:
         return ""

@@ -77,7 +77,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._direct import metrics_missing
+from benchmarks._direct import MAX_BROKER_SHARE, metrics_missing
 from benchmarks._transfer import DEFAULT_MODES, MODES, Plan, run_transfer, write_source
 from benchmarks._util import (
     fmt_size,
@@ -325,8 +325,8 @@ def _targets(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]], chunk: in
         via = f"{100 * d['via_broker']:.0f}%" if d["via_broker"] == d["via_broker"] else "-"
         lines.append(
             f"direct link taken, {key[0]} site(s), {fmt_size(key[1])}, chunk "
-            f"{fmt_size(key[2])} window {key[3]}: {via} of the bytes through the broker, "
-            f"every site's link up: {_verdict(taken)}"
+            f"{fmt_size(key[2])} window {key[3]}: {via} of the bytes through the broker "
+            f"(target: every site's link up, <= {100 * MAX_BROKER_SHARE:.0f}%): {_verdict(taken)}"
             + ("" if taken else f" ({d['direct_problems'][0]})")
         )
     failures = [(key, mode, s) for key, m in groups.items() for mode, s in m.items() if s["failed"]]

@@ -54,7 +54,7 @@ def test_direct_beside_windowed_takes_the_link(tmp_path: object) -> None:
     assert shares["windowed"] >= 100 and shares["direct"] <= 100 * MAX_BROKER_SHARE
     assert re.search(
         r"direct link taken, 2 site\(s\), 4MiB, chunk 16KiB window 4: \d+% of the bytes "
-        r"through the broker, every site's link up: PASS",
+        r"through the broker \(target: every site's link up, <= 50%\): PASS",
         out,
     ), out
     assert re.search(
@@ -88,9 +88,9 @@ def test_direct_problem_names_what_says_the_link_was_not_taken() -> None:
     moved = 100 << 20
     assert direct_problem(10 << 20, moved, [UP, UP]) == ""
     why = direct_problem(60 << 20, moved, [UP, UP])
-    assert why == (
+    assert why.startswith(
         "direct link not used: the broker routed 60% of the bytes moved "
-        "(at most 50% for a direct run)"
+        "(at most 50% for a direct run; "
     )
     why = direct_problem(
         0,
