@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from benchmarks._direct import MAX_BROKER_SHARE
 from benchmarks._util import fmt_size, median, print_table
 
 __all__ = [
@@ -109,6 +110,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             ("owner", "broker", "sites", "total"),
         ),
         "others": med_of(lambda r: r.get("others_share")),
+        "via_broker": med_of(lambda r: r.get("broker_share")),
+        "path_errors": [r["path_error"] for r in runs if r.get("path_error")],
         "peak_reset": all(r.get("peak_reset", False) for r in runs),
         "repeats": len(runs),
     }
@@ -118,6 +121,10 @@ def _num(v: float | None) -> float | str:
     return "-" if v is None else v
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.0f}%"
+
+
 def _arrow(idle: float | None, peak: float | None) -> str:
     return "-" if idle is None or peak is None else f"{idle:.0f}→{peak:.0f}"
 
@@ -125,7 +132,7 @@ def _arrow(idle: float | None, peak: float | None) -> str:
 def print_results(groups: Groups, systems: Sequence[str]) -> None:
     """One row per case and system: throughput, digests, memory and CPU."""
     headers = ["case", "system", "MiB/s", "range", "site min", "site med", "sha256 ok"]
-    headers += ["owner RSS", "broker RSS", "site RSS max"]
+    headers += ["via broker", "owner RSS", "broker RSS", "site RSS max"]
     headers += ["owner s/GiB", "broker s/GiB", "sites s/GiB", "total s/GiB", "others %"]
     rows: list[list[Any]] = []
     for (sites, size), by_system in groups.items():
@@ -137,7 +144,7 @@ def print_results(groups: Groups, systems: Sequence[str]) -> None:
             rng = s["agg_range"]
             row: list[Any] = [case_label(sites, size), name, _num(s["agg"])]
             row += ["-" if rng is None else f"{rng[0]:.0f}-{rng[1]:.0f}"]
-            row += [_num(s["site_min"]), _num(s["site_med"]), checked]
+            row += [_num(s["site_min"]), _num(s["site_med"]), checked, _pct(s["via_broker"])]
             row += [_arrow(s["idle"][r], s["peak"][r]) for r in ("owner", "broker", "site")]
             row += [_num(s["cpu"][r]) for r in ("owner", "broker", "sites", "total")]
             row.append("-" if s["others"] is None else round(100 * s["others"]))
@@ -145,15 +152,22 @@ def print_results(groups: Groups, systems: Sequence[str]) -> None:
     print_table(headers, rows)
 
 
+def _usable(s: dict[str, Any] | None) -> bool:
+    """A summary with a speed that stands for its system: not one whose bytes took
+    another path than its name says (a direct row that went through the broker)."""
+    return s is not None and bool(s["agg"]) and not s["path_errors"]
+
+
 def _ratio(groups: Groups, case: tuple[int, int], a: str, b: str) -> float | None:
     sa, sb = groups[case].get(a), groups[case].get(b)
-    if sa is None or sb is None or not sa["agg"] or not sb["agg"]:
+    if sa is None or sb is None or not _usable(sa) or not _usable(sb):
         return None
     return float(sa["agg"] / sb["agg"])
 
 
 def print_ratios(groups: Groups, systems: Sequence[str]) -> None:
-    """Every ratio of aggregate MiB/s between two systems that ran, per case."""
+    """Every ratio of aggregate MiB/s between two systems that ran, per case ("-" where
+    one did not finish, or a direct row did not take the link)."""
     pairs = list(itertools.combinations(systems, 2))
     if not pairs:
         return
@@ -173,7 +187,8 @@ def _verdict(ok: bool) -> str:
 
 
 def print_targets(groups: Groups, ran: Sequence[str]) -> bool:
-    """Print issue 13's targets for the cases run; True if every sha256 check passed."""
+    """Print issue 13's targets for the cases run; True if every sha256 check passed and
+    no run failed (a direct row whose bytes went through the broker fails its runs)."""
     lines: list[str] = []
     objdl_paths = [s for s in ("objdl", "objdl-direct") if s in ran]
     for case in groups:
@@ -193,6 +208,15 @@ def print_targets(groups: Groups, ran: Sequence[str]) -> bool:
             lines.append(
                 f"{label}: objdl through the broker = {r:.2f}x the relay "
                 f"(target >= {RELAY_TARGET:g}x): {_verdict(r >= RELAY_TARGET)}"
+            )
+        d = groups[case].get("objdl-direct")
+        if d is not None:
+            taken = not d["path_errors"]
+            lines.append(
+                f"{label}: objdl direct took the link: {_pct(d['via_broker'])} of the bytes "
+                f"through the broker (target: every site's link up, <= "
+                f"{100 * MAX_BROKER_SHARE:.0f}%): {_verdict(taken)}"
+                + ("" if taken else f" ({d['path_errors'][0]})")
             )
         r = _ratio(groups, case, "objdl-direct", "relay")
         if r is not None and case[0] >= 4:
@@ -225,18 +249,31 @@ def print_targets(groups: Groups, ran: Sequence[str]) -> bool:
             "; ".join(dict.fromkeys(s["reasons"]))[:300] or "a destination differs from the source"
         )
         lines.append(f"{case_label(*case)}: {name}: {s['n'] - s['ok']} wrong or missing: {why}")
+    failed = [  # files intact, yet the run failed (e.g. a direct row that used the broker)
+        (case, name, s)
+        for case, by_system in groups.items()
+        for name, s in by_system.items()
+        if s["failed"] and s["ok"] == s["n"]
+    ]
+    for case, name, s in failed:
+        why = "; ".join(dict.fromkeys(s["reasons"]))[:300]
+        lines.append(f"{case_label(*case)}: {name}: {s['failed']} site run(s) failed: {why}")
     if wrong:
         lines.append("sha256 check: some destinations differ from the source or are missing: MISS")
     else:
         lines.append("sha256 check: every destination's sha256 equals the source's: PASS")
+    if failed:
+        lines.append("runs: some failed although their files are intact: MISS")
     print("targets (issue 13):")
     for line in lines:
         print(f"  {line}")
-    return not wrong
+    return not wrong and not failed
 
 
 def plot(groups: Groups, systems: Sequence[str], path: str, title: str) -> str | None:
-    """Draw MiB/s against the number of sites, one line per system; None, or why not."""
+    """Draw MiB/s against the number of sites, one line per system; None, or why not.
+
+    A direct row that did not take the link is left out (its runs failed)."""
     try:
         import matplotlib
 
@@ -252,7 +289,7 @@ def plot(groups: Groups, systems: Sequence[str], path: str, title: str) -> str |
             points = [
                 (x, s["agg"], s["agg_range"])
                 for x, case in zip(xs, cases, strict=True)
-                if (s := groups[case].get(name)) is not None and s["agg"]
+                if (s := groups[case].get(name)) is not None and _usable(s)
             ]
             if not points:
                 continue

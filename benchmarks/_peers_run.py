@@ -5,17 +5,22 @@ the same for all: it starts the system's hub (broker, relay, or none), its owner
 site processes on 127.0.0.1, waits until every one is ready, sleeps half a second,
 reads each one's RSS (idle), resets its peak mark (VmHWM) and reads its CPU time,
 then sends ``GO`` to every site at once. Each site times its own download and
-answers ``DONE``; the parent reads CPU time and peak RSS again, ends every process
-by its pid, and checks every destination's sha256 against the source's. A system
-only says which processes to start (:class:`System`).
+answers ``DONE``; the parent reads CPU time and peak RSS again, reads what crossed
+objdl's broker (its ``--metrics``), ends every process by its pid, and checks every
+destination's sha256 against the source's. A system only says which processes to
+start (:class:`System`) and, for objdl's direct path, what proves the path was taken
+(:meth:`System.check_path`).
 
 The systems:
 
 - ``objdl``: objdl through its broker, ``offer_file`` / ``download_file`` (the roles
   of :mod:`benchmarks._transfer`, mode ``windowed``; chunk and window are the
   library's defaults unless the benchmark is told otherwise);
-- ``objdl-direct``: the slot for objdl's direct owner->site data path (issue 13, part 2),
-  not built yet: see :class:`ObjdlDirect` for where it plugs in;
+- ``objdl-direct``: the same roles (mode ``direct``), the owner's cell made with
+  ``data_bind="tcp://127.0.0.1:*"``: the broker carries each site's first reply, which
+  offers the owner's data socket, and the chunks then go owner -> site directly. A run
+  fails unless every site's link was up and the broker routed at most half the bytes
+  moved (:mod:`benchmarks._direct`): a row that went through the broker is no "direct" row;
 - ``nvflare``: NVFlare 2.9's ``ObjectDownloader`` file download (its roles in
   :mod:`benchmarks._peers_nvflare`; its default 5 MiB chunks, one request at a time);
 - ``relay``: the bare pyzmq DEALER -> ROUTER -> DEALER relay of
@@ -31,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from benchmarks import _peers_nvflare, _transfer
+from benchmarks import _direct, _peers_nvflare, _transfer
 from benchmarks._transfer import child_argv, end_child, others_share
 from benchmarks._util import (
     Child,
@@ -42,12 +47,12 @@ from benchmarks._util import (
     peak_rss_kib,
     reset_peak_rss,
     rss_kib,
-    start_objdl_broker,
     system_busy_seconds,
 )
 
 __all__ = [
     "SYSTEMS",
+    "Hub",
     "Nvflare",
     "Objdl",
     "ObjdlDirect",
@@ -78,6 +83,16 @@ class Spec:
     request_timeout: float = 30.0
 
 
+@dataclass(frozen=True)
+class Hub:
+    """What a system put between owner and sites: the process (None: nothing), the url
+    owner and sites connect to, and where it counts what it routed (objdl's broker)."""
+
+    child: Child | None
+    url: str
+    metrics_url: str | None = None
+
+
 class System:
     """How to start one system's processes; :func:`run_peer` does the rest, alike for all."""
 
@@ -93,8 +108,8 @@ class System:
         """What the benchmark passes to this system, for the table's header."""
         return ""
 
-    def start_hub(self) -> tuple[Child | None, str]:
-        """Start the hub; return it and the url owner and sites connect to."""
+    def start_hub(self) -> Hub:
+        """Start the hub (or nothing, for a system without one)."""
         raise NotImplementedError
 
     def start_owner(self, spec: Spec, url: str) -> tuple[Child, str, str]:
@@ -105,6 +120,14 @@ class System:
         """The command line of one site process."""
         raise NotImplementedError
 
+    def check_path(self, spec: Spec, routed: int | None, links: list[Any]) -> str:
+        """Why this run did not take the path this system stands for, or ``""``.
+
+        `routed`: the bytes the broker routed (None: not measured); `links`: each
+        site's direct link as it reported it (:func:`benchmarks._direct.link_report`).
+        """
+        return ""
+
 
 def _hash_time(spec: Spec) -> float:
     return 60.0 + spec.size / (20 * 1024 * 1024)  # an owner may hash the file before READY
@@ -113,16 +136,24 @@ def _hash_time(spec: Spec) -> float:
 class Objdl(System):
     name = "objdl"
     title = "objdl through its broker (offer_file / download_file)"
+    mode = "windowed"  # the roles' mode in benchmarks/_transfer.py
 
     def settings(self, spec: Spec) -> str:
         return f"chunk {fmt_size(spec.chunk)}, window {spec.window}"
 
-    def start_hub(self) -> tuple[Child | None, str]:
-        return start_objdl_broker()
+    def start_hub(self) -> Hub:
+        broker, url, metrics_url = _direct.start_metered_broker()
+        return Hub(broker, url, metrics_url)
 
     def start_owner(self, spec: Spec, url: str) -> tuple[Child, str, str]:
         argv = child_argv(
-            _TRANSFER, "objdl-owner", url=url, path=spec.src, chunk=spec.chunk, mode="windowed"
+            _TRANSFER,
+            "objdl-owner",
+            url=url,
+            path=spec.src,
+            chunk=spec.chunk,
+            mode=self.mode,
+            direct=self.mode == "direct",
         )
         owner = Child("objdl-owner", argv, stdin=True)
         try:
@@ -142,30 +173,29 @@ class Objdl(System):
             dest=dest,
             chunk=spec.chunk,
             window=spec.window,
-            mode="windowed",
+            mode=self.mode,
             timeout=spec.request_timeout,
             fsync=spec.fsync,
         )
 
 
-class ObjdlDirect(System):
-    """Slot for objdl's direct data path (issue 13, part 2): owner -> site, no broker hop.
-
-    It plugs in here: give this class ``start_hub`` (the broker, for control),
-    ``start_owner`` (an owner whose cell binds its data socket, e.g. ``Cell(...,
-    data_bind="tcp://127.0.0.1:*")``) and ``site_argv`` (a site that takes the offered
-    data path), with roles in a new ``benchmarks/_peers_direct.py``, and make
-    :meth:`missing` return None. Until then the benchmark prints it as not available.
-    """
+class ObjdlDirect(Objdl):
+    """objdl's direct data path (issue 13, part 2): the broker for control, the chunks
+    owner -> site over the owner's data socket (``Cell(..., data_bind=...)``)."""
 
     name = "objdl-direct"
-    title = "objdl direct owner->site data path"
+    title = "objdl direct owner->site link (owner data_bind, offer_file / download_file)"
+    mode = "direct"
 
     def missing(self) -> str | None:
-        return (
-            "not available: objdl's direct owner->site data path (issue 13, part 2) is not "
-            "built yet; it plugs in at benchmarks/_peers_run.py ObjdlDirect"
-        )
+        why = _direct.metrics_missing()
+        return None if why is None else f"not run: it {why}"
+
+    def settings(self, spec: Spec) -> str:
+        return f"{super().settings(spec)}, data socket {_direct.DATA_BIND}"
+
+    def check_path(self, spec: Spec, routed: int | None, links: list[Any]) -> str:
+        return _direct.direct_problem(routed, spec.sites * spec.size, links)
 
 
 class Nvflare(System):
@@ -180,8 +210,8 @@ class Nvflare(System):
         chunk = "5MiB, its default" if spec.nvflare_chunk is None else fmt_size(spec.nvflare_chunk)
         return f"nvflare {_peers_nvflare.nvflare_version()}, chunk {chunk}, one request at a time"
 
-    def start_hub(self) -> tuple[Child | None, str]:
-        return None, ""
+    def start_hub(self) -> Hub:
+        return Hub(None, "")
 
     def start_owner(self, spec: Spec, url: str) -> tuple[Child, str, str]:
         argv = child_argv(
@@ -219,10 +249,10 @@ class Relay(System):
     def settings(self, spec: Spec) -> str:
         return f"chunk {fmt_size(spec.chunk)}, window {spec.window}"
 
-    def start_hub(self) -> tuple[Child | None, str]:
+    def start_hub(self) -> Hub:
         relay = Child("raw-relay", child_argv(_TRANSFER, "raw-relay"), stdin=True)
         try:
-            return relay, relay.expect("READY", 30.0)["url"]
+            return Hub(relay, relay.expect("READY", 30.0)["url"])
         except BaseException:
             relay.stop()
             raise
@@ -294,10 +324,11 @@ def run_peer(system: System, spec: Spec) -> dict[str, Any]:
 def _measure(
     system: System, spec: Spec, dests: list[str], children: list[Child], out: dict[str, Any]
 ) -> None:
-    hub, url = system.start_hub()
+    got = system.start_hub()
+    hub = got.child
     if hub is not None:
         children.append(hub)
-    owner, site_url, ref = system.start_owner(spec, url)
+    owner, site_url, ref = system.start_owner(spec, got.url)
     children.append(owner)
     sites = []
     for i, dest in enumerate(dests):
@@ -331,6 +362,15 @@ def _measure(
     out["others_share"] = others_share(busy0, busy1, wall1 - wall0, cpu0, cpu1)
     out["ok"] = [d["ok"] for d in done]
     out["reasons"] = [d["reason"] for d in done if not d["ok"]]
+    routed = _direct.routed_bytes(got.metrics_url)
+    out["broker_routed_bytes"] = routed
+    out["broker_share"] = _direct.broker_share(routed, spec.sites * spec.size)
+    out["links"] = [d.get("link") for d in done]
+    why = system.check_path(spec, routed, out["links"])
+    if why:  # the bytes did not take the path the row is named for: the run failed
+        out["path_error"] = why
+        out["ok"] = [False] * spec.sites
+        out["reasons"].append(why)
     out["t0"] = [d["t0"] for d in done]
     out["t1"] = [d["t1"] for d in done]
 

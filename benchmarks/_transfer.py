@@ -13,6 +13,10 @@ The ways (``mode``):
 
 - ``windowed``: objdl, :func:`objdl.objects.offer_file` / :func:`download_file`
   (a window of chunk requests in flight, digest checked on the site);
+- ``direct``: the same, with the owner's cell made with ``data_bind`` (a data socket
+  on 127.0.0.1): after the first reply, which goes through the broker and offers the
+  link, the chunks go straight from owner to site. The run fails unless every site's
+  link was up and the broker routed at most half the bytes (:mod:`benchmarks._direct`);
 - ``seed``: objdl, the seed's exchange: :func:`objdl.downloader.download_object` with
   a plain :class:`~objdl.downloader.Consumer` that ``pwrite``s each chunk (one request
   at a time, no digest on the site), taking each chunk as ``bytes`` as the seed did;
@@ -59,6 +63,14 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._direct import (
+    DATA_BIND,
+    broker_share,
+    direct_problem,
+    link_report,
+    routed_bytes,
+    start_metered_broker,
+)
 from benchmarks._util import (
     Child,
     ChildError,
@@ -70,7 +82,6 @@ from benchmarks._util import (
     raw_hello,
     reset_peak_rss,
     rss_kib,
-    start_objdl_broker,
     system_busy_seconds,
     thread_cpu,
     thread_names,
@@ -88,7 +99,7 @@ __all__ = [
     "write_source",
 ]
 
-MODES = ("windowed", "aio", "seed", "seed-views", "dict", "raw")
+MODES = ("windowed", "direct", "aio", "seed", "seed-views", "dict", "raw")
 DEFAULT_MODES = ("windowed", "seed", "raw")  # seed-views only when asked for
 _THIS = os.path.abspath(__file__)
 _PROXY = os.path.join(os.path.dirname(_THIS), "_proxy.py")
@@ -230,19 +241,26 @@ def _state_dict(path: str) -> dict[str, Any]:
     return out
 
 
-def _objdl_owner(url: str, path: str, chunk: int, mode: str = "windowed") -> None:
+def _objdl_owner(
+    url: str, path: str, chunk: int, mode: str = "windowed", direct: bool = False
+) -> None:
+    """Offer `path` (or, mode ``dict``, its bytes as a state dict) and hold it.
+
+    With `direct`, the cell binds a data socket (``data_bind``), so that the sites'
+    downloads are offered the direct link in their first reply.
+    """
     from objdl.cell import Cell
     from objdl.objects import offer_dict, offer_file
 
     signal.signal(signal.SIGTERM, _interrupt)
     cmds = Commands()
-    with Cell(_OWNER, url) as cell:
+    with Cell(_OWNER, url, data_bind=DATA_BIND if direct else None) as cell:
         if mode == "dict":
             ref = offer_dict(cell, _state_dict(path), chunk_size=chunk, timeout=_LIFETIME)
         else:
             ref = offer_file(cell, path, chunk_size=chunk, timeout=_LIFETIME)
-        emit("READY", {"pid": os.getpid(), "ref": ref})
-        _hold(cmds, lambda: dict(cell.stats))
+        emit("READY", {"pid": os.getpid(), "ref": ref, "data_url": cell.data_url})
+        _hold(cmds, lambda: {**cell.stats, **cell.link_stats})
 
 
 def _seed_consumer(dest: str, views: bool = False, fsync: bool = False) -> Any:
@@ -301,7 +319,11 @@ def _objdl_site(
     mode: str,
     timeout: float,
     fsync: bool = False,
+    links: bool = True,
 ) -> None:
+    """Download `ref` from the owner when told ``GO``; answer ``DONE`` with the times, the
+    outcome and the cell's direct link to the owner (`links`: False refuses links, so a
+    test can show that a direct run through the broker fails its check)."""
     from objdl.cell import Cell
     from objdl.downloader import download_object
     from objdl.objects import DownloadError, download_dict, download_file
@@ -313,7 +335,7 @@ def _objdl_site(
     if mode == "dict":  # as a trainer has: importing torch is not the download's cost
         import torch  # noqa: F401
     cmds = Commands()
-    with Cell(name, url) as cell:
+    with Cell(name, url, direct_links=links) as cell:
         emit("READY", {"pid": os.getpid()})
         cmds.expect("GO", _LIFETIME)
         ok, reason = True, ""
@@ -333,7 +355,7 @@ def _objdl_site(
                 ok, reason = False, exc.reason
             t1 = time.monotonic()
             _write_tensors(got, dest)
-        elif mode == "windowed":
+        elif mode in ("windowed", "direct"):  # direct: the owner offered its data socket
             try:
                 download_file(
                     cell,
@@ -353,7 +375,8 @@ def _objdl_site(
             ok, reason = sink.ok is True, sink.reason
         if mode != "dict":
             t1 = time.monotonic()
-        emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason})
+        link = link_report(cell, _OWNER)
+        emit("DONE", {"t0": t0, "t1": t1, "ok": ok, "reason": reason, "link": link})
         _hold(cmds)
 
 
@@ -648,13 +671,14 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
         for i in range(plan.sites)
     ]
     result: dict[str, Any] = {"mode": plan.mode, "sites": plan.sites, "size": plan.size}
+    metrics_url: str | None = None
     try:
         if plan.mode == "raw":
             broker = Child("raw-relay", child_argv(_THIS, "raw-relay"), stdin=True)
             children.append(broker)
             url = broker.expect("READY", 30.0)["url"]
         else:
-            broker, url = start_objdl_broker()
+            broker, url, metrics_url = start_metered_broker()
             children.append(broker)
         site_url = url
         proxy = None
@@ -673,7 +697,13 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
             owner.expect("READY", 30.0)
         else:
             argv = child_argv(
-                _THIS, "objdl-owner", url=url, path=plan.src, chunk=plan.chunk, mode=plan.mode
+                _THIS,
+                "objdl-owner",
+                url=url,
+                path=plan.src,
+                chunk=plan.chunk,
+                mode=plan.mode,
+                direct=plan.mode == "direct",
             )
             owner = Child("objdl-owner", argv, stdin=True)
             children.append(owner)
@@ -759,6 +789,7 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
 
         result["ok"] = [d["ok"] for d in done]
         result["reasons"] = [d["reason"] for d in done if not d["ok"]]
+        _check_path(plan, result, routed_bytes(metrics_url), [d.get("link") for d in done])
         result["t0"] = [d["t0"] for d in done]
         result["t1"] = [d["t1"] for d in done]
         result["idle_kib"] = idle
@@ -789,6 +820,21 @@ def run_transfer(plan: Plan) -> dict[str, Any]:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(plan.workdir, leftover))
     return _derive(result)
+
+
+def _check_path(plan: Plan, result: dict[str, Any], routed: int | None, links: list[Any]) -> None:
+    """Record what crossed the broker; a ``direct`` run that did not take the link fails."""
+    moved = plan.sites * plan.size
+    result["broker_routed_bytes"] = routed
+    result["broker_share"] = broker_share(routed, moved)
+    result["links"] = links
+    if plan.mode != "direct":
+        return
+    why = direct_problem(routed, moved, links)
+    result["direct_problem"] = why
+    if why:
+        result["ok"] = [False] * plan.sites
+        result["reasons"].append(why)
 
 
 def _thread_label(tid: int, pid: int, comm: str, names: dict[str, str]) -> str:

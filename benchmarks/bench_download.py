@@ -1,4 +1,4 @@
-"""One file from one owner to N sites: objdl windowed, objdl one-at-a-time, and a bare relay.
+"""One file from one owner to N sites: objdl windowed, direct, one-at-a-time, and a bare relay.
 
 How it works: for every combination of sites, size, chunk and window asked for, and
 every repeat, each mode runs as its own set of processes on 127.0.0.1 (broker or
@@ -15,6 +15,12 @@ the previous run's files were deleted writes into memory the host still backs, a
 is faster for it. One table per folder, medians over repeats:
 
 - ``windowed``: ``offer_file`` / ``download_file`` (window of requests, site-side digest);
+- ``direct``: the same, the owner's cell made with ``data_bind`` (a data socket on
+  127.0.0.1): after the first reply, which goes through the broker and offers the link,
+  the chunks go owner -> site directly. Each run is checked: every site's link up at its
+  end and at most half the bytes moved routed by the broker (read from its
+  ``--metrics``; needs ``prometheus_client``), or the run fails, loudly; a last line
+  gives direct against windowed;
 - ``aio``: the same file, each site an ``objdl.aio.Cell`` awaiting ``objdl.aio.download_file``;
 - ``seed``: ``download_object`` with a plain ``Consumer`` that ``pwrite``s (one at a time);
 - ``seed-views`` (only when asked for): the same consumer with ``accepts_views = True``,
@@ -24,6 +30,10 @@ is faster for it. One table per folder, medians over repeats:
   digest: the ceiling that ``vs raw`` compares with. It does objdl's file I/O (the
   owner reads the file it serves, the site writes a part file in objdl's pieces and
   renames it; ``--fsync`` for both).
+
+``via broker`` is the share of the bytes moved that the objdl broker routed (its
+``--metrics``): about 100% through the broker, what the first replies and the first
+window took for ``direct``.
 
 Memory: each process's RSS is read when idle, just before the transfer, and its peak
 (VmHWM, reset at that moment) after it; ``idle→peak`` shows growth. CPU: user+sys of
@@ -37,6 +47,7 @@ Usage::
     python benchmarks/bench_download.py --sites 1 --chunk 256KiB,1MiB,2MiB,4MiB \\
         --window 4,8,16 --modes windowed,raw                  # chunk/window sweep
     python benchmarks/bench_download.py --sites 1 --modes seed,seed-views  # bytes vs views
+    python benchmarks/bench_download.py --sites 1,4 --modes windowed,direct,raw  # the paths
 
 ``--dict`` compares a PyTorch-style state dict (a few hundred fp32 and bf16 tensors of
 mixed sizes, 1 GiB unless ``--size`` says otherwise: mode ``dict``) with the same bytes
@@ -66,6 +77,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks._direct import MAX_BROKER_SHARE, metrics_missing
 from benchmarks._transfer import DEFAULT_MODES, MODES, Plan, run_transfer, write_source
 from benchmarks._util import (
     fmt_size,
@@ -103,7 +115,8 @@ def quiet_run(
     best: dict[str, Any] | None = None
     for _ in range(tries):
         t0 = time.monotonic()
-        wait_quiet(quiet, _QUIET_WAIT)
+        if quiet < 1:  # (1: do not wait, as --quiet says; a sample alone takes a second)
+            wait_quiet(quiet, _QUIET_WAIT)
         time.sleep(max(0.0, gap - (time.monotonic() - t0)))
         r = run_transfer(plan)
         others = r.get("others_share")
@@ -177,6 +190,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         },
         "peak_reset": all(r["peak_reset"] for r in runs),
         "others": med_of(lambda r: r.get("others_share")),
+        "via_broker": med_of(lambda r: r.get("broker_share")),
+        "direct_problems": [r["direct_problem"] for r in runs if r.get("direct_problem")],
         "threads": _thread_medians(runs),
     }
 
@@ -218,7 +233,7 @@ def table_rows(
 ) -> tuple[list[str], list[list[Any]]]:
     """The header and rows of the main table; `groups` maps a case to {mode: summary}."""
     headers = ["sites", "size", "chunk", "win", "mode", "MiB/s", "range", "site min", "site med"]
-    headers += ["vs raw", "sha256 ok", "owner RSS", "broker RSS", "site RSS max"]
+    headers += ["vs raw", "sha256 ok", "via broker", "owner RSS", "broker RSS", "site RSS max"]
     headers += ["owner ms/MiB", "broker ms/MiB", "sites ms/MiB", "others %"]
     if with_proxy:
         headers.append("proxy ms/MiB")
@@ -237,6 +252,8 @@ def table_rows(
             row: list[Any] = [sites, fmt_size(size), fmt_size(chunk), window, mode]
             lo, hi = s["agg_range"]
             row += [s["agg"], f"{lo:.0f}-{hi:.0f}", s["site_min"], s["site_med"], ratio, checked]
+            via = s["via_broker"]
+            row.append(f"{100 * via:.0f}%" if via == via else "-")  # (nan: not measured)
             row += [_arrow(s["idle"][r], s["peak"][r]) for r in ("owner", "broker", "site")]
             row += [s["cpu"]["owner"], s["cpu"]["broker"], s["cpu"]["sites"]]
             row.append(round(100 * s["others"]) if s["others"] == s["others"] else "-")
@@ -298,6 +315,19 @@ def _targets(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]], chunk: in
         lines.append(
             f"  broker flat, {sites} site(s): {note} (target: <= {_GROWTH_TARGET_MIB} MiB and "
             f"within {_BROKER_SCALE_MIB} MiB of the smaller object's): {_verdict(flat)}"
+        )
+    for key, by_mode in groups.items():
+        d = by_mode.get("direct")
+        if d is None:
+            continue
+        taken = not d["direct_problems"]
+        all_ok &= taken
+        via = f"{100 * d['via_broker']:.0f}%" if d["via_broker"] == d["via_broker"] else "-"
+        lines.append(
+            f"direct link taken, {key[0]} site(s), {fmt_size(key[1])}, chunk "
+            f"{fmt_size(key[2])} window {key[3]}: {via} of the bytes through the broker "
+            f"(target: every site's link up, <= {100 * MAX_BROKER_SHARE:.0f}%): {_verdict(taken)}"
+            + ("" if taken else f" ({d['direct_problems'][0]})")
         )
     failures = [(key, mode, s) for key, m in groups.items() for mode, s in m.items() if s["failed"]]
     wrong = [
@@ -396,6 +426,26 @@ def _aio_ratio(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None
             print(f"  {line}")
 
 
+def _direct_ratio(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
+    """The direct owner->site link against the broker path, same chunk and window."""
+    lines = []
+    for key, by_mode in groups.items():
+        d, w = by_mode.get("direct"), by_mode.get("windowed")
+        if d is None or w is None or w["agg"] <= 0:
+            continue
+        sites, size = key[:2]
+        note = "" if not d["direct_problems"] else " (NOT direct: its runs failed, see targets)"
+        lines.append(
+            f"{sites} site(s), {fmt_size(size)}: direct {d['agg']:.0f} MiB/s, through the "
+            f"broker {w['agg']:.0f} MiB/s ({d['agg'] / w['agg']:.2f}x){note}"
+        )
+    if lines:
+        print()
+        print("direct owner->site link (owner data_bind) vs through the broker (windowed):")
+        for line in lines:
+            print(f"  {line}")
+
+
 def _best(groups: dict[tuple[Any, ...], dict[str, dict[str, Any]]]) -> None:
     combos = {(k[2], k[3]) for k in groups}
     if len(combos) < 2:
@@ -472,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
         "--modes",
         type=_mode_list,
         default=list(DEFAULT_MODES),
-        help="some of windowed,aio,seed,seed-views,dict,raw (windowed,seed,raw)",
+        help=f"some of {','.join(MODES)} ({','.join(DEFAULT_MODES)})",
     )
     p.add_argument(
         "--tmpdir",
@@ -586,6 +636,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.gap < 0:
         print("--gap must be >= 0", file=sys.stderr)
         return 2
+    if "direct" in args.modes and metrics_missing() is not None:
+        print(f"--modes direct {metrics_missing()}", file=sys.stderr)
+        return 2
     signal.signal(signal.SIGTERM, _interrupt)  # so the finally blocks end every child
     print(machine_line())
     note = free_page_reporting()
@@ -643,9 +696,13 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             r = quiet_run(plan, args.quiet, args.max_others, gap=args.gap)
                             runs[label][mode].append(r)
+                            share = r.get("broker_share")
+                            via = "" if share is None else f", {100 * share:.0f}% via the broker"
+                            why = r.get("direct_problem")
                             print(
                                 f"  {tag} repeat {i + 1}/{args.repeat}: "
-                                f"{r['agg_mibps']:.0f} MiB/s, sha256 {r['digests_ok']}/{sites}",
+                                f"{r['agg_mibps']:.0f} MiB/s, sha256 {r['digests_ok']}/{sites}"
+                                f"{via}{f' ({why})' if why else ''}",
                                 file=sys.stderr,
                                 flush=True,
                             )
@@ -662,7 +719,8 @@ def main(argv: list[str] | None = None) -> int:
         "MiB/s: aggregate = sites x size / (last end - first start), median (range) over "
         "repeats; site = size / its own time. RSS: MiB, idle→peak. CPU: user+sys ms per MiB "
         "moved (all sites together). others %: share of the machine busy with other work "
-        "(not this run's processes) during the transfer."
+        "(not this run's processes) during the transfer. via broker: bytes the objdl broker "
+        "routed / bytes moved."
     )
     ok = True
     for label, groups in by_folder.items():
@@ -678,6 +736,7 @@ def main(argv: list[str] | None = None) -> int:
         ok &= _dict_targets(groups)
         _copy_cost(groups)
         _aio_ratio(groups)
+        _direct_ratio(groups)
         _best(groups)
     _compare_folders(by_folder)
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -17,8 +17,12 @@ The systems, each with its defaults:
   (chunk 2 MiB, window 8: the library's defaults, which are also the best settings
   documented for loopback in docs/PERFORMANCE.md; ``--chunk``/``--window`` change them,
   for the relay too);
-- ``objdl-direct``: objdl's direct owner->site data path, printed as not available until
-  it is built (the slot: ``ObjdlDirect`` in ``benchmarks/_peers_run.py``);
+- ``objdl-direct``: the same, the owner's cell made with ``data_bind`` (a data socket on
+  127.0.0.1): the broker carries each site's first reply, which offers the link, and the
+  chunks then go owner -> site directly (same chunk and window). Each run is checked:
+  every site's link up at its end, and the broker's routed bytes (read from its
+  ``--metrics``, so this system needs ``prometheus_client``) at most half the bytes
+  moved; otherwise the run fails, loudly (``benchmarks/_direct.py``);
 - ``nvflare``: NVFlare 2.9's ``ObjectDownloader`` with ``file_downloader.add_file`` /
   ``download_file`` (5 MiB chunks, its default; one request at a time), the root cell
   ``server`` as owner and a client cell per site (no broker: NVFlare's sites connect
@@ -31,20 +35,24 @@ A system whose package is missing is skipped with a message saying how to instal
 Files go to an ordinary file system (a new folder under the current directory, or
 ``--tmpdir``) and to tmpfs (``--tmpfs``, /dev/shm), one table each. Printed, per case:
 aggregate and per-site MiB/s (medians over ``--repeat``), peak RSS per role (idle→peak,
-MiB), CPU seconds per GiB moved per role, every ratio between two systems, and issue
-13's targets marked PASS or MISS. ``--plot PATH`` draws MiB/s against sites for each
+MiB), CPU seconds per GiB moved per role, the share of the bytes moved that crossed
+objdl's broker (``via broker``), every ratio between two systems (objdl/objdl-direct,
+objdl-direct/nvflare, objdl-direct/relay, ...), and issue 13's targets marked PASS or
+MISS. ``--plot PATH`` draws MiB/s against sites for each
 system (first folder: the disk) with matplotlib.
 
 Usage::
 
-    pip install -e '.[bench]'                      # nvflare==2.9.0 and matplotlib
+    pip install -e '.[bench]'                      # nvflare==2.9.0, matplotlib, prometheus
     python benchmarks/bench_peers.py               # every case, disk and tmpfs, 3 repeats
     python benchmarks/bench_peers.py --plot        # ... and docs/peers.png
     python benchmarks/bench_peers.py --cases 1x256MiB,4x256MiB --systems objdl,nvflare
+    python benchmarks/bench_peers.py --systems objdl,objdl-direct,relay   # the two paths
     python benchmarks/bench_peers.py --cases 1,4,8 --sizes 64MiB --tmpfs none --repeat 1
 
-Exit status: 0 when every run finished and every destination's sha256 matched, 1
-otherwise (a missed target is printed, not an error), 2 for bad arguments.
+Exit status: 0 when every run finished, every destination's sha256 matched and every
+objdl-direct run took the link, 1 otherwise (a missed speed or memory target is
+printed, not an error), 2 for bad arguments.
 """
 
 from __future__ import annotations
@@ -291,11 +299,13 @@ def _run_all(
                         runs[label].setdefault(case, {}).setdefault(name, []).append(r)
                         agg = r.get("agg_mibps")
                         speed = "failed" if agg is None else f"{agg:.0f} MiB/s"
-                        err = f" ({r['error']})" if r.get("error") else ""
+                        err = r.get("error") or r.get("path_error")
+                        share = r.get("broker_share")
+                        via = "" if share is None else f", {100 * share:.0f}% via the broker"
                         print(
                             f"  {case_label(*case)} {name} {fs_type(workdir)} repeat "
                             f"{i + 1}/{args.repeat}: {speed}, sha256 {r['digests_ok']}/"
-                            f"{case[0]}{err}",
+                            f"{case[0]}{via}{f' ({err})' if err else ''}",
                             file=sys.stderr,
                             flush=True,
                         )
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats; site = size / its own time. RSS: MiB, idle→peak (VmHWM reset at the "
         "start); site: the largest. CPU: user+sys seconds per GiB moved (all sites "
         "together). others %: share of the machine busy with other work during the run. "
+        "via broker: bytes objdl's broker routed / bytes moved (its --metrics). "
         "nvflare has no broker: its sites connect to the server cell."
     )
     ok = True
