@@ -101,6 +101,37 @@ def test_text_output_says_where_the_links_are_and_that_get_used_one(
         serve.stop()
 
 
+def test_a_site_that_cannot_reach_the_data_socket_uses_the_broker(
+    broker: Any, dead_url: str, tmp_path: Path
+) -> None:
+    """An advertised address where nothing listens (a NAT, a firewall, a wrong
+    --data-advertise): the link is never made, the download goes through the broker."""
+    src = tmp_path / "model.bin"
+    src.write_bytes(os.urandom(4 * _MIB))
+    serve = Child(
+        [*CLI, "serve", str(src), "--name", "owner-far", "--broker", broker.url, "--sites",
+         "1", "--timeout", "30", "--data-bind", "tcp://127.0.0.1:*", "--data-advertise",
+         dead_url, "--json"]
+    )  # fmt: skip
+    try:
+        ref = json.loads(serve.wait_for_line(lambda line: '"offered"' in line))["ref"]
+        before = _routed(broker)
+        proc = run_cli(
+            ["get", ref, "--from", "owner-far", "--name", "site-1", "--broker", broker.url,
+             "-o", str(tmp_path / "out.bin"), "--json"]
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        done = _events(proc.stdout.splitlines())[-1]
+        # Still trying (for up to 3 s) or given up on: either way, not used.
+        assert done["event"] == "done" and done["direct"] in ("connecting", "failed"), done
+        assert (tmp_path / "out.bin").read_bytes() == src.read_bytes()
+        assert _routed(broker) - before >= src.stat().st_size
+        assert serve.wait(20.0) == 0, serve.err
+        assert _events(serve.out)[-1]["direct"]["links_bound"] == 0
+    finally:
+        serve.stop()
+
+
 @pytest.mark.parametrize(
     ("extra", "expected"),
     [
