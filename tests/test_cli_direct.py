@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 from pathlib import Path
@@ -96,7 +97,10 @@ def test_text_output_says_where_the_links_are_and_that_get_used_one(
         assert "digest verified, over a direct link)" in proc.stdout, proc.stdout
         serve.signal(signal.SIGTERM)
         assert serve.wait(20.0) == 0, serve.err
-        assert any("direct links on tcp://localhost:" in x and "1 made" in x for x in serve.out)
+        # The summary's line: how many links were made (LINK_OKs) and refused.
+        made = [re.search(r"^  direct links on tcp://localhost:\d+: (\d+) made, 0 refused$", x)
+                for x in serve.out]  # fmt: skip
+        assert [int(m.group(1)) >= 1 for m in made if m] == [True], serve.out
     finally:
         serve.stop()
 
