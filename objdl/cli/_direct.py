@@ -35,8 +35,9 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--data-bind",
         metavar="URL",
         help="open a data socket here (tcp://HOST:PORT, PORT may be *): sites pull the "
-        "chunks from it directly, the broker carries only the first reply; sites that "
-        "cannot reach it use the broker (README: 'When to use direct links')",
+        "chunks from it directly once the broker carried the first reply (with the "
+        "offer); sites that cannot reach it use the broker (README: 'When to use direct "
+        "links')",
     )
     p.add_argument(
         "--data-advertise",
