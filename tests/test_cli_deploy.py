@@ -160,3 +160,41 @@ def test_a_plain_cell_is_told_the_broker_uses_curve(deployment: Deployment) -> N
     proc = run_cli(["cells", "--broker", deployment.url, "--connect-timeout", "1"])
     assert_one_line_error(proc, "give --key and --broker-key")
     assert proc.returncode == 1
+
+
+@pytest.mark.timeout(60)
+def test_direct_links_under_curve_only_for_the_keys_the_data_socket_allows(
+    deployment: Deployment,
+) -> None:
+    """``--data-allowed-keys`` lets site-2's key in and not site-1's: site-2 pulls over
+    the link, site-1's CURVE handshake with the data socket is refused and its download
+    goes through the broker; both are sealed end to end and complete."""
+    d = deployment
+    src = d.root / "model.bin"
+    src.write_bytes(os.urandom(8 * 1024 * 1024))
+    data_allowed = d.root / "data-allowed"
+    _keys("allow", "site-2", "--dir", str(data_allowed), "--pub", str(d.keys / "site-2.key"))
+    serve = Child(
+        [*CLI, "serve", str(src), *d.cell_args("owner"), "--secure", "--sites", "2",
+         "--timeout", "30", "--data-bind", "tcp://127.0.0.1:*", "--data-allowed-keys",
+         str(data_allowed), "--json"]
+    )  # fmt: skip
+    try:
+        line = serve.wait_for_line(lambda line: '"event": "offered"' in line)
+        ref = json.loads(line)["ref"]
+        # site-2's link may go down at the very end: the owner stops once both are done.
+        for site, link in (("site-1", ["failed"]), ("site-2", ["up", "lost"])):
+            got = run_cli(
+                ["get", ref, "--from", "owner", *d.cell_args(site), "--secure",
+                 "-o", str(d.root / f"{site}.bin"), "--window", "1", "--chunk-size", "64KiB",
+                 "--json"]
+            )  # fmt: skip
+            assert got.returncode == 0, got.stderr
+            done = _events(got.stdout.splitlines())[-1]
+            assert done["event"] == "done" and done["direct"] in link, (site, done, got.stderr)
+            assert (d.root / f"{site}.bin").read_bytes() == src.read_bytes()
+        assert serve.wait(20.0) == 0, serve.err
+        summary = _events(serve.out)[-1]
+        assert summary["status"] == "finished" and summary["direct"]["links_bound"] >= 1
+    finally:
+        serve.stop()

@@ -28,6 +28,7 @@ from objdl.cli._common import (
     check_positive,
     parse_size,
 )
+from objdl.cli._direct import add_data_args
 from objdl.cli._events import Events
 from objdl.cli._keys import ENV, add_key_args, env_default, env_help
 from objdl.cli._progress import ProgressDisplay
@@ -56,6 +57,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         show_progress=not args.quiet,
         secure=args.secure,
+        direct=args.direct,
     )
 
 
@@ -176,6 +178,7 @@ def _add_serve(sub: Any) -> None:
         metavar="SIZE",
         help="the largest chunk served per request (2MiB)",
     )
+    add_data_args(p)
     p.add_argument(
         "--timeout",
         type=float,
@@ -224,6 +227,11 @@ def _add_get(sub: Any) -> None:
     p.add_argument(
         "--tries", type=int, default=3, metavar="N", help="attempts per request (%(default)s)"
     )
+    p.add_argument(
+        "--no-direct",
+        action="store_true",
+        help="never take the owner's offer of a direct link: every chunk through the broker",
+    )
     _add_output(p)
     p.set_defaults(func=_transfer.get)
 
@@ -266,6 +274,12 @@ def _add_demo(sub: Any) -> None:
         help="as a real deployment: throw-away keys in a private temporary folder, a CURVE "
         "broker with names bound to keys, every request and reply sealed end to end "
         "(needs the cryptography package)",
+    )
+    p.add_argument(
+        "--direct",
+        action="store_true",
+        help="the owner opens a data socket on 127.0.0.1 and the sites pull the chunks from "
+        "it directly (the broker carries the first reply); the table says which did",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
     p.set_defaults(func=_cmd_demo)

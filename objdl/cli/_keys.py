@@ -118,7 +118,7 @@ def _check_file(option: str, path: str) -> os.stat_result:
     return st
 
 
-def _one(exc: Exception) -> str:
+def _one(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
@@ -169,11 +169,22 @@ def key_options(args: argparse.Namespace, secure: bool = False) -> KeyOptions:
     return KeyOptions(key, broker_key, peer_keys)
 
 
-def start_cell(name: str, url: str, connect_timeout: float, keys: KeyOptions | None = None) -> Cell:
-    """A started cell, or a :class:`CliError` that says why not, in terms of the options."""
+def start_cell(
+    name: str,
+    url: str,
+    connect_timeout: float,
+    keys: KeyOptions | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Cell:
+    """A started cell, or a :class:`CliError` that says why not, in terms of the options.
+
+    `extra` are more ``Cell`` arguments, checked already (the data socket's, from
+    :func:`objdl.cli._direct.data_options`; ``direct_links``).
+    """
     keys = keys or KeyOptions()
+    extra = extra or {}
     try:
-        cell = Cell(name, url, start_timeout=connect_timeout, **keys.cell_kwargs())
+        cell = Cell(name, url, start_timeout=connect_timeout, **keys.cell_kwargs(), **extra)
     except SecureUnavailableError as exc:
         raise CliError(_one(exc), EXIT_USAGE, kind="secure_unavailable") from None
     except (KeyFileError, ValueError) as exc:
@@ -190,6 +201,14 @@ def start_cell(name: str, url: str, connect_timeout: float, keys: KeyOptions | N
     except NameTakenError as exc:
         raise CliError(_one(exc), kind="name_taken") from None
     except CellError as exc:
+        bind = extra.get("data_bind")
+        if bind is not None and cell.data_url is None:  # start() binds before connecting
+            why = exc.__cause__ if exc.__cause__ is not None else exc
+            raise CliError(
+                f"--data-bind {bind}: cannot listen there: {_one(why)} (a port in use, or an "
+                "address not of this host?)",
+                EXIT_USAGE,
+            ) from None
         raise CliError(f"could not connect {name!r} to {url}: {exc}") from None
     return cell
 

@@ -20,6 +20,7 @@ from objdl.cli._common import (
     human_size,
     stop_on_signals,
 )
+from objdl.cli._direct import data_options, link_report
 from objdl.cli._events import Events
 from objdl.cli._keys import key_options, start_cell
 from objdl.cli._progress import ProgressDisplay
@@ -104,8 +105,9 @@ def _check(args: argparse.Namespace) -> tuple[str, str, list[str] | None]:
 def serve(args: argparse.Namespace) -> int:
     name, url, allowed = _check(args)
     keys = key_options(args, secure=args.secure)
+    data = data_options(args, keys)
     with contextlib.ExitStack() as fds:  # the folders' descriptors, closed at the end
-        return _serve(args, name, url, allowed, keys, *expand_sources(args.paths, fds))
+        return _serve(args, name, url, allowed, keys, data, *expand_sources(args.paths, fds))
 
 
 def _serve(
@@ -114,6 +116,7 @@ def _serve(
     url: str,
     allowed: list[str] | None,
     keys: Any,
+    data: dict[str, Any],
     sources: list[Source],
     skipped: list[Any],
 ) -> int:
@@ -141,7 +144,7 @@ def _serve(
         tx_kwargs["allowed_sites"] = allowed
     site = allowed[0] if allowed else "site-1"
     with stop_on_signals() as stop:
-        cell = start_cell(name, url, args.connect_timeout, keys)
+        cell = start_cell(name, url, args.connect_timeout, keys, data)
         try:
             tx = new_transaction(
                 cell,
@@ -167,7 +170,7 @@ def _serve(
                     print(f"ref {ref} {src.path} ({human_size(size)})", flush=True)
                     print(f"  {line}", flush=True)
             if not args.json:
-                _say_serving(args, name, url, len(sources))
+                _say_serving(args, name, url, len(sources), cell.data_url)
             while outcome.wait(0.2).status == TransferStatus.RUNNING and not stop.is_set():
                 watch.poll()
         finally:
@@ -176,7 +179,7 @@ def _serve(
     watch.poll()
     stopped = stop.is_set() and outcome.status != TransferStatus.FINISHED
     status = "stopped" if stopped else outcome.status
-    _summary(status, outcome, labels, events, args.json)
+    _summary(status, outcome, labels, events, args.json, link_report(cell) if data else None)
     if outcome.status == TransferStatus.FINISHED:
         return EXIT_OK
     if stop.is_set():
@@ -206,7 +209,9 @@ def _offer(offer_file: Any, cell: Any, src: Source, tx: str) -> str:
     return ref
 
 
-def _say_serving(args: argparse.Namespace, name: str, url: str, n: int) -> None:
+def _say_serving(
+    args: argparse.Namespace, name: str, url: str, n: int, data_url: str | None
+) -> None:
     if args.sites is None:
         goal = "until stopped"
     else:
@@ -218,6 +223,12 @@ def _say_serving(args: argparse.Namespace, name: str, url: str, n: int) -> None:
         f"(gives up after {args.timeout:g}s without a request; Ctrl-C stops)",
         flush=True,
     )
+    if data_url is not None:
+        print(
+            f"  direct links on {data_url}: sites that reach it pull the chunks from there, "
+            "the others through the broker",
+            flush=True,
+        )
     if args.secure or args.broker_key:
         print(
             "  sites give their keys with --key/--broker-key/--peer-keys "
@@ -226,13 +237,27 @@ def _say_serving(args: argparse.Namespace, name: str, url: str, n: int) -> None:
         )
 
 
-def _summary(status: str, outcome: Any, labels: dict[str, str], events: Events, js: bool) -> None:
+def _summary(
+    status: str,
+    outcome: Any,
+    labels: dict[str, str],
+    events: Events,
+    js: bool,
+    direct: dict[str, Any] | None,
+) -> None:
     summary = outcome.summary()
     if js:
         refs = {r: {"name": labels.get(r, r), **s} for r, s in summary.items()}
-        events.emit("summary", status=status, refs=refs)
+        extra = {} if direct is None else {"direct": direct}
+        events.emit("summary", status=status, refs=refs, **extra)
         return
     print(f"summary ({status}):", flush=True)
+    if direct is not None:
+        print(
+            f"  direct links on {direct['url']}: {direct['links_bound']} made, "
+            f"{direct['links_refused']} refused",
+            flush=True,
+        )
     for ref_id, s in summary.items():
         failed = "; ".join(f"{site} ({why})" for site, why in s["failed"].items())
         refused = "; ".join(f"{site} ({code})" for site, code in s["refused"].items())

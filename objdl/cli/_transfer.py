@@ -22,6 +22,7 @@ from objdl.cli._common import (
     human_size,
     stop_on_signals,
 )
+from objdl.cli._direct import DIRECT_SAID, link_used
 from objdl.cli._events import Events
 from objdl.cli._keys import key_options, start_cell
 from objdl.cli._progress import ProgressDisplay
@@ -86,8 +87,9 @@ def get(args: argparse.Namespace) -> int:
             options[opt] = getattr(args, opt)
     if args.secure:
         options["secure"] = True
+    extra = {"direct_links": False} if args.no_direct else None
     with stop_on_signals() as stop:
-        cell = start_cell(name, url, args.connect_timeout, keys)
+        cell = start_cell(name, url, args.connect_timeout, keys, extra)
         watcher = threading.Thread(target=watch, args=(stop,), name="objdl-cli-abort")
         watcher.start()
         started = time.monotonic()
@@ -118,6 +120,7 @@ def get(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise CliError(f"-o {dest}: {exc}") from None
         finally:
+            direct = link_used(cell, owner)  # before stop(), which closes the links
             progress.close()
             ended.set()
             watcher.join(1.0)
@@ -133,10 +136,12 @@ def get(args: argparse.Namespace) -> int:
         seconds=round(seconds, 3),
         rate=round(rate),
         digest_verified=True,
+        direct=direct,
     )
     if not args.json:
+        how = DIRECT_SAID.get(direct, "")
         print(
-            f"saved {dest} ({human_size(size)}, digest verified) in {seconds:.2f}s, "
+            f"saved {dest} ({human_size(size)}, digest verified{how}) in {seconds:.2f}s, "
             f"{human_size(rate)}/s",
             flush=True,
         )
