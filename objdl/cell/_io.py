@@ -108,7 +108,7 @@ class IOThread:
             self.ready.set()
             if self._links is not None:
                 try:
-                    self._links.close()
+                    self._links.close(self._closing_linger)
                 except Exception:
                     log.exception("cell %s: closing the direct links failed", self._name)
             if self._sock is not None:

@@ -181,13 +181,17 @@ class LinkSockets:
     def _answer_zap(self) -> None:
         assert self.zap is not None and self._data is not None and self._data.policy is not None
         allows = self._data.policy.allows_key
+        server = self._core.link_server
         for _ in range(64):
             try:
                 request = self.zap.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            reply = zap_reply(request, allows)
+            if reply[2] != b"200" and server is not None:
+                server.stats["zap_denied"] += 1
             with contextlib.suppress(zmq.ZMQError):
-                self.zap.send_multipart(zap_reply(request, allows), zmq.NOBLOCK)
+                self.zap.send_multipart(reply, zmq.NOBLOCK)
 
     def _drain_router(self, now: float) -> None:
         sock = self.router
@@ -323,7 +327,7 @@ class LinkSockets:
             sock = entry[1]
             out = link.out
             while out:
-                frames = out[0]
+                frames, req_id = out[0]
                 try:
                     send_frames(sock, frames)
                 except zmq.Again:
@@ -331,6 +335,8 @@ class LinkSockets:
                 except zmq.ZMQError as exc:
                     table.down(link, f"send failed: {exc}", time.monotonic(), failed=True)
                     break
+                # (sent set before the popleft: down() moves what is still queued)
+                table.sent(link, req_id)
                 out.popleft()
                 core.stats["sent"] += 1
 
@@ -362,8 +368,9 @@ class LinkSockets:
 
     # -- the end ----------------------------------------------------------------------------
 
-    def close(self) -> None:
-        """BYE on every link, then every socket closed (the private context ended)."""
+    def close(self, linger_ms: int = 0) -> None:
+        """BYE on every link, then every socket closed (the private context ended);
+        `linger_ms` bounds how long the last replies queued on the data socket may wait."""
         table = self._core.link_table
         if table is not None:
             for link, frames in table.close_all(time.monotonic()):
@@ -374,6 +381,6 @@ class LinkSockets:
             self._close(link)
             del sock, monitor
         if self.router is not None:
-            self.router.close(linger=0)
+            self.router.close(linger=linger_ms)
             self.router = None
         self._close_private()

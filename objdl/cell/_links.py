@@ -83,7 +83,9 @@ MAX_BOUND = 4096
 
 _TAG = b"objdl-link-v1\0"
 _MAC_LEN = 16
-_TOKEN_LEN = 8 + _MAC_LEN
+_NONCE_LEN = 8
+_TOKEN_LEN = 8 + _NONCE_LEN + _MAC_LEN  # expiry | nonce | mac
+_USED_MAX = 65536  # tokens used lately (each opens one connection only)
 _URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|ipc://[^\s]{1,200}")
 _FAILED_MAX = 1024
 _SENT_MAX = 4096
@@ -167,27 +169,36 @@ class LinkServer:
         self._lock = threading.Lock()
         self._by_rid: dict[bytes, tuple[str, float]] = {}  # rid -> (name, last heard)
         self._by_name: dict[str, bytes] = {}
-        self.stats = {"links_bound": 0, "links_refused": 0, "link_dropped": 0}
+        # Tokens that opened a link, until they expire: a copied token (from a
+        # plaintext network) opens no second connection.
+        self._used: dict[bytes, tuple[bytes, float]] = {}  # token -> (rid, expiry in s)
+        self._next_prune = 0.0
+        self.stats = {"links_bound": 0, "links_refused": 0, "link_dropped": 0, "zap_denied": 0}
 
     # -- offers ------------------------------------------------------------------------
 
     def offer(self, peer: str, now: float) -> dict[str, Any]:
         """An offer for `peer`, to send in a reply that goes to `peer` through the broker."""
-        expiry = int((now + TOKEN_TTL) * 1000).to_bytes(8, "big")
-        return Offer(self.url, self.key, expiry + self._mac(peer, expiry)).as_dict()
+        head = int((now + TOKEN_TTL) * 1000).to_bytes(8, "big") + os.urandom(_NONCE_LEN)
+        return Offer(self.url, self.key, head + self._mac(peer, head)).as_dict()
 
-    def _mac(self, peer: str, expiry: bytes) -> bytes:
-        msg = _TAG + self._name_b + b"\0" + peer.encode() + b"\0" + expiry
+    def _mac(self, peer: str, head: bytes) -> bytes:
+        msg = _TAG + self._name_b + b"\0" + peer.encode() + b"\0" + head
         return hmac.new(self._secret, msg, hashlib.sha256).digest()[:_MAC_LEN]
 
-    def _token_error(self, peer: str, token: bytes, now: float) -> str:
+    def _token_error(self, peer: str, token: bytes, rid: bytes, now: float) -> str:
         if len(token) != _TOKEN_LEN:
             return "bad token"
-        expiry = token[:8]
-        if not hmac.compare_digest(token[8:], self._mac(peer, expiry)):
+        head = token[: 8 + _NONCE_LEN]
+        if not hmac.compare_digest(token[len(head) :], self._mac(peer, head)):
             return "bad token"
-        if int.from_bytes(expiry, "big") < now * 1000:
+        if int.from_bytes(head[:8], "big") < now * 1000:
             return "token expired"
+        used = self._used.get(token)
+        if used is not None and used[0] != rid:
+            return "token used already (each opens one connection)"
+        if used is None and len(self._used) >= _USED_MAX:
+            return "too many links lately"
         return ""
 
     # -- the data socket's traffic (the I/O thread) -------------------------------------
@@ -203,8 +214,9 @@ class LinkServer:
                 name = _fqcn.validate(frames[1].bytes.decode())
             except (UnicodeDecodeError, ValueError):
                 why = "bad name"
+            token = frames[2].bytes
             if not why:
-                why = self._token_error(name, frames[2].bytes, now)
+                why = self._token_error(name, token, rid, now)
             if not why and self.policy is not None:
                 why = self.policy.check(identity, name)
             if not why and len(self._by_rid) >= MAX_BOUND and rid not in self._by_rid:
@@ -219,13 +231,16 @@ class LinkServer:
             )
             self.out.append([rid, wire.KIND_LINK_ERR, why.encode()])
             return
+        again = token in self._used  # the site says LINK until answered: one bind
+        self._used[token] = (rid, int.from_bytes(token[:8], "big") / 1000)
         with self._lock:
             old = self._by_name.get(name)
             if old is not None and old != rid:
                 self._by_rid.pop(old, None)
             self._by_rid[rid] = (name, now)
             self._by_name[name] = rid
-        self.stats["links_bound"] += 1
+        if not again:
+            self.stats["links_bound"] += 1
         self.out.append([rid, wire.KIND_LINK_OK])
 
     def bound(self, rid: bytes, now: float) -> str | None:
@@ -249,6 +264,10 @@ class LinkServer:
         for rid in silent:
             self.unbind(rid)
             self.stats["link_dropped"] += 1
+        if self._used and now >= self._next_prune:
+            self._next_prune = now + 1.0
+            for token in [t for t, (_, expiry) in self._used.items() if expiry < now]:
+                del self._used[token]
 
     def route_to(self, rid: bytes, target: str, frames: list[Any]) -> bool:
         """Queue the reply `frames` (``[MSG, target, ...]``) on connection `rid` if it is
@@ -283,8 +302,8 @@ class LinkClient:
     used: float = 0.0
     next_hello: float = 0.0
     next_hb: float = 0.0
-    out: deque[list[Any]] = field(default_factory=deque)
-    sent_requests: set[int] = field(default_factory=set)
+    out: deque[tuple[list[Any], int | None]] = field(default_factory=deque)  # frames, req_id
+    sent_requests: set[int] = field(default_factory=set)  # sent on it, not answered yet
     why: str = ""
     on_ready: list[Callable[[bool], None]] = field(default_factory=list)
 
@@ -374,9 +393,7 @@ class LinkTable:
         with self.lock:
             if link.state != "up":
                 return False
-            link.out.append(frames)
-            if req_id is not None:
-                link.sent_requests.add(req_id)
+            link.out.append((frames, req_id))
         return True
 
     # -- the I/O thread -------------------------------------------------------------------
@@ -438,9 +455,9 @@ class LinkTable:
             link.why = why
             self.links.pop(link.peer, None)
             self.up.pop(link.peer, None)
-            queued = list(link.out)
+            # Not sent yet: to the broker instead (and not failed: they will be answered).
+            self._broker_out.extend(frames for frames, _ in link.out)
             link.out.clear()
-            self._broker_out.extend(queued)
             sent = link.sent_requests
             link.sent_requests = set()
             ready, link.on_ready = link.on_ready, []
@@ -463,9 +480,18 @@ class LinkTable:
             self._fail(sent, f"direct link to {link.peer} {link.state}: {why}")
 
     def in_flight(self) -> frozenset[int]:
-        """The requests sent over links that are up (they need no broker)."""
+        """The requests sent or queued on links that are up (they need no broker)."""
         with self.lock:
-            return frozenset(r for link in self.up.values() for r in link.sent_requests)
+            sent = {r for link in self.up.values() for r in link.sent_requests}
+            queued = {r for link in self.up.values() for _, r in link.out if r is not None}
+        return frozenset(sent | queued)
+
+    def sent(self, link: LinkClient, req_id: int | None) -> None:
+        """A request left on `link` (the I/O thread): if the link goes down, it fails."""
+        if req_id is not None:
+            with self.lock:
+                if link.state == "up":
+                    link.sent_requests.add(req_id)
 
     def replied(self, peer: str, req_id: int) -> None:
         """Request `req_id` to `peer` got its reply (whichever way it came)."""
