@@ -49,6 +49,7 @@ ANY_PORT = "tcp://127.0.0.1:*"
 MiB = 1 << 20
 CHUNK = 256 * 1024
 MARKER = b"DIRECT-LINK-MARKER-51c2"
+TOKEN_LEN = links_mod._TOKEN_LEN
 
 
 # ------------------------------------------------------------------ raw sockets
@@ -232,6 +233,8 @@ def test_forged_foreign_and_expired_tokens_are_refused(
     assert other is not None
     flipped = bytearray(good["token"])
     flipped[-1] ^= 1
+    nonce = bytearray(good["token"])  # another nonce with the old MAC
+    nonce[8] ^= 1
     later = bytearray(good["token"])  # a later expiry with the old MAC
     later[:8] = (int.from_bytes(later[:8], "big") + 10**9).to_bytes(8, "big")
     monkeypatch.setattr(links_mod, "TOKEN_TTL", -1.0)
@@ -239,13 +242,14 @@ def test_forged_foreign_and_expired_tokens_are_refused(
     monkeypatch.undo()
     assert expired is not None
     cases = [
-        (os.urandom(24), b"bad token"),
-        (bytes(24), b"bad token"),
+        (os.urandom(TOKEN_LEN), b"bad token"),
+        (bytes(TOKEN_LEN), b"bad token"),
         (bytes(flipped), b"bad token"),
+        (bytes(nonce), b"bad token"),
         (bytes(later), b"bad token"),
         (other["token"], b"bad token"),  # issued to site-2
         (expired["token"], b"token expired"),
-        (good["token"][:23], b"bad token"),
+        (good["token"][:-1], b"bad token"),
         (good["token"] + b"\0", b"bad token"),
         (b"", b"bad token"),
     ]
@@ -263,6 +267,28 @@ def test_forged_foreign_and_expired_tokens_are_refused(
     site = plain("site-1")
     bring_up(cell, site)
     assert honest_request(site).payload == {"origin": "site-1"}
+
+
+def test_a_copied_token_opens_no_second_connection(
+    owner: tuple[Cell, Recorder], plain: Callable[..., Cell]
+) -> None:
+    """A token seen on a plaintext network, used by a second connection: refused, and
+    the first keeps its link."""
+    cell, rec = owner
+    assert cell.data_url is not None
+    offer = cell.link_offer("site-1")
+    assert offer is not None
+    with raw_dealer(cell.data_url) as first, raw_dealer(cell.data_url) as copy:
+        assert link(first, b"site-1", offer["token"]) == [wire.KIND_LINK_OK]
+        refused = link(copy, b"site-1", offer["token"])
+        assert refused[0] == wire.KIND_LINK_ERR and b"used already" in refused[1]
+        reply = ask(copy, msg_frames(b"server", MessageType.REQUEST, 1, "copy"))
+        assert reply == [wire.KIND_LINK_ERR, b"not linked"]
+        assert link(first, b"site-1", offer["token"]) == [wire.KIND_LINK_OK]  # (said again)
+        reply = ask(first, msg_frames(b"server", MessageType.REQUEST, 2, "first"))
+        assert wire.decode(reply[2:]).payload == {"origin": "site-1"}
+    assert rec.ran == [("site-1", "first")]
+    assert cell.link_stats["links_bound"] == 1 and cell.link_stats["links_refused"] == 1
 
 
 def test_malformed_links_are_refused_and_the_owner_keeps_working(
@@ -863,8 +889,8 @@ def test_many_connections_sending_garbage_links(
     bring_up(cell, site)
     download = _honest_download(cell, site, 4 * MiB)
     junk = [
-        [wire.KIND_LINK, os.urandom(40), os.urandom(24)],
-        [wire.KIND_LINK, b"site-1", os.urandom(24)],
+        [wire.KIND_LINK, os.urandom(40), os.urandom(TOKEN_LEN)],
+        [wire.KIND_LINK, b"site-1", os.urandom(TOKEN_LEN)],
         [wire.KIND_LINK, os.urandom(256 << 10)],
         [wire.KIND_LINK, b"site-1", os.urandom(256 << 10)],
         [wire.KIND_LINK, *([b"x"] * 50)],
@@ -927,7 +953,7 @@ def test_an_unfinished_multipart_message_cannot_reach_a_curve_data_socket(
 
 
 _Z85_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ.-:+=^!/*?&<>()[]{}@%$#"
-_GOOD = {"url": "tcp://127.0.0.1:5555", "token": bytes(24)}
+_GOOD = {"url": "tcp://127.0.0.1:5555", "token": bytes(TOKEN_LEN)}
 _ANY = st.one_of(
     st.none(),
     st.booleans(),
@@ -943,7 +969,7 @@ _ANY = st.one_of(
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     url=st.one_of(_ANY, st.text(max_size=300).map(lambda s: "tcp://" + s)),
-    token=st.one_of(_ANY, st.binary(min_size=24, max_size=24)),
+    token=st.one_of(_ANY, st.binary(min_size=TOKEN_LEN, max_size=TOKEN_LEN)),
     key=st.one_of(_ANY, st.text(alphabet=_Z85_CHARS, min_size=40, max_size=40)),
     extra=st.dictionaries(st.text(max_size=8), _ANY, max_size=3),
 )
@@ -953,7 +979,7 @@ def test_check_offer_takes_any_value(url: Any, token: Any, key: Any, extra: Any)
         if isinstance(checked, Offer):
             assert isinstance(checked.url, str) and len(checked.url) <= 256
             assert checked.url.startswith(("tcp://", "ipc://"))
-            assert isinstance(checked.token, bytes) and len(checked.token) == 24
+            assert isinstance(checked.token, bytes) and len(checked.token) == TOKEN_LEN
             assert checked.key is None or len(checked.key) == 40
         else:
             assert isinstance(checked, str) and checked.startswith("an offer")
@@ -964,10 +990,10 @@ def test_check_offer_takes_any_value(url: Any, token: Any, key: Any, extra: Any)
 BAD_OFFERS: list[Any] = [
     None,
     "tcp://127.0.0.1:1",
-    ["tcp://127.0.0.1:1", bytes(24)],
+    ["tcp://127.0.0.1:1", bytes(TOKEN_LEN)],
     {},
     {"url": "tcp://127.0.0.1:1"},
-    {"token": bytes(24)},
+    {"token": bytes(TOKEN_LEN)},
     dict(_GOOD, url=5),
     dict(_GOOD, url=b"tcp://127.0.0.1:5555"),
     dict(_GOOD, url="tcp://127.0.0.1:5555" + "0" * 300),
@@ -982,9 +1008,9 @@ BAD_OFFERS: list[Any] = [
     dict(_GOOD, url="tcp://host;127.0.0.1:1"),
     dict(_GOOD, url="tcp://eth0;127.0.0.1:1"),
     dict(_GOOD, url="ipc://" + "p" * 300),
-    dict(_GOOD, token="x" * 24),
-    dict(_GOOD, token=bytes(23)),
-    dict(_GOOD, token=bytes(25)),
+    dict(_GOOD, token="x" * TOKEN_LEN),
+    dict(_GOOD, token=bytes(TOKEN_LEN - 1)),
+    dict(_GOOD, token=bytes(TOKEN_LEN + 1)),
     dict(_GOOD, token=bytes(1 << 16)),
     dict(_GOOD, token=None),
     dict(_GOOD, key=b"x" * 40),
@@ -1066,7 +1092,7 @@ def test_a_hostile_owner_on_the_link_cannot_answer_or_speak_for_others(
     release = threading.Event()
     request.addfinalizer(release.set)  # before the cells stop, should the test fail
     other.register_request_cb("ch", "slow", lambda _: Message(payload=release.wait(10.0)))
-    assert site.open_link("server", {"url": fake_owner.url, "token": os.urandom(24)}) == ""
+    assert site.open_link("server", {"url": fake_owner.url, "token": os.urandom(TOKEN_LEN)}) == ""
     _, name, _ = fake_owner.accept()
     assert name == b"site-1"
     wait_for(lambda: site.link_state("server") == "up")
@@ -1107,7 +1133,7 @@ def test_a_hostile_owner_refusal_text_is_cut_and_the_link_fails_over(
     plain: Callable[..., Cell], fake_owner: FakeOwner, caplog: pytest.LogCaptureFixture
 ) -> None:
     site = plain("site-1")
-    assert site.open_link("server", {"url": fake_owner.url, "token": os.urandom(24)}) == ""
+    assert site.open_link("server", {"url": fake_owner.url, "token": os.urandom(TOKEN_LEN)}) == ""
     rid, *_ = recv(fake_owner.sock)
     fake_owner.rid = rid
     fake_owner.send(wire.KIND_LINK_ERR, b"\x1b[2J\n" + b"A" * 100_000)
@@ -1115,6 +1141,6 @@ def test_a_hostile_owner_refusal_text_is_cut_and_the_link_fails_over(
     lines = [r.getMessage() for r in caplog.records if "direct link to server" in r.getMessage()]
     assert any(r"refused: \x1b[2J\nAAA" in line for line in lines), lines  # shown, escaped
     assert all(len(line) < 400 and "\n" not in line and "\x1b" not in line for line in lines)
-    assert site.open_link("server", {"url": fake_owner.url, "token": os.urandom(24)}) == (
+    assert site.open_link("server", {"url": fake_owner.url, "token": os.urandom(TOKEN_LEN)}) == (
         "failed lately"
     )
