@@ -577,7 +577,7 @@ class CellCore:
                 server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
             else:
                 server.out.append([rid, wire.KIND_HB])
-        elif kind == wire.KIND_LINK and all(len(f) <= 512 for f in frames):
+        elif kind == wire.KIND_LINK:  # any size: the server says what is wrong with it
             server.on_link(rid, frames, identity, now)
         elif kind == wire.KIND_BYE:
             server.unbind(rid)
@@ -596,7 +596,9 @@ class CellCore:
                 self.drop("link", "message from %s on a link not up", link.peer)
             else:
                 self._on_msg(msg)
-        elif len(frames) <= 2 and all(len(f) <= 512 for f in frames):
+        elif frames[0].bytes == wire.KIND_LINK_ERR or (
+            len(frames) <= 2 and all(len(f) <= 512 for f in frames)
+        ):  # a refusal of any length is one (its text is cut)
             table.on_frames(link, frames, now)
         else:
             self.drop("link", "unexpected message on the link to %s", link.peer)

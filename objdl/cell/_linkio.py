@@ -20,6 +20,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from objdl import wire
 from objdl._frames import POLLIN, recv_frames, send_frames, zmq_events
 from objdl.cell._core import CellCore
 from objdl.cell._links import LINK_MAX_TO_OWNER, LINK_MAX_TO_SITE, LinkClient, LinkServer
@@ -86,7 +87,6 @@ class LinkSockets:
         self._private: zmq.Context | None = None
         self.router: zmq.Socket | None = None
         self.zap: zmq.Socket | None = None
-        self._stalled: list[Any] | None = None
         self._socks: dict[int, tuple[LinkClient, zmq.Socket, zmq.Socket]] = {}  # id(link)
         self._by_sock: dict[zmq.Socket, LinkClient] = {}
         self._by_monitor: dict[zmq.Socket, LinkClient] = {}
@@ -113,7 +113,7 @@ class LinkSockets:
         sock.linger = 0
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone site is an error, not a silent drop
         sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_TO_OWNER)
-        sock.setsockopt(zmq.RCVHWM, 256)
+        sock.setsockopt(zmq.RCVHWM, 32)  # per connection: 32 x LINK_MAX_TO_OWNER read ahead
         key = None
         if data.policy is not None:
             assert self._keys is not None
@@ -160,7 +160,7 @@ class LinkSockets:
     def busy(self) -> bool:
         """Something waits to be sent on a link (the loop should not sleep)."""
         server, table = self._core.link_server, self._core.link_table
-        if server is not None and server.out and self._stalled is None:
+        if server is not None and server.out:
             return True
         return table is not None and any(link.out for link in table.up.values())
 
@@ -345,26 +345,31 @@ class LinkSockets:
         assert sock is not None
         out = server.out
         core = self._core
-        while True:
-            item = self._stalled if self._stalled is not None else (out.popleft() if out else None)
-            if item is None:
-                return
+        while out:
+            item = out.popleft()
             try:
                 send_frames(sock, item)
             except zmq.Again:
-                self._stalled = item
-                return
+                # That one peer's queue is full (ROUTER_MANDATORY): never wait for it, or
+                # a connection that does not read stalls every link. A control reply
+                # (LINK_ERR to a stranger, say) is dropped; a site's MSG goes through the
+                # broker and the site loses its link (it hears "not linked", or nothing
+                # for its timeout, and fails over).
+                if len(item) > 1 and item[1] == wire.KIND_MSG:
+                    self._reroute(server, item)
+                continue
             except zmq.ZMQError as exc:
-                self._stalled = None
                 if exc.errno != errno.EHOSTUNREACH:
                     log.warning("cell %s: data socket send failed: %s", self._name, exc)
-                back = server.unreachable(item[0], item)
-                if back is not None:
-                    core.out.append(back)
-                    core.wake()
+                self._reroute(server, item)
                 continue
-            self._stalled = None
             core.stats["sent"] += 1
+
+    def _reroute(self, server: LinkServer, item: list[Any]) -> None:
+        back = server.unreachable(item[0], item)
+        if back is not None:
+            self._core.out.append(back)
+            self._core.wake()
 
     # -- the end ----------------------------------------------------------------------------
 

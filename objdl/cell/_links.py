@@ -48,6 +48,7 @@ from zmq.utils import z85
 
 from objdl import fqcn as _fqcn
 from objdl import wire
+from objdl._logutil import RateLimitedLog, peer_text
 from objdl.security import KeyPolicy, short_key
 
 __all__ = [
@@ -86,7 +87,10 @@ _MAC_LEN = 16
 _NONCE_LEN = 8
 _TOKEN_LEN = 8 + _NONCE_LEN + _MAC_LEN  # expiry | nonce | mac
 _USED_MAX = 65536  # tokens used lately (each opens one connection only)
-_URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|ipc://[^\s]{1,200}")
+_NAME_MAX = _fqcn.MAX_FQCN_LENGTH
+# A host name or an address, never libzmq's "tcp://SOURCE;HOST:PORT": a peer does not
+# choose which of this host's interfaces or addresses a link leaves from.
+_URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}|ipc://[^\s]{1,200}")
 _FAILED_MAX = 1024
 _SENT_MAX = 4096
 _HELLO_EVERY = 0.02  # LINK again until answered (the first one may find no connection yet)
@@ -131,7 +135,7 @@ def check_offer(offer: Any) -> Offer | str:
         try:
             if len(z85.decode(key.encode("ascii"))) != 32:
                 raise ValueError
-        except (ValueError, UnicodeEncodeError, KeyError, IndexError):
+        except Exception:  # KeyError, struct.error...: whatever z85 makes of junk
             return "an offer's key must be a 40-character Z85 public key"
         zkey = key.encode("ascii")
     return Offer(url, zkey, token)
@@ -174,6 +178,7 @@ class LinkServer:
         self._used: dict[bytes, tuple[bytes, float]] = {}  # token -> (rid, expiry in s)
         self._next_prune = 0.0
         self.stats = {"links_bound": 0, "links_refused": 0, "link_dropped": 0, "zap_denied": 0}
+        self._rlog = RateLimitedLog(log)
 
     # -- offers ------------------------------------------------------------------------
 
@@ -209,6 +214,8 @@ class LinkServer:
         name = ""
         if len(frames) != 3:
             why = "LINK takes a name and a token"
+        elif len(frames[1]) > _NAME_MAX or len(frames[2]) != _TOKEN_LEN:
+            why = "bad name" if len(frames[1]) > _NAME_MAX else "bad token"
         else:
             try:
                 name = _fqcn.validate(frames[1].bytes.decode())
@@ -223,7 +230,9 @@ class LinkServer:
                 why = "too many links"
         if why:
             self.stats["links_refused"] += 1
-            log.warning(
+            self._rlog.log(  # peers choose how often: rate-limited
+                logging.WARNING,
+                "refused",
                 "cell %s refused a direct link from %s: %s",
                 self.name,
                 name or "?",
@@ -283,8 +292,9 @@ class LinkServer:
     def unreachable(self, rid: bytes, frames: list[Any]) -> list[Any] | None:
         """A send to `rid` was refused (gone): unbind it; the frames for the broker."""
         entry = self._by_rid.get(rid)
-        self.unbind(rid)
-        self.stats["link_dropped"] += 1
+        if entry is not None:
+            self.unbind(rid)
+            self.stats["link_dropped"] += 1
         if entry is None or len(frames) < 3 or frames[1] != wire.KIND_MSG:
             return None
         return [wire.KIND_MSG, entry[0].encode(), *frames[3:]]
@@ -416,6 +426,7 @@ class LinkTable:
             log.info("cell %s: direct link to %s up (%s)", self.name, link.peer, link.offer.url)
         elif kind == wire.KIND_LINK_ERR:
             why = frames[1].bytes[:200].decode("utf-8", "replace") if len(frames) > 1 else ""
+            why = peer_text(why, 200)  # the peer's text, into our log: no escapes, no lines
             self.down(link, f"refused: {why}", now, failed=True)
         return None
 
