@@ -550,6 +550,39 @@ def test_curve_key_bound_to_another_name_cannot_use_a_token(
     assert site.link_state("server") == "up" and site.link_stats["links_lost"] == 0
 
 
+def test_a_routing_id_of_a_gone_link_is_nothing_with_another_key(
+    curve_owner: tuple[Cell, Recorder], keys: Keys
+) -> None:
+    """A peer may choose its routing id: reconnecting with that of site-1's gone
+    connection, under another key, inherits nothing (the key is checked per message)."""
+    cell, rec = curve_owner
+    assert cell.data_url is not None
+    offer = cell.link_offer("site-1")
+    assert offer is not None
+    server_key = offer["key"].encode()
+    with raw_dealer(
+        cell.data_url, keys=keys.pair("site-1"), server_key=server_key, connect=False
+    ) as sock:
+        sock.routing_id = b"rid-of-site-1"
+        sock.connect(cell.data_url)
+        assert link(sock, b"site-1", offer["token"]) == [wire.KIND_LINK_OK]
+        barrier(sock)
+    deadline = time.monotonic() + 5.0
+    reply: list[bytes] = []
+    while time.monotonic() < deadline:  # until the owner has let the old connection go
+        with raw_dealer(
+            cell.data_url, keys=keys.pair("site-2"), server_key=server_key, connect=False
+        ) as thief:
+            thief.routing_id = b"rid-of-site-1"
+            thief.connect(cell.data_url)
+            thief.send_multipart(msg_frames(b"server", MessageType.REQUEST, payload=MARKER))
+            if thief.poll(1000):
+                reply = thief.recv_multipart()
+                break
+    assert reply == [wire.KIND_LINK_ERR, b"not linked"]
+    assert rec.ran == []
+
+
 def test_plaintext_clients_get_nothing_through_a_curve_data_socket(
     curve_owner: tuple[Cell, Recorder],
 ) -> None:

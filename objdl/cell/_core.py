@@ -564,7 +564,7 @@ class CellCore:
             return
         kind = frames[0].bytes
         if kind == wire.KIND_MSG:
-            name = server.bound(rid, now)
+            name = server.bound(rid, now, identity)
             if name is None:
                 self.drop("link", "message on an unlinked data connection")
                 server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
@@ -573,7 +573,7 @@ class CellCore:
             else:
                 self._on_msg(frames, name.encode(), rid)
         elif kind == wire.KIND_HB and len(frames) == 1:
-            if server.bound(rid, now) is None:
+            if server.bound(rid, now, identity) is None:
                 server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
             else:
                 server.out.append([rid, wire.KIND_HB])

@@ -173,6 +173,7 @@ class LinkServer:
         self._lock = threading.Lock()
         self._by_rid: dict[bytes, tuple[str, float]] = {}  # rid -> (name, last heard)
         self._by_name: dict[str, bytes] = {}
+        self._key_of: dict[bytes, str | None] = {}  # rid -> the CURVE key that bound it
         # Tokens that opened a link, until they expire: a copied token (from a
         # plaintext network) opens no second connection.
         self._used: dict[bytes, tuple[bytes, float]] = {}  # token -> (rid, expiry in s)
@@ -246,16 +247,24 @@ class LinkServer:
             old = self._by_name.get(name)
             if old is not None and old != rid:
                 self._by_rid.pop(old, None)
+                self._key_of.pop(old, None)
             self._by_rid[rid] = (name, now)
             self._by_name[name] = rid
+            self._key_of[rid] = identity
         if not again:
             self.stats["links_bound"] += 1
         self.out.append([rid, wire.KIND_LINK_OK])
 
-    def bound(self, rid: bytes, now: float) -> str | None:
-        """The name connection `rid` is bound to (it was heard now), or None."""
+    def bound(self, rid: bytes, now: float, identity: str | None = None) -> str | None:
+        """The name connection `rid` is bound to (it was heard now), or None.
+
+        Under CURVE the message's key (`identity`) must be the one that bound it: a
+        peer that reconnects with the routing id of a gone connection gets nothing.
+        """
         entry = self._by_rid.get(rid)
         if entry is None:
+            return None
+        if self.policy is not None and self._key_of.get(rid) != identity:
             return None
         if now - entry[1] > 0.1:
             self._by_rid[rid] = (entry[0], now)
@@ -264,6 +273,7 @@ class LinkServer:
     def unbind(self, rid: bytes) -> None:
         with self._lock:
             entry = self._by_rid.pop(rid, None)
+            self._key_of.pop(rid, None)
             if entry is not None and self._by_name.get(entry[0]) == rid:
                 del self._by_name[entry[0]]
 
