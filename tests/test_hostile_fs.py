@@ -20,7 +20,7 @@ import pytest
 
 from objdl.cell import Cell
 from objdl.downloader import DEFAULT_DIGEST, ObjDownloader, SizedProducer, SizedSource
-from objdl.objects import DownloadError, FileConsumer, download_file, offer_file
+from objdl.objects import DownloadError, FileConsumer, _file, download_file, offer_file
 from tests import _procs
 from tests.conftest import reference_digest
 
@@ -382,6 +382,38 @@ def test_owner_saying_digest_mismatch_does_not_discard_a_kept_part(
     with pytest.raises(DownloadError, match="digest mismatch"):
         download_withdrawn_at_1mib(site, ref, dest, "digest mismatch (or so it says)")
     assert part.exists() and state.exists()
+
+
+def test_kept_part_written_behind_resumes_in_a_new_consumer(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cache=False drops what it wrote from memory as it goes: a kept part still holds
+    # every verified byte, read back from the disk, and the resumed download (written
+    # behind again, through the reopened descriptor) completes it.
+    monkeypatch.setattr(_file, "WRITE_BEHIND", 64 * 1024)
+    piece = 128 * 1024
+    data = os.urandom(6 * piece + 3)
+    desc = {"size": len(data), "algo": DEFAULT_DIGEST, "digest": "d"}
+    dest = out / "copy.bin"
+    first = FileConsumer(dest, resume=True, cache=False)
+    assert first.resume_from("R1", desc) == 0
+    first.begin("R1", len(data), None)
+    for off in (piece, 0, 2 * piece):
+        first.write(off, [memoryview(data)[off : off + piece]])
+    first.verified(3 * piece)
+    first.download_failed("R1", "connection lost")
+    assert len(kept(out)) == 2 and fds_under(out) == []
+
+    again = FileConsumer(dest, resume=True, cache=False)
+    upto = again.resume_from("R1", desc)
+    assert upto == 3 * piece
+    assert again.read(0, upto) == data[:upto]
+    for off in range(upto, len(data), piece):
+        again.write(off, [memoryview(data)[off : off + piece]])
+    again.download_completed("R1")
+    assert again.outcome.ok, again.outcome.reason
+    assert dest.read_bytes() == data
+    assert kept(out) == [] and fds_under(out) == []
 
 
 def test_rejected_data_is_discarded_whatever_the_reason_says(out: Path) -> None:

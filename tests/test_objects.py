@@ -7,6 +7,8 @@ a 200 MB file, a dict of arrays) and one file to three site processes.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import itertools
 import multiprocessing
@@ -25,6 +27,7 @@ from objdl.objects import (
     DownloadError,
     FileConsumer,
     ObjectProducer,
+    _file,
     download_bytes,
     download_dict,
     download_file,
@@ -226,6 +229,153 @@ def test_file_consumer_writes_pieces_of_every_buffer(tmp_path: Path) -> None:
     assert part is not None
     c.download_failed("ref", "test over")  # removes the part file, closes the descriptors
     assert not part.exists()
+
+
+# ---------------------------------------------------------- cache=False: write-behind
+
+
+def _in_page_cache(path: Path, offset: int = 0) -> bool:
+    """Whether the page at `offset` of `path` is in the page cache (no disk read)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [bytearray(4096)], offset, os.RWF_NOWAIT) > 0
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _page_cache_seen(folder: Path) -> bool:
+    """Whether `_in_page_cache` can tell here: RWF_NOWAIT reads work and written-out
+    pages go on POSIX_FADV_DONTNEED (not so on tmpfs)."""
+    probe = folder / "probe.bin"
+    probe.write_bytes(os.urandom(64 * 1024))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+        cached = _in_page_cache(probe)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return cached and not _in_page_cache(probe)
+    except OSError:  # EOPNOTSUPP: no RWF_NOWAIT here
+        return False
+    finally:
+        os.close(fd)
+        probe.unlink()
+
+
+def test_file_without_cache_is_written_out_and_not_left_in_memory(
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Chunks come out of order (window 4); every byte still lands, and neither the
+    # early chunks nor the last WRITE_BEHIND bytes stay in the page cache.
+    owner, site = fake_cells
+    monkeypatch.setattr(_file, "WRITE_BEHIND", 2 * MiB)
+    src = tmp_path / "src.bin"
+    data = os.urandom(9 * MiB + 4321)
+    src.write_bytes(data)
+    ref = offer_file(owner, src, chunk_size=MiB)
+    dest = download_file(site, "server", ref, tmp_path / "copy.bin", window=4, cache=False)
+    if _page_cache_seen(tmp_path):
+        assert not any(_in_page_cache(dest, off) for off in range(0, len(data), MiB))
+    assert dest.read_bytes() == data
+    assert leftovers(tmp_path) == []
+
+
+def test_file_with_cache_stays_in_memory(
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path
+) -> None:
+    owner, site = fake_cells
+    src = tmp_path / "src.bin"
+    data = os.urandom(3 * MiB)
+    src.write_bytes(data)
+    dest = download_file(site, "server", offer_file(owner, src, chunk_size=MiB), tmp_path / "c")
+    if _page_cache_seen(tmp_path):
+        assert all(_in_page_cache(dest, off) for off in range(0, len(data), MiB))
+    assert dest.read_bytes() == data
+
+
+class RecordedSyncRange:
+    """Stands in for libc's sync_file_range: records calls, answers `fail` errno if set."""
+
+    def __init__(self, fail: int = 0) -> None:
+        self.calls: list[tuple[int, int, int]] = []
+        self.fail = fail
+
+    def __call__(self, fd: int, offset: int, length: int, flags: int) -> int:
+        self.calls.append((offset, length, flags))
+        if self.fail:
+            ctypes.set_errno(self.fail)
+            return -1
+        return 0
+
+
+def test_write_behind_waits_for_each_range_before_dropping_it_in_written_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sync = RecordedSyncRange()
+    monkeypatch.setattr(_file, "_libc_sync_range", lambda: sync)
+    monkeypatch.setattr(_file, "WRITE_BEHIND", 2 * WRITE_PIECE)
+    dropped: list[tuple[int, int]] = []
+    real_fadvise = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        assert advice == os.POSIX_FADV_DONTNEED
+        dropped.append((offset, length))
+        real_fadvise(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    c = FileConsumer(tmp_path / "out.bin", cache=False)
+    c.resume_from("ref", {})
+    c.begin("ref", 5 * WRITE_PIECE, None)
+    order = [1, 0, 3, 2, 4]  # as a window answers
+    blocks = {i: os.urandom(WRITE_PIECE) for i in order}
+    for i in order:
+        c.write(i * WRITE_PIECE, [memoryview(blocks[i])])
+    write, wait = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE | WRITE | WAIT_AFTER
+    started = [(o // WRITE_PIECE, f) for o, n, f in sync.calls if f == write]
+    assert started == [(i, write) for i in order]  # each range handed to the disk at once
+    assert [o // WRITE_PIECE for o, _ in dropped] == [1, 0, 3]  # over 2 pieces wait
+    c.download_completed("ref")  # the rest is written out and dropped too
+    assert [o // WRITE_PIECE for o, _ in dropped] == order
+    waited = [(o, n) for o, n, f in sync.calls if f == wait]
+    assert waited == dropped  # every range dropped was waited for first
+    assert c.outcome.ok
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(blocks[i] for i in range(5))
+
+
+def test_write_error_found_writing_behind_fails_the_download(
+    fake_cells: tuple[FakeCell, FakeCell], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An I/O error the disk reports while the data goes out must fail the download,
+    # not pass unnoticed as it would in the page cache until a later writeback.
+    owner, site = fake_cells
+    monkeypatch.setattr(_file, "_libc_sync_range", lambda: RecordedSyncRange(errno.EIO))
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * MiB))
+    ref = offer_file(owner, src, chunk_size=MiB)
+    dest = tmp_path / "copy.bin"
+    with pytest.raises(DownloadError, match=r"could not write at offset.*Input/output error"):
+        download_file(site, "server", ref, dest, cache=False)
+    assert not dest.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("answer", [errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP])
+def test_write_behind_stops_where_the_file_system_cannot_do_it(
+    fake_cells: tuple[FakeCell, FakeCell],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    answer: int,
+) -> None:
+    owner, site = fake_cells
+    sync = RecordedSyncRange(answer)
+    monkeypatch.setattr(_file, "_libc_sync_range", lambda: sync)
+    src = tmp_path / "src.bin"
+    data = os.urandom(4 * MiB + 1)
+    src.write_bytes(data)
+    ref = offer_file(owner, src, chunk_size=MiB)
+    dest = download_file(site, "server", ref, tmp_path / "copy.bin", cache=False)
+    assert dest.read_bytes() == data
+    assert len(sync.calls) == 1  # tried once, then written as with cache=True
 
 
 class Corrupting(ObjectProducer):

@@ -9,7 +9,11 @@ mixed data; a same-size change is caught by the site's digest check.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import ctypes
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -20,7 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from objdl.cell import CellLike
 from objdl.downloader import SizedConsumer, SizedSource, new_hash
@@ -29,6 +33,7 @@ from objdl.objects._buffers import BufferPool
 from objdl.objects._common import DEFAULT_REQUEST_TIMEOUT, Outcome, run_download
 
 __all__ = [
+    "WRITE_BEHIND",
     "WRITE_PIECE",
     "FileConsumer",
     "FileSource",
@@ -54,6 +59,15 @@ SAVE_INTERVAL = 0.5  # seconds between records of a resumable download's progres
 # still backs (docs/PERFORMANCE.md, "the disk path"). A piece costs one system call,
 # about a microsecond: nothing, on any machine.
 WRITE_PIECE = 256 * 1024
+# With ``cache=False``, how many bytes of the file at most wait in the page cache for
+# the disk: each chunk's writeback starts as soon as it is written, and once this
+# much more was written it is waited for and dropped from the cache. A download then
+# reuses the same few MiB of memory instead of filling gigabytes of new page cache,
+# which on a VM whose host takes freed memory back costs host page faults, about
+# 2.4 ms of CPU per MiB (benchmarks/bench_file_write.py measures it). The file is then
+# not in memory afterwards: whoever reads it next reads it from the disk (and there
+# pays for the page cache instead). 32 MiB: some milliseconds of any SSD's writing.
+WRITE_BEHIND = 32 * 1024 * 1024
 
 # How long serving a chunk waits for a pooled buffer when all are on their way to
 # the socket, before it reads into a one-off buffer instead.
@@ -181,10 +195,19 @@ class FileConsumer(SizedConsumer):
         fsync: flush the data (and the rename) to disk before reporting success
             (slower, survives power loss).
         resume: keep and reuse partial downloads, as above.
+        cache: leave the file in the page cache (the kernel writes it out later);
+            False: write it out while downloading and drop it from the cache behind
+            (at most :data:`WRITE_BEHIND` bytes wait), for a file not read again
+            soon: the download needs no more memory than that, and less CPU where
+            new page-cache memory is costly (a VM), but a reader reads it from disk.
     """
 
     def __init__(
-        self, dest: str | os.PathLike[str], fsync: bool = False, resume: bool = False
+        self,
+        dest: str | os.PathLike[str],
+        fsync: bool = False,
+        resume: bool = False,
+        cache: bool = True,
     ) -> None:
         super().__init__()
         self.dest = Path(dest)
@@ -192,6 +215,8 @@ class FileConsumer(SizedConsumer):
             raise IsADirectoryError(f"destination {self.dest} is a directory; give a file path")
         self.fsync = fsync
         self.resume = resume
+        self.cache = cache
+        self._behind: _WriteBehind | None = None
         self._fd = -1
         self._dirfd = -1
         self._dir_id: tuple[int, int] = (0, 0)
@@ -320,9 +345,14 @@ class FileConsumer(SizedConsumer):
 
     def write(self, offset: int, pieces: list[memoryview]) -> None:
         """Write `pieces` at `offset`, in calls of at most :data:`WRITE_PIECE` bytes."""
+        start = offset
         for p in pieces:
             write_pieces(self._fd, p, offset)
             offset += p.nbytes
+        if not self.cache and offset > start:
+            if self._behind is None:
+                self._behind = _WriteBehind(self._fd)
+            self._behind.wrote(start, offset - start)
 
     def verified(self, upto: int) -> None:
         if self.resume and self._state_name:
@@ -346,6 +376,8 @@ class FileConsumer(SizedConsumer):
         try:
             if self._fd < 0:
                 raise RuntimeError("download completed without any data")
+            if self._behind is not None:
+                self._behind.finish()
             if self.fsync:
                 os.fsync(self._fd)
             self._check_folder()
@@ -431,6 +463,7 @@ class FileConsumer(SizedConsumer):
         self._state_name = ""
 
     def _close(self) -> None:
+        self._behind = None
         for attr in ("_fd", "_dirfd"):
             fd = getattr(self, attr)
             setattr(self, attr, -1)
@@ -452,6 +485,84 @@ def write_pieces(fd: int, data: memoryview, offset: int, piece: int = WRITE_PIEC
         n = min(piece - pos % piece, total - done)
         done += os.pwrite(fd, view[done : done + n], pos)
     return total
+
+
+class _SyncRange(Protocol):
+    def __call__(self, fd: int, offset: int, length: int, flags: int) -> int: ...
+
+
+_SFR_WAIT_BEFORE, _SFR_WRITE, _SFR_WAIT_AFTER = 1, 2, 4  # <linux/fs.h>
+_SFR_ALL = _SFR_WAIT_BEFORE | _SFR_WRITE | _SFR_WAIT_AFTER
+# What a file system that cannot do ``sync_file_range`` answers: write-behind is off.
+_NOT_SUPPORTED = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ESPIPE}
+
+
+@functools.cache
+def _libc_sync_range() -> _SyncRange | None:
+    """libc's ``sync_file_range`` (Linux; not in :mod:`os`), or None where there is none."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _sync_range(fd: int, offset: int, length: int, flags: int) -> bool:
+    """``sync_file_range``; False where it cannot be done; OSError for a write error."""
+    fn = _libc_sync_range()
+    if fn is None:
+        return False
+    err = errno.EINTR
+    while err == errno.EINTR:
+        if fn(fd, offset, length, flags) == 0:
+            return True
+        err = ctypes.get_errno()
+    if err in _NOT_SUPPORTED:
+        return False
+    raise OSError(err, f"writing the file out failed: {os.strerror(err)}")
+
+
+class _WriteBehind:
+    """Start writing each range out at once; drop the oldest once `lag` more bytes wait.
+
+    Ranges are taken in the order written (chunks may come out of order), each waited
+    for (``SYNC_FILE_RANGE_WAIT_AFTER``) before it is dropped, since only clean pages
+    can be; a write error found on the way raises, so the download fails instead of
+    reporting success for bytes the disk refused. Where the file system or libc
+    cannot do it, it stops and the file stays cached as with ``cache=True``.
+    """
+
+    def __init__(self, fd: int, lag: int | None = None) -> None:
+        self._fd = fd
+        self._lag = WRITE_BEHIND if lag is None else lag
+        self._waiting: collections.deque[tuple[int, int]] = collections.deque()
+        self._held = 0
+        self._on = hasattr(os, "posix_fadvise")
+
+    def wrote(self, offset: int, length: int) -> None:
+        if not self._on:
+            return
+        if not _sync_range(self._fd, offset, length, _SFR_WRITE):
+            self._on = False
+            return
+        self._waiting.append((offset, length))
+        self._held += length
+        while self._on and self._held > self._lag:
+            self._drop(*self._waiting.popleft())
+
+    def finish(self) -> None:
+        """Write out and drop what still waits (the last `lag` bytes)."""
+        while self._on and self._waiting:
+            self._drop(*self._waiting.popleft())
+
+    def _drop(self, offset: int, length: int) -> None:
+        self._held -= length
+        if not _sync_range(self._fd, offset, length, _SFR_ALL):
+            self._on = False
+            return
+        os.posix_fadvise(self._fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def _resume_tag(name: str, ref_id: str) -> str:
@@ -507,6 +618,7 @@ def download_file(
     per_request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     fsync: bool = False,
     resume: bool = False,
+    cache: bool = True,
     **kwargs: Any,
 ) -> Path:
     """Download a file offered with :func:`offer_file` to `dest`; return its path.
@@ -514,6 +626,8 @@ def download_file(
     `kwargs` go to :func:`download_object` (window, chunk_size, tries, abort_signal...).
     With `resume`, a failed download keeps what it has (hidden beside `dest`) and a
     later call for the same ref continues from there (see :class:`FileConsumer`).
+    ``cache=False`` writes the file out as it arrives and leaves it out of the page
+    cache, for a file not read again soon (see :class:`FileConsumer`).
 
     Raises:
         DownloadError: the download failed (without `resume`, nothing is left at
@@ -524,6 +638,6 @@ def download_file(
             through a link, never replaces a device such as ``/dev/null``).
     """
     dest = check_destination(dest)
-    consumer = FileConsumer(dest, fsync=fsync, resume=resume)
+    consumer = FileConsumer(dest, fsync=fsync, resume=resume, cache=cache)
     run_download(cell, from_fqcn, ref_id, consumer, consumer.outcome, per_request_timeout, kwargs)
     return dest
