@@ -26,7 +26,7 @@ import weakref
 __all__ = ["BufferPool"]
 
 MIN_POOLED = 64 * 1024  # smaller reads are copied into the message anyway
-DEFAULT_LIMIT = 32 * 1024 * 1024
+DEFAULT_LIMIT = 64 * 1024 * 1024
 _RECHECK = 0.05  # a view's death is only a hint (copies of it may live on): look again
 _MIN_PER_SIZE = 4  # a buffer size is pooled only if this many fit within the limit
 
