@@ -202,8 +202,11 @@ class CellCore:
 
     def _after(self, act: Action) -> None:
         if act.lost:
+            # Requests sent over a direct link that is still up do not need the broker.
+            table = self.link_table
+            keep = table.requests_on_links() if table is not None else set()
             self.waiters.fail_all(
-                ReturnCode.COMM_ERROR, f"connection to the broker lost: {act.lost}"
+                ReturnCode.COMM_ERROR, f"connection to the broker lost: {act.lost}", keep
             )
 
     # ---------------------------------------------------------------- receiving

@@ -433,6 +433,11 @@ class LinkTable:
         if sent:
             self._fail(sent, f"direct link to {link.peer} {link.state}: {why}")
 
+    def requests_on_links(self) -> set[int]:
+        """The requests sent (or queued) over the links that are up, still unanswered."""
+        with self.lock:
+            return set().union(*(link.sent_requests for link in self.up.values()))
+
     def replied(self, peer: str, req_id: int) -> None:
         """Request `req_id` to `peer` got its reply (whichever way it came)."""
         link = self.up.get(peer)

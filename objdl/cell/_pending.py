@@ -180,10 +180,12 @@ class Waiters:
         with self._lock:
             self._lists.pop(token, None)
 
-    def fail_all(self, rc: str, error: str) -> None:
-        """Answer every waiter with `rc` (the connection was lost, or the cell stopped)."""
+    def fail_all(self, rc: str, error: str, keep: frozenset[int] | set[int] = frozenset()) -> None:
+        """Answer every waiter with `rc` (the connection was lost, or the cell stopped),
+        except the requests in `keep` (sent another way: over a direct link)."""
         with self._lock:
-            waiters = list(self._requests.values()) + list(self._lists.values())
+            waiters = [w for k, w in self._requests.items() if k not in keep]
+            waiters += self._lists.values()
         for w in waiters:
             w.resolve(make_reply(rc, error))
 

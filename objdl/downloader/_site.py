@@ -128,9 +128,9 @@ class _Requester:
 
         A broker restart then costs a wait instead of burning every try at once. The
         budget for an outage is ``tries x per_request_timeout`` (and the overall
-        deadline, and the abort signal).
+        deadline, and the abort signal). A direct link up to the owner needs no broker.
         """
-        if self.cell.is_connected:
+        if self.reachable():
             return
         budget = self.retry.tries * self.timeout
         end = time.monotonic() + budget
@@ -140,12 +140,21 @@ class _Requester:
             "download %s: waiting up to %.1fs for the broker to come back", self.ref_id, budget
         )
         while not self.cell.wait_connected(min(_ABORT_POLL, max(0.0, end - time.monotonic()))):
+            if self.reachable():
+                return
             self.check()
             if time.monotonic() >= end:
                 raise _Failed(
                     f"comm_error: no broker connection for {budget:g}s (longer than the retry "
                     f"budget of tries x per_request_timeout) after {self.elapsed()}"
                 )
+
+    def reachable(self) -> bool:
+        """The owner can be asked now: through the broker, or over a direct link."""
+        if self.cell.is_connected:
+            return True
+        link_state = getattr(self.cell, "link_state", None)  # (a Cell; CellLike may lack it)
+        return link_state is not None and link_state(self.owner) == "up"
 
     def elapsed(self) -> str:
         return f"{time.monotonic() - self.started:.2f}s"
