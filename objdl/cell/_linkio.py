@@ -101,6 +101,7 @@ class LinkSockets:
         data = self._data
         if data is None:
             return None
+        advertised_url(data.bind, data.advertise)  # a wildcard with no advertise: before binding
         ctx = self._ctx
         if data.policy is not None:
             self._private = ctx = zmq.Context()

@@ -60,6 +60,7 @@ __all__ = [
     "Offer",
     "check_offer",
     "frames_size",
+    "offer_url_ok",
 ]
 
 log = logging.getLogger("objdl.cell")
@@ -90,6 +91,11 @@ _SENT_MAX = 4096
 _HELLO_EVERY = 0.02  # LINK again until answered (the first one may find no connection yet)
 
 
+def offer_url_ok(url: str) -> bool:
+    """True if `url` is an address an offer may carry (what sites accept)."""
+    return len(url) <= 256 and _URL.fullmatch(url) is not None
+
+
 def frames_size(frames: list[Any]) -> int:
     """Bytes in `frames` (bytes, memoryviews, zmq Frames)."""
     total = 0
@@ -118,7 +124,7 @@ def check_offer(offer: Any) -> Offer | str:
     if not isinstance(offer, dict):
         return f"an offer must be a dict, got {type(offer).__name__}"
     url, key, token = offer.get("url"), offer.get("key"), offer.get("token")
-    if not isinstance(url, str) or len(url) > 256 or not _URL.fullmatch(url):
+    if not isinstance(url, str) or not offer_url_ok(url):
         return "an offer's url must look like tcp://HOST:PORT or ipc://PATH"
     if not isinstance(token, bytes) or len(token) != _TOKEN_LEN:
         return f"an offer's token must be {_TOKEN_LEN} bytes"
