@@ -32,7 +32,8 @@ log = logging.getLogger("objdl.cell")
 
 _DRAIN = 256
 _MONITOR_EVENTS = (
-    zmq.EVENT_DISCONNECTED
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -229,7 +230,12 @@ class LinkSockets:
             except (zmq.ZMQError, ValueError, IndexError):
                 return
             kind = event["event"]
-            if kind == zmq.EVENT_DISCONNECTED:
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                # Say LINK now rather than at the next retry: every request sent before
+                # the link is up goes through the broker.
+                if link.state == "connecting":
+                    link.next_hello = now
+            elif kind == zmq.EVENT_DISCONNECTED:
                 table.down(link, "connection closed", now, failed=True)
             elif kind & _MONITOR_EVENTS:
                 table.down(link, f"CURVE handshake failed ({zmq.Event(kind).name})", now, True)
