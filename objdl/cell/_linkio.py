@@ -114,6 +114,7 @@ class LinkSockets:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone site is an error, not a silent drop
         sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_TO_OWNER)
         sock.setsockopt(zmq.RCVHWM, 256)
+        sock.setsockopt(zmq.TCP_MAXRT, int(timeout * 1000))
         key = None
         if data.policy is not None:
             assert self._keys is not None
