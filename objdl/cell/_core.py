@@ -211,7 +211,9 @@ class CellCore:
 
     # ---------------------------------------------------------------- receiving
 
-    def _on_msg(self, frames: list[Any], raw_origin: bytes | None = None) -> None:
+    def _on_msg(
+        self, frames: list[Any], raw_origin: bytes | None = None, via_link: bool = False
+    ) -> None:
         if len(frames) < 3:
             self.drop("short", "MSG with %d frames", len(frames))
             return
@@ -233,7 +235,7 @@ class CellCore:
             except WireError:
                 headers = {}  # wire.decode below says what is wrong
             if headers.get(_H.SECURE):
-                self._on_sealed(frames, headers, origin)
+                self._on_sealed(frames, headers, origin, via_link)
                 return
         try:
             msg = wire.decode(frames[2:])
@@ -261,6 +263,8 @@ class CellCore:
                 return
             w.resolve(Opener.unsealed(msg, origin) if w.secure else msg)
         elif mtype in (MessageType.REQUEST, MessageType.FIRE):
+            if not via_link and mtype == MessageType.REQUEST:
+                self._came_by_broker(origin, headers)
             if self.handlers.inline(headers.get(_H.CHANNEL), headers.get(_H.TOPIC)):
                 self.handlers.run(msg, origin)
             elif self.handlers.admit(mtype, msg, origin):
@@ -268,7 +272,9 @@ class CellCore:
         else:
             self.drop("mtype", "unknown msg_type %r from %s", mtype, origin)
 
-    def _on_sealed(self, frames: list[Any], headers: dict[str, Any], origin: str) -> None:
+    def _on_sealed(
+        self, frames: list[Any], headers: dict[str, Any], origin: str, via_link: bool
+    ) -> None:
         """A message marked secure, at a cell that can open it (requests open on the pool)."""
         self.stats["received"] += 1
         mtype = headers.get(_H.MSG_TYPE)
@@ -279,10 +285,19 @@ class CellCore:
                 return
             self.opener.open_reply(frames, w, origin)
         elif mtype in (MessageType.REQUEST, MessageType.FIRE):
+            if not via_link and mtype == MessageType.REQUEST:
+                self._came_by_broker(origin, headers)
             if self.handlers.admit(mtype, Message(headers), origin):
                 self.dispatch(Sealed(frames[2:], headers), origin)
         else:
             self.drop("mtype", "unknown msg_type %r from %s", mtype, origin)
+
+    def _came_by_broker(self, origin: str, headers: dict[str, Any]) -> None:
+        """A request came through the broker: its reply goes back that way, even if
+        `origin` is bound to a link here (its end of the link is not up, or is gone)."""
+        server = self.link_server
+        if server is not None:
+            server.came_by_broker(origin, headers.get(_H.REQ_ID))
 
     def _answer_undecodable(self, frames: list[Any], origin: str, exc: Exception) -> None:
         try:
@@ -498,19 +513,32 @@ class CellCore:
                 MessageType.REPLY,
                 req_id,
             )
+        server = self.link_server
+        by_broker = server is not None and server.answer_by_broker(origin, req_id)
         if not secure:
-            self.queue(origin, frames)
+            self.queue(origin, frames, by_broker=by_broker)
             self.wake()
             return
         try:
-            self.queue_sealed(origin, frames, secure if isinstance(secure, bytes) else b"")
+            self.queue_sealed(
+                origin, frames, secure if isinstance(secure, bytes) else b"", by_broker=by_broker
+            )
         except (SecureUnavailableError, ValueError) as exc:  # its key went away meanwhile
             log.error("cell %s: sealed reply to %s not sent: %s", self.fqcn, origin, exc)
         self.wake()
 
-    def queue(self, target: str, frames: list[Any], req_id: int | None = None) -> None:
-        """Queue the MSG `frames` for `target`: on its direct link if one is up, else
-        for the broker (any thread; the caller wakes the shell)."""
+    def queue(
+        self,
+        target: str,
+        frames: list[Any],
+        req_id: int | None = None,
+        by_broker: bool = False,
+    ) -> None:
+        """Queue the MSG `frames` for `target`: on its direct link if one is up (and not
+        `by_broker`), else for the broker (any thread; the caller wakes the shell)."""
+        if by_broker:
+            self.out.append(frames)
+            return
         server = self.link_server
         if server is not None and server.route(target, frames):
             return
@@ -538,7 +566,7 @@ class CellCore:
             elif len(frames) < 3 or frames[1].bytes != self.fqcn.encode():
                 self.drop("link", "direct message from %s not addressed to this cell", name)
             else:
-                self._on_msg(frames, name.encode())
+                self._on_msg(frames, name.encode(), via_link=True)
         elif kind == wire.KIND_HB and len(frames) == 1:
             if server.bound(rid, now) is None:
                 server.out.append([rid, wire.KIND_LINK_ERR, b"not linked"])
@@ -562,7 +590,7 @@ class CellCore:
             if msg is None:
                 self.drop("link", "message from %s on a link not up", link.peer)
             else:
-                self._on_msg(msg)
+                self._on_msg(msg, via_link=True)
         elif len(frames) <= 2 and all(len(f) <= 512 for f in frames):
             table.on_frames(link, frames, now)
         else:
@@ -613,6 +641,7 @@ class CellCore:
         frames: list[Any],
         in_reply_to: bytes = b"",
         pending: PendingRequest | None = None,
+        by_broker: bool = False,
     ) -> None:
         """Seal `frames` for `target` and queue them, in the order of their counters.
 
@@ -626,7 +655,8 @@ class CellCore:
             if pending is not None:
                 pending.seal = seal_of(sealed)
             _hold_plain(sealed, frames)
-            self.queue(target, route + sealed, None if pending is None else pending.req_id)
+            req_id = None if pending is None else pending.req_id
+            self.queue(target, route + sealed, req_id, by_broker)
 
         self.e2e.outbound(target).seal(frames, deliver, in_reply_to=in_reply_to)
 

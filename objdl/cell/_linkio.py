@@ -86,7 +86,6 @@ class LinkSockets:
         self._private: zmq.Context | None = None
         self.router: zmq.Socket | None = None
         self.zap: zmq.Socket | None = None
-        self._stalled: list[Any] | None = None
         self._socks: dict[int, tuple[LinkClient, zmq.Socket, zmq.Socket]] = {}  # id(link)
         self._by_sock: dict[zmq.Socket, LinkClient] = {}
         self._by_monitor: dict[zmq.Socket, LinkClient] = {}
@@ -161,7 +160,7 @@ class LinkSockets:
     def busy(self) -> bool:
         """Something waits to be sent on a link (the loop should not sleep)."""
         server, table = self._core.link_server, self._core.link_table
-        if server is not None and server.out and self._stalled is None:
+        if server is not None and server.out:
             return True
         return table is not None and any(link.out for link in table.up.values())
 
@@ -341,25 +340,29 @@ class LinkSockets:
         assert sock is not None
         out = server.out
         core = self._core
-        while True:
-            item = self._stalled if self._stalled is not None else (out.popleft() if out else None)
-            if item is None:
-                return
+        while out:
+            item = out.popleft()
             try:
                 send_frames(sock, item)
-            except zmq.Again:
-                self._stalled = item
-                return
             except zmq.ZMQError as exc:
-                self._stalled = None
-                if exc.errno != errno.EHOSTUNREACH:
+                # EHOSTUNREACH: the site's connection is gone. EAGAIN: its pipe is full
+                # (a thousand messages it has not read; a site keeps a window of a few
+                # requests). Waiting for it would hold up every other site's link
+                # behind it: it loses its link, and what was for it goes by the broker.
+                if exc.errno == errno.EAGAIN:
+                    if server.is_bound(item[0]):  # (once: then it is not)
+                        log.warning(
+                            "cell %s: a direct link does not read what is sent to it: "
+                            "dropped, its messages go through the broker",
+                            self._name,
+                        )
+                elif exc.errno != errno.EHOSTUNREACH:
                     log.warning("cell %s: data socket send failed: %s", self._name, exc)
                 back = server.unreachable(item[0], item)
                 if back is not None:
                     core.out.append(back)
                     core.wake()
                 continue
-            self._stalled = None
             core.stats["sent"] += 1
 
     # -- the end ----------------------------------------------------------------------------

@@ -33,6 +33,7 @@ Wire (the data socket is a ROUTER on the owner, a DEALER per link on the site):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -173,6 +174,14 @@ class LinkServer:
         self._lock = threading.Lock()
         self._by_rid: dict[bytes, tuple[str, float]] = {}  # rid -> (name, last heard)
         self._by_name: dict[str, bytes] = {}
+        # Names of connections unbound lately: messages already queued for one still
+        # know whom to go to (through the broker) when its send fails.
+        self._gone: dict[bytes, str] = {}
+        # Connections whose site has sent a MSG or HB on them (its end is up): a
+        # request from it that comes through the broker after that means its end
+        # went down, and is answered through the broker (see came_by_broker).
+        self._used: set[bytes] = set()
+        self._by_broker: set[tuple[str, Any]] = set()
         self.stats = {"links_bound": 0, "links_refused": 0, "link_dropped": 0}
 
     # -- offers ------------------------------------------------------------------------
@@ -226,28 +235,44 @@ class LinkServer:
             self.out.append([rid, wire.KIND_LINK_ERR, why.encode()])
             return
         with self._lock:
+            again = self._by_rid.get(rid, ("",))[0] == name  # a hello repeated before LINK_OK
             old = self._by_name.get(name)
             if old is not None and old != rid:
                 self._by_rid.pop(old, None)
+                self._used.discard(old)
+                self._gone[old] = name
             self._by_rid[rid] = (name, now)
             self._by_name[name] = rid
-        self.stats["links_bound"] += 1
+        if not again:
+            self.stats["links_bound"] += 1
         self.out.append([rid, wire.KIND_LINK_OK])
 
     def bound(self, rid: bytes, now: float) -> str | None:
-        """The name connection `rid` is bound to (it was heard now), or None."""
+        """The name connection `rid` is bound to (it was heard now, with a MSG or an
+        HB: its end is up), or None."""
         entry = self._by_rid.get(rid)
         if entry is None:
             return None
+        if rid not in self._used:
+            self._used.add(rid)
         if now - entry[1] > 0.1:
             self._by_rid[rid] = (entry[0], now)
         return entry[0]
 
+    def is_bound(self, rid: bytes) -> bool:
+        return rid in self._by_rid
+
     def unbind(self, rid: bytes) -> None:
         with self._lock:
             entry = self._by_rid.pop(rid, None)
-            if entry is not None and self._by_name.get(entry[0]) == rid:
+            self._used.discard(rid)
+            if entry is None:
+                return
+            if self._by_name.get(entry[0]) == rid:
                 del self._by_name[entry[0]]
+            if len(self._gone) >= MAX_BOUND:
+                self._gone.clear()
+            self._gone[rid] = entry[0]
 
     def tick(self, now: float) -> None:
         """Forget connections silent for longer than the timeout."""
@@ -255,6 +280,35 @@ class LinkServer:
         for rid in silent:
             self.unbind(rid)
             self.stats["link_dropped"] += 1
+
+    def came_by_broker(self, peer: str, req_id: Any) -> None:
+        """A request from `peer` came through the broker although `peer` is bound here.
+
+        Before its end of the link was up (no MSG or HB on it yet), that is what a
+        site does while its link is connecting: the reply may take the link (the
+        LINK_OK ahead of it makes that end up first). After, its end went down (a
+        black hole, say, that this end has not noticed yet): the reply goes back
+        the way the request came, not into a link nobody reads.
+        """
+        rid = self._by_name.get(peer)
+        if rid is None or rid not in self._used:
+            return
+        with self._lock:
+            if len(self._by_broker) >= _SENT_MAX:
+                self._by_broker.clear()
+            with contextlib.suppress(TypeError):  # an unhashable req_id from a hostile peer
+                self._by_broker.add((peer, req_id))
+
+    def answer_by_broker(self, peer: str, req_id: Any) -> bool:
+        """True (once) if the request `req_id` from `peer` came through the broker."""
+        if not self._by_broker:
+            return False
+        with self._lock:
+            try:
+                self._by_broker.remove((peer, req_id))
+            except (KeyError, TypeError):
+                return False
+        return True
 
     def route(self, target: str, frames: list[Any]) -> bool:
         """Queue `frames` (``[MSG, target, ...]``) on `target`'s link if it has one."""
@@ -267,13 +321,18 @@ class LinkServer:
         return True
 
     def unreachable(self, rid: bytes, frames: list[Any]) -> list[Any] | None:
-        """A send to `rid` was refused (gone): unbind it; the frames for the broker."""
-        entry = self._by_rid.get(rid)
-        self.unbind(rid)
-        self.stats["link_dropped"] += 1
-        if entry is None or len(frames) < 3 or frames[1] != wire.KIND_MSG:
+        """A send to `rid` was refused (gone): unbind it; the frames for the broker.
+
+        Every message queued for `rid` before it went comes here in turn, not only
+        the first: each goes on through the broker.
+        """
+        if rid in self._by_rid:
+            self.unbind(rid)
+            self.stats["link_dropped"] += 1
+        name = self._gone.get(rid)
+        if name is None or len(frames) < 3 or frames[1] != wire.KIND_MSG:
             return None
-        return [wire.KIND_MSG, entry[0].encode(), *frames[3:]]
+        return [wire.KIND_MSG, name.encode(), *frames[3:]]
 
 
 @dataclass
