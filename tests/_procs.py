@@ -258,3 +258,16 @@ def sealed_server_main(
         results.put((tag, "ready", os.getpid()))
         stop.wait(seconds)
         results.put((tag, "stats", cell.secure_stats, cell.stats))
+
+
+def direct_owner_main(url: str, path: str, results: Any, stop: Any) -> None:
+    """Offer file `path` as "server" with a data socket on loopback; report
+    ("ref", ref, data_url); serve until `stop`; report ("stats", link_stats)."""
+    from objdl.cell import Cell
+    from objdl.objects import offer_file
+
+    with Cell("server", url, data_bind="tcp://127.0.0.1:*") as cell:
+        ref = offer_file(cell, path)
+        results.put(("ref", ref, cell.data_url))
+        stop.wait(60)
+        results.put(("stats", cell.link_stats))

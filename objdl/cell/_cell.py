@@ -26,7 +26,7 @@ from objdl.cell._dealer import settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread
 from objdl.cell._linkio import DataConfig, LinkSockets
-from objdl.cell._links import LinkTable, check_offer
+from objdl.cell._links import LinkTable, check_offer, offer_url_ok
 from objdl.cell._pending import OnDone, PendingRequest
 from objdl.errors import CellError
 from objdl.message import (
@@ -52,6 +52,7 @@ log = logging.getLogger("objdl.cell")
 _H = MessageHeaderKey
 _ABORT_POLL = 0.02  # how often a waiting call looks at its abort signal
 _URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
+_HOST = re.compile(r"\[?[0-9A-Fa-f:.]+\]?|[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _E2E_CHANNEL = "objdl__e2e"  # reserved: requests objdl itself answers
 _E2E_HELLO = "hello"
 _HELLO_TIMEOUT = 5.0  # a first sealed fire to a peer waits at most this for its session
@@ -632,8 +633,16 @@ def _data_config(
         return None
     if not isinstance(bind, str) or not _URL.fullmatch(bind.replace(":*", ":0")):
         raise ValueError(f"data_bind must look like tcp://HOST:PORT (PORT may be *), got {bind!r}")
-    if advertise is not None and (not isinstance(advertise, str) or not advertise.strip()):
-        raise ValueError(f"data_advertise must be a host or a tcp:// URL, got {advertise!r}")
+    if advertise is not None and (
+        not isinstance(advertise, str)
+        or not advertise.strip()
+        or ("://" in advertise and not offer_url_ok(advertise))
+        or ("://" not in advertise and not _HOST.fullmatch(advertise))
+    ):
+        raise ValueError(
+            "data_advertise must be a host or a tcp://HOST:PORT URL (what sites connect "
+            f"to), got {advertise!r}"
+        )
     if allowed is None and not curve:
         return DataConfig(bind, advertise, None)  # plain TCP, as the broker connection
     source = allowed if allowed is not None else peer_keys

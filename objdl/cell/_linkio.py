@@ -34,7 +34,8 @@ log = logging.getLogger("objdl.cell")
 _DRAIN = 256
 _TICK = 0.02  # links' hellos, heartbeats and timeouts are looked at this often
 _MONITOR_EVENTS = (
-    zmq.EVENT_DISCONNECTED
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -103,6 +104,7 @@ class LinkSockets:
         data = self._data
         if data is None:
             return None
+        advertised_url(data.bind, data.advertise)  # a wildcard with no advertise: before binding
         ctx = self._ctx
         if data.policy is not None:
             self._private = ctx = zmq.Context()
@@ -114,6 +116,7 @@ class LinkSockets:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone site is an error, not a silent drop
         sock.setsockopt(zmq.MAXMSGSIZE, LINK_MAX_TO_OWNER)
         sock.setsockopt(zmq.RCVHWM, 32)  # per connection: 32 x LINK_MAX_TO_OWNER read ahead
+        sock.setsockopt(zmq.TCP_MAXRT, int(timeout * 1000))
         key = None
         if data.policy is not None:
             assert self._keys is not None
@@ -234,7 +237,12 @@ class LinkSockets:
             except (zmq.ZMQError, ValueError, IndexError):
                 return
             kind = event["event"]
-            if kind == zmq.EVENT_DISCONNECTED:
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                # Say LINK now rather than at the next retry: every request sent before
+                # the link is up goes through the broker.
+                if link.state == "connecting":
+                    link.next_hello = now
+            elif kind == zmq.EVENT_DISCONNECTED:
                 table.down(link, "connection closed", now, failed=True)
             elif kind & _MONITOR_EVENTS:
                 table.down(link, f"CURVE handshake failed ({zmq.Event(kind).name})", now, True)

@@ -61,6 +61,7 @@ __all__ = [
     "Offer",
     "check_offer",
     "frames_size",
+    "offer_url_ok",
 ]
 
 log = logging.getLogger("objdl.cell")
@@ -96,6 +97,11 @@ _SENT_MAX = 4096
 _HELLO_EVERY = 0.02  # LINK again until answered (the first one may find no connection yet)
 
 
+def offer_url_ok(url: str) -> bool:
+    """True if `url` is an address an offer may carry (what sites accept)."""
+    return len(url) <= 256 and _URL.fullmatch(url) is not None
+
+
 def frames_size(frames: list[Any]) -> int:
     """Bytes in `frames` (bytes, memoryviews, zmq Frames)."""
     total = 0
@@ -124,7 +130,7 @@ def check_offer(offer: Any) -> Offer | str:
     if not isinstance(offer, dict):
         return f"an offer must be a dict, got {type(offer).__name__}"
     url, key, token = offer.get("url"), offer.get("key"), offer.get("token")
-    if not isinstance(url, str) or len(url) > 256 or not _URL.fullmatch(url):
+    if not isinstance(url, str) or not offer_url_ok(url):
         return "an offer's url must look like tcp://HOST:PORT or ipc://PATH"
     if not isinstance(token, bytes) or len(token) != _TOKEN_LEN:
         return f"an offer's token must be {_TOKEN_LEN} bytes"
@@ -174,6 +180,9 @@ class LinkServer:
         self._by_rid: dict[bytes, tuple[str, float]] = {}  # rid -> (name, last heard)
         self._by_name: dict[str, bytes] = {}
         self._key_of: dict[bytes, str | None] = {}  # rid -> the CURVE key that bound it
+        # Names of connections unbound lately: every message already queued for one
+        # still knows whom to go to (through the broker) when its send fails.
+        self._gone: dict[bytes, str] = {}
         # Tokens that opened a link, until they expire: a copied token (from a
         # plaintext network) opens no second connection.
         self._used: dict[bytes, tuple[bytes, float]] = {}  # token -> (rid, expiry in s)
@@ -274,8 +283,13 @@ class LinkServer:
         with self._lock:
             entry = self._by_rid.pop(rid, None)
             self._key_of.pop(rid, None)
-            if entry is not None and self._by_name.get(entry[0]) == rid:
+            if entry is None:
+                return
+            if self._by_name.get(entry[0]) == rid:
                 del self._by_name[entry[0]]
+            if len(self._gone) >= MAX_BOUND:
+                self._gone.clear()
+            self._gone[rid] = entry[0]
 
     def tick(self, now: float) -> None:
         """Forget connections silent for longer than the timeout."""
@@ -300,14 +314,18 @@ class LinkServer:
         return True
 
     def unreachable(self, rid: bytes, frames: list[Any]) -> list[Any] | None:
-        """A send to `rid` was refused (gone): unbind it; the frames for the broker."""
-        entry = self._by_rid.get(rid)
-        if entry is not None:
+        """A send to `rid` was refused (gone): unbind it; the frames for the broker.
+
+        Every message queued for `rid` before it went comes here in turn, not only
+        the first: each goes on through the broker.
+        """
+        if rid in self._by_rid:
             self.unbind(rid)
             self.stats["link_dropped"] += 1
-        if entry is None or len(frames) < 3 or frames[1] != wire.KIND_MSG:
+        name = self._gone.get(rid)
+        if name is None or len(frames) < 3 or frames[1] != wire.KIND_MSG:
             return None
-        return [wire.KIND_MSG, entry[0].encode(), *frames[3:]]
+        return [wire.KIND_MSG, name.encode(), *frames[3:]]
 
 
 @dataclass
