@@ -242,6 +242,7 @@ class LinkSockets:
                 # the link is up goes through the broker.
                 if link.state == "connecting":
                     link.next_hello = now
+                    self._next_tick = 0.0  # (the loop's next turn, not the next tick)
             elif kind == zmq.EVENT_DISCONNECTED:
                 table.down(link, "connection closed", now, failed=True)
             elif kind & _MONITOR_EVENTS:

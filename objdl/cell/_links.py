@@ -72,7 +72,7 @@ LINK_MAX_TO_SITE = 80 << 20
 """The largest message a site's link takes in (owner -> site: a chunk of up to 64 MiB)."""
 RETRY_AFTER = 30.0
 """Seconds before a link that failed to a peer is tried again."""
-TOKEN_TTL = 600.0
+TOKEN_TTL = 30.0
 """Seconds a token stays good for opening a link."""
 CONNECT_TIMEOUT = 3.0
 """Seconds a new link may take to be accepted before it counts as failed."""
@@ -192,10 +192,22 @@ class LinkServer:
 
     # -- offers ------------------------------------------------------------------------
 
-    def offer(self, peer: str, now: float) -> dict[str, Any]:
-        """An offer for `peer`, to send in a reply that goes to `peer` through the broker."""
+    def offer(self, peer: str, now: float) -> dict[str, Any] | None:
+        """An offer for `peer`, to send in a reply that goes to `peer` through the broker;
+        None while `peer` has a live link here (it needs none, and a token it does not
+        use is one an eavesdropper could)."""
+        if self._live(peer, now):
+            return None
         head = int((now + TOKEN_TTL) * 1000).to_bytes(8, "big") + os.urandom(_NONCE_LEN)
         return Offer(self.url, self.key, head + self._mac(peer, head)).as_dict()
+
+    def _live(self, peer: str, now: float, but: bytes | None = None) -> bool:
+        """True if `peer` is bound to a connection (other than `but`) heard lately."""
+        rid = self._by_name.get(peer)
+        if rid is None or rid == but:
+            return False
+        entry = self._by_rid.get(rid)
+        return entry is not None and now - entry[1] <= self.timeout
 
     def _mac(self, peer: str, head: bytes) -> bytes:
         msg = _TAG + self._name_b + b"\0" + peer.encode() + b"\0" + head
@@ -236,6 +248,8 @@ class LinkServer:
                 why = self._token_error(name, token, rid, now)
             if not why and self.policy is not None:
                 why = self.policy.check(identity, name)
+            if not why and self._live(name, now, but=rid):
+                why = "a link for this name is up"  # (a site makes one at a time)
             if not why and len(self._by_rid) >= MAX_BOUND and rid not in self._by_rid:
                 why = "too many links"
         if why:
