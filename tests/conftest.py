@@ -123,3 +123,20 @@ def any_cells(request: pytest.FixtureRequest) -> tuple[Any, Any]:
         "cells" if request.param == "broker" else "fake_cells"
     )
     return cells
+
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[[int], Any]]:
+    """``proxies(port)``: a :class:`tests._netproxy.Proxy` in front of `port`; all closed after."""
+    from tests._netproxy import Proxy
+
+    made: list[Proxy] = []
+
+    def make(port: int) -> Proxy:
+        p = Proxy(port)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.close()

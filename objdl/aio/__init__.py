@@ -10,6 +10,9 @@
 - The owner's side takes an asyncio cell as it takes a threaded one:
   ``objdl.objects.offer_bytes(cell, ...)``, ``ObjDownloader.new_transaction(cell, ...)``;
   producers run on the cell's handler threads, never on the loop.
+- Direct data links as on threaded cells: ``Cell(..., data_bind=...)`` offers the
+  owner's data socket, and an asyncio site takes the links offered to it; the loop
+  drives the link sockets too.
 """
 
 from objdl.aio._download import download_bytes, download_dict, download_file, download_object

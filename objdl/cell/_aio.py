@@ -10,6 +10,12 @@ Handlers: ``async def`` ones run as tasks on the loop, plain ones on a small thr
 pool (or inline on the loop with ``inline=True``). A timer drives the session
 (registration, heartbeats, reconnects). Threads other than the loop's may queue replies
 (the pool does): they wake the loop with ``call_soon_threadsafe``.
+
+Direct links (``data_bind``, ``open_link``) use the threaded cell's
+:class:`~objdl.cell._linkio.LinkSockets`, driven by the loop too: every link socket's
+descriptor is watched with ``add_reader`` while the socket lives; a readable one is
+drained as ``EVENTS`` says, and every flush sends what waits on the links, opens and
+closes their sockets as the core's table asks, and looks at ``EVENTS`` again.
 """
 
 from __future__ import annotations
@@ -30,6 +36,9 @@ from objdl.cell._aioview import ThreadView
 from objdl.cell._core import CellCore
 from objdl.cell._dealer import Handshake, close_dealer, new_dealer, settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
+from objdl.cell._linkapi import DirectLinks, data_config
+from objdl.cell._linkio import LinkSockets
+from objdl.cell._links import LinkTable
 from objdl.cell._pending import PendingRequest, Sealed
 from objdl.errors import CellError
 from objdl.message import Message, MessageHeaderKey, ReturnCode
@@ -54,14 +63,18 @@ def _hello(request: Message) -> None:
     return None
 
 
-class AsyncCell:
+class AsyncCell(DirectLinks):
     """One named endpoint connected to an objdl broker, for asyncio programs.
 
-    Takes the threaded :class:`~objdl.cell.Cell`'s arguments, with the same meaning;
+    Takes the threaded :class:`~objdl.cell.Cell`'s arguments, with the same meaning
+    (``data_bind`` and the other direct-link options included: an asyncio owner
+    offers its data socket, an asyncio site takes the links offered to it);
     use ``async with AsyncCell(...) as cell:`` or ``await cell.start()`` /
     ``await cell.stop()``. It talks to threaded cells through the same broker.
     Everything is called from the loop it was started on, except
-    :meth:`register_request_cb`, which may be called at any time.
+    :meth:`register_request_cb` and the direct-link members (:attr:`data_url`,
+    :meth:`link_offer`, :meth:`open_link`, :meth:`link_state`, :attr:`link_stats`),
+    which may be called at any time from any thread.
     """
 
     def __init__(
@@ -79,11 +92,24 @@ class AsyncCell:
         broker_public_key: PublicKeySource | None = None,
         peer_keys: PeerKeySource | None = None,
         drain_timeout: float = 1.0,
+        data_bind: str | None = None,
+        data_advertise: str | None = None,
+        data_allowed_keys: PeerKeySource | None = None,
+        direct_links: bool = True,
     ) -> None:
         conf = settings(
             fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
         )
+        data = data_config(
+            data_bind,
+            data_advertise,
+            data_allowed_keys,
+            peer_keys,
+            curve=conf.broker_key is not None,
+            has_keys=conf.keys is not None,
+        )
         self._conf = conf
+        self._keys, self._broker_key, self._e2e = conf.keys, conf.broker_key, conf.e2e
         self._fqcn = conf.fqcn
         self.broker_urls = conf.broker_urls
         self._url_index = 0
@@ -104,6 +130,18 @@ class AsyncCell:
         core.dispatch = self._dispatch
         self.stats = core.stats
         self._pool = HandlerPool(conf.fqcn, max_workers, core.handlers)
+        self._broker_timeout = broker_timeout
+        if direct_links:
+            core.link_table = LinkTable(
+                conf.fqcn,
+                heartbeat_interval,
+                broker_timeout,
+                core.fail_link_requests,
+                core.waiters.waiting,
+                core.out,
+            )
+        self._links = LinkSockets(conf.fqcn, self._ctx, core, conf.keys, data)
+        self._links_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_ident = -1
         self._sock: zmq.Socket | None = None
@@ -134,6 +172,9 @@ class AsyncCell:
     @property
     def fqcn(self) -> str:
         return self._fqcn
+
+    def _running(self) -> bool:
+        return self._state == "started"
 
     def get_fqcn(self) -> str:
         return self._fqcn
@@ -166,6 +207,12 @@ class AsyncCell:
         self._loop = asyncio.get_running_loop()
         self._loop_ident = threading.get_ident()
         self._ready, self._connected = asyncio.Event(), asyncio.Event()
+        try:  # bound here, so that a port in use fails the start with a clear error
+            self._core.link_server = self._links.bind(2 * self._broker_timeout)
+        except Exception:
+            self._state = "stopped"
+            raise
+        self._links.register(_LoopPoller(self._loop, self._on_links))
         self._pool.start()
         self._open_socket()
         self._core.session.socket_replaced(time.monotonic())
@@ -196,11 +243,16 @@ class AsyncCell:
         if self._sock is not None:
             if self._core.registered:
                 self._flush()
+            self._links.flush()
             bye = self._core.close()
             if bye is not None:
                 with contextlib.suppress(zmq.ZMQError):
                     self._sock.send_multipart(bye, zmq.NOBLOCK)
             self._close_socket(_CLOSE_LINGER_MS)
+        try:
+            self._links.close(_CLOSE_LINGER_MS)  # BYE on each link, every socket closed
+        except Exception:
+            log.exception("cell %s: closing the direct links failed", self._fqcn)
         self._core.close()  # CLOSED even if the socket never opened
         self._core.waiters.fail_all(ReturnCode.COMM_ERROR, f"cell {self._fqcn} stopped")
         self.threaded.connected.set()  # wake threads waiting to be connected: they look again
@@ -470,6 +522,7 @@ class AsyncCell:
         self._busy = True
         try:
             act = self._core.on_tick(now)
+            self._links.tick(now)
             if act.reconnect:
                 self._close_socket(0)
                 if len(self.broker_urls) > 1:
@@ -482,6 +535,9 @@ class AsyncCell:
             self._busy = False
         self._flush()
         wait = min(_TICK_MAX, max(0.001, self._core.session.next_deadline() - now))
+        every = self._links.tick_every()
+        if every is not None:
+            wait = min(wait, every)
         if self._state == "started" and not self.refused:
             self._timer = self._loop.call_later(wait, self._tick)
 
@@ -526,18 +582,50 @@ class AsyncCell:
         finally:
             self._busy = False
         self._flush()
+        # The session's deadline may have moved earlier (e.g. a standby said so).
+        self._tick_within(self._core.session.next_deadline() - time.monotonic())
+
+    def _tick_within(self, due_in: float) -> None:
+        """Have the next tick come within `due_in` seconds."""
         timer, loop = self._timer, self._loop
-        if timer is not None and loop is not None:
-            due_in = self._core.session.next_deadline() - time.monotonic()
-            if due_in < timer.when() - loop.time() - 0.001:
-                timer.cancel()  # the session's deadline moved earlier (e.g. a standby said so)
-                self._timer = loop.call_later(max(0.0, due_in), self._tick)
+        if timer is not None and loop is not None and due_in < timer.when() - loop.time() - 0.001:
+            timer.cancel()
+            self._timer = loop.call_later(max(0.0, due_in), self._tick)
+
+    def _on_links(self) -> None:
+        """A link socket's descriptor said something changed (or a flush saw work left)."""
+        self._links_scheduled = False
+        if self._sock is None:
+            return
+        self._busy = True
+        try:
+            self._links.drain()
+        finally:
+            self._busy = False
+        self._flush()
+
+    def _flush_links(self) -> None:
+        links = self._links
+        busy, self._busy = self._busy, True  # a hook run from here may queue: no re-entry
+        try:
+            links.tick(time.monotonic())  # sockets for links opened or closed meanwhile
+            links.flush()
+        finally:
+            self._busy = busy
+        every = links.tick_every()
+        if every is not None:
+            self._tick_within(every)  # a new link says LINK until it is answered
+        if not self._links_scheduled and links.pending():
+            self._links_scheduled = True
+            assert self._loop is not None
+            self._loop.call_soon(self._on_links)
 
     def _flush(self) -> None:
         """Send what the core queued, without blocking; then look at EVENTS again."""
         sock = self._sock
         if sock is None:
             return
+        self._flush_links()  # first: a link taken down gives its queue to the broker
         out = self._core.out
         if not self._core.registered:
             out.clear()  # requests made while unregistered already failed
@@ -586,3 +674,22 @@ class AsyncCell:
 def _settle(fut: asyncio.Future[Any]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+class _LoopPoller:
+    """Watches the descriptors of a cell's link sockets on its loop (their ``Poller``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_readable: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_readable = on_readable
+        self._fds: dict[zmq.Socket, int] = {}
+
+    def register(self, socket: zmq.Socket, flags: int = POLLIN) -> None:
+        if socket not in self._fds:
+            self._fds[socket] = fd = int(socket.getsockopt(zmq.FD))
+            self._loop.add_reader(fd, self._on_readable)
+
+    def unregister(self, socket: zmq.Socket) -> None:
+        fd = self._fds.pop(socket, None)
+        if fd is not None:  # before the socket closes: its number may be reused at once
+            self._loop.remove_reader(fd)

@@ -63,6 +63,23 @@ class ThreadView:
     def add_stop_callback(self, cb: Callable[[], None]) -> None:
         self._cell.add_stop_callback(cb)
 
+    # The direct links: an owner's tables offer the cell's data socket through these,
+    # a site's download window opens the link offered (any thread may; the loop makes it).
+
+    def link_offer(self, peer: str) -> dict[str, Any] | None:
+        """As :meth:`objdl.cell.Cell.link_offer`."""
+        return self._cell.link_offer(peer)
+
+    def open_link(
+        self, peer: str, offer: Any, on_ready: Callable[[bool], None] | None = None
+    ) -> str:
+        """As :meth:`objdl.cell.Cell.open_link` (`on_ready` runs on the loop)."""
+        return self._cell.open_link(peer, offer, on_ready)
+
+    def link_state(self, peer: str) -> str:
+        """As :meth:`objdl.cell.Cell.link_state`."""
+        return self._cell.link_state(peer)
+
     def request_async(
         self,
         channel: str,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,8 +24,9 @@ from objdl.cell._core import CellCore
 from objdl.cell._dealer import settings, start_error
 from objdl.cell._handlers import HandlerPool, RequestCallback
 from objdl.cell._io import IOThread
-from objdl.cell._linkio import DataConfig, LinkSockets
-from objdl.cell._links import LinkTable, check_offer, offer_url_ok
+from objdl.cell._linkapi import DirectLinks, data_config
+from objdl.cell._linkio import LinkSockets
+from objdl.cell._links import LinkTable
 from objdl.cell._pending import OnDone, PendingRequest
 from objdl.errors import CellError
 from objdl.message import (
@@ -36,7 +36,6 @@ from objdl.message import (
     Signal,
 )
 from objdl.security import (
-    KeyPolicy,
     KeySource,
     PeerKeySource,
     PublicKeySource,
@@ -51,8 +50,6 @@ log = logging.getLogger("objdl.cell")
 
 _H = MessageHeaderKey
 _ABORT_POLL = 0.02  # how often a waiting call looks at its abort signal
-_URL = re.compile(r"tcp://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):[0-9]{1,5}|(ipc|inproc)://\S+")
-_HOST = re.compile(r"\[?[0-9A-Fa-f:.]+\]?|[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 _E2E_CHANNEL = "objdl__e2e"  # reserved: requests objdl itself answers
 _E2E_HELLO = "hello"
 _HELLO_TIMEOUT = 5.0  # a first sealed fire to a peer waits at most this for its session
@@ -63,7 +60,7 @@ def _hello(request: Message) -> None:
     return None
 
 
-class Cell:
+class Cell(DirectLinks):
     """One named endpoint connected to an objdl broker.
 
     Args:
@@ -137,7 +134,7 @@ class Cell:
         conf = settings(
             fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
         )
-        data = _data_config(
+        data = data_config(
             data_bind,
             data_advertise,
             data_allowed_keys,
@@ -231,81 +228,8 @@ class Cell:
     def get_fqcn(self) -> str:
         return self._fqcn
 
-    # ---------------------------------------------------------------- direct links
-
-    @property
-    def data_url(self) -> str | None:
-        """The address offered to sites for direct links (after :meth:`start`), or None."""
-        server = self._core.link_server
-        return None if server is None else server.url
-
-    def link_offer(self, peer: str) -> dict[str, Any] | None:
-        """An offer of this cell's data socket for `peer`, or None (no data socket).
-
-        Send it only in a message that goes to `peer` through the broker (a reply to
-        its request): the broker's authentication of `peer` is what the offer's token
-        carries over to the direct link.
-        """
-        server = self._core.link_server
-        if server is None or peer == self._fqcn:
-            return None
-        return server.offer(peer, time.monotonic())
-
-    def open_link(
-        self, peer: str, offer: Any, on_ready: Callable[[bool], None] | None = None
-    ) -> str:
-        """Open a direct link to `peer` as its `offer` says; returns at once.
-
-        Until the link is up, and after it goes down, messages to `peer` go through
-        the broker. Returns ``""`` if the link is being made (or is up), else why it
-        is not used (offers are peer data: any value is checked). If it returns
-        ``""``, `on_ready(up)` is called once the link is up (True) or will not be
-        (False): on the cell's I/O thread (cheap, never blocking), or at once if
-        the link is up already.
-        """
-        table = self._core.link_table
-        if table is None:
-            return "direct links are off (direct_links=False)"
-        if not self._started or self._stopped:
-            return "the cell is not running"
-        checked = check_offer(offer)
-        if isinstance(checked, str):
-            log.warning("cell %s: ignored a link offer from %s: %s", self._fqcn, peer, checked)
-            return checked
-        if checked.key is None and self._broker_key is not None:
-            return "a plaintext link offered to a cell that uses CURVE: not used"
-        if checked.key is not None:
-            if self._keys is None:
-                return "a CURVE link needs curve_keys on this cell"
-            if self._e2e is not None:
-                known, _ = self._e2e.peer_key(peer)
-                if known is not None and known != checked.key:
-                    log.warning(
-                        "cell %s: link offer for %s carries a key that is not %s's: not used",
-                        self._fqcn,
-                        peer,
-                        peer,
-                    )
-                    return f"the offer's key is not the key known for {peer}"
-        why = table.open(peer, checked, time.monotonic(), on_ready)
-        if not why:
-            self._waker.wake()
-        return why
-
-    def link_state(self, peer: str) -> str:
-        """The direct link to `peer`: ``none``, ``connecting``, ``up`` or ``failed``."""
-        table = self._core.link_table
-        return "none" if table is None else table.state(peer)
-
-    @property
-    def link_stats(self) -> dict[str, int]:
-        """Counts of links opened, failed and lost (site) and bound, refused, dropped (owner)."""
-        out: dict[str, int] = {}
-        if self._core.link_table is not None:
-            out.update(self._core.link_table.stats)
-        if self._core.link_server is not None:
-            out.update(self._core.link_server.stats)
-        return out
+    def _running(self) -> bool:
+        return self._started and not self._stopped
 
     def start(self, timeout: float | None = None) -> None:
         """Connect and register; return once the broker has accepted this cell.
@@ -615,43 +539,3 @@ class Cell:
                     return
                 if w.wait(min(left, _ABORT_POLL)):
                     break
-
-
-def _data_config(
-    bind: str | None,
-    advertise: str | None,
-    allowed: PeerKeySource | None,
-    peer_keys: PeerKeySource | None,
-    *,
-    curve: bool,
-    has_keys: bool,
-) -> DataConfig | None:
-    """Check the data-socket arguments of a Cell (see its docstring)."""
-    if bind is None:
-        if advertise is not None or allowed is not None:
-            raise ValueError("data_advertise and data_allowed_keys need data_bind")
-        return None
-    if not isinstance(bind, str) or not _URL.fullmatch(bind.replace(":*", ":0")):
-        raise ValueError(f"data_bind must look like tcp://HOST:PORT (PORT may be *), got {bind!r}")
-    if advertise is not None and (
-        not isinstance(advertise, str)
-        or not advertise.strip()
-        or ("://" in advertise and not offer_url_ok(advertise))
-        or ("://" not in advertise and not _HOST.fullmatch(advertise))
-    ):
-        raise ValueError(
-            "data_advertise must be a host or a tcp://HOST:PORT URL (what sites connect "
-            f"to), got {advertise!r}"
-        )
-    if allowed is None and not curve:
-        return DataConfig(bind, advertise, None)  # plain TCP, as the broker connection
-    source = allowed if allowed is not None else peer_keys
-    if source is None:
-        raise ValueError(
-            "this cell talks CURVE to its broker, so its data socket is a CURVE server too: "
-            "give data_allowed_keys= (the allow-list of site keys and names, as the "
-            "broker's) or peer_keys="
-        )
-    if not has_keys:
-        raise ValueError("a CURVE data socket (data_allowed_keys) needs curve_keys")
-    return DataConfig(bind, advertise, KeyPolicy.of(source))

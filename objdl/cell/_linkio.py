@@ -6,6 +6,15 @@ thread, so no connection is accepted unchecked and no other ZAP handler in the
 process (a broker's, say) is in the way. A site gets one DEALER per link, with a
 monitor socket so that a closed connection or a refused CURVE key takes the link
 down at once instead of after the heartbeat timeout.
+
+Two loops drive it. The threaded cell's I/O thread registers the sockets with its
+``zmq.Poller`` and hands :meth:`LinkSockets.on_events` what the poll returned. The
+asyncio cell registers a watcher of its own (anything with ``register(socket, flags)``
+and ``unregister(socket)``: it watches each socket's file descriptor), calls
+:meth:`LinkSockets.drain` when one is readable, and :meth:`LinkSockets.pending` after
+every flush: ZeroMQ's descriptors are edge-triggered and a send may consume the edge,
+so ``EVENTS`` is what says whether to read again. Either way, only the thread that
+owns the loop touches these sockets.
 """
 
 from __future__ import annotations
@@ -15,19 +24,19 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from objdl import wire
-from objdl._frames import POLLIN, recv_frames, send_frames, zmq_events
+from objdl._frames import POLLIN, POLLOUT, recv_frames, send_frames, zmq_events
 from objdl.cell._core import CellCore
 from objdl.cell._links import LINK_MAX_TO_OWNER, LINK_MAX_TO_SITE, LinkClient, LinkServer
 from objdl.errors import CellError
 from objdl.security import ZAP_ENDPOINT, KeyPair, KeyPolicy, zap_reply
 
-__all__ = ["DataConfig", "LinkSockets", "advertised_url"]
+__all__ = ["DataConfig", "LinkSockets", "Poller", "advertised_url"]
 
 log = logging.getLogger("objdl.cell")
 
@@ -41,6 +50,14 @@ _MONITOR_EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 _WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
+
+
+class Poller(Protocol):
+    """What watches the link sockets for the loop that drives them (``zmq.Poller`` has it)."""
+
+    def register(self, socket: Any, flags: int = ...) -> None: ...
+
+    def unregister(self, socket: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -91,7 +108,7 @@ class LinkSockets:
         self._socks: dict[int, tuple[LinkClient, zmq.Socket, zmq.Socket]] = {}  # id(link)
         self._by_sock: dict[zmq.Socket, LinkClient] = {}
         self._by_monitor: dict[zmq.Socket, LinkClient] = {}
-        self._poller: zmq.Poller | None = None
+        self._poller: Poller | None = None
         self._next_tick = 0.0
 
     # -- the owner's data socket ----------------------------------------------------------
@@ -153,7 +170,9 @@ class LinkSockets:
 
     # -- polling -------------------------------------------------------------------------
 
-    def register(self, poller: zmq.Poller) -> None:
+    def register(self, poller: Poller) -> None:
+        """Watch the data socket now, and each link's sockets from when they are made
+        until they are closed, with `poller` (told before a socket is closed)."""
         self._poller = poller
         if self.router is not None:
             poller.register(self.router, zmq.POLLIN)
@@ -166,6 +185,40 @@ class LinkSockets:
         if server is not None and server.out:
             return True
         return table is not None and any(link.out for link in table.up.values())
+
+    def _watched(self) -> list[zmq.Socket]:
+        """The sockets that may have something to read: the data socket and its ZAP
+        handler, and each link's socket and monitor (of links not down yet)."""
+        socks = [s for s in (self.zap, self.router) if s is not None]
+        for link, sock, monitor in self._socks.values():
+            if link.state not in ("closed", "failed"):
+                socks += (sock, monitor)
+        return socks
+
+    def drain(self) -> None:
+        """Read what waits on any link socket, as ``EVENTS`` says (a bounded amount each:
+        call :meth:`pending` after, and again if it says so)."""
+        self.on_events({s: POLLIN for s in self._watched() if zmq_events(s) & POLLIN})
+
+    def pending(self) -> bool:
+        """Something waits to be read, or to be sent on a link that takes it now: the
+        loop should :meth:`drain` and :meth:`flush` again without waiting for a descriptor
+        (which signals changes only, and may have been consumed by a read or a send)."""
+        for sock in self._watched():
+            if zmq_events(sock) & POLLIN:
+                return True
+        table = self._core.link_table
+        if table is None or not table.up:
+            return False
+        for link in list(table.up.values()):
+            entry = self._socks.get(id(link))
+            if link.out and entry is not None and zmq_events(entry[1]) & POLLOUT:
+                return True
+        return False
+
+    def tick_every(self) -> float | None:
+        """How often :meth:`tick` wants to run (hellos, heartbeats), or None: no link now."""
+        return _TICK if self._socks else None
 
     def on_events(self, events: dict[Any, int]) -> None:
         """Read whatever the poll said is readable on the link sockets."""
@@ -256,6 +309,8 @@ class LinkSockets:
         if table is not None:
             while table.opens:
                 self._open(table.opens.popleft())
+            while table.closes:  # (a link taken down while reading: its socket goes now)
+                self._close(table.closes.popleft())
         if now < self._next_tick:
             return
         self._next_tick = now + _TICK
@@ -394,6 +449,10 @@ class LinkSockets:
         for link, sock, monitor in list(self._socks.values()):
             self._close(link)
             del sock, monitor
+        if self._poller is not None:
+            for watched in (self.router, self.zap):
+                if watched is not None:
+                    self._poller.unregister(watched)
         if self.router is not None:
             self.router.close(linger=linger_ms)
             self.router = None
