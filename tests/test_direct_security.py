@@ -183,8 +183,13 @@ def owner(plain: Callable[..., Cell]) -> tuple[Cell, Recorder]:
 
 
 def bring_up(owner: Cell, site: Cell, timeout: float = 5.0) -> None:
-    """Open `site`'s link to `owner` with a fresh offer and wait until it is up."""
-    assert site.open_link(owner.fqcn, owner.link_offer(site.fqcn)) == ""
+    """Open `site`'s link to `owner` with a fresh offer and wait until it is up.
+
+    (No offer comes while another connection holds the name: the owner offers none
+    to a site with a live link, and binds no second connection to a live name.)"""
+    offers: list[Any] = []
+    wait_for(lambda: offers.append(owner.link_offer(site.fqcn)) or offers[-1] is not None, timeout)
+    assert site.open_link(owner.fqcn, offers[-1]) == ""
     wait_for(lambda: site.link_state(owner.fqcn) == "up", timeout)
 
 
@@ -291,6 +296,29 @@ def test_a_copied_token_opens_no_second_connection(
     assert cell.link_stats["links_bound"] == 1 and cell.link_stats["links_refused"] == 1
 
 
+def test_an_unused_token_takes_no_live_link_and_a_linked_site_gets_no_offer(
+    owner: tuple[Cell, Recorder], plain: Callable[..., Cell]
+) -> None:
+    """An offer the site never used (read by an eavesdropper off a plaintext first
+    reply, say) cannot take the name from the site's live link; and while the link
+    is live the owner hands out no more offers for that site."""
+    cell, rec = owner
+    assert cell.data_url is not None
+    unused = cell.link_offer("site-1")
+    assert unused is not None
+    site = plain("site-1")
+    bring_up(cell, site)
+    assert cell.link_offer("site-1") is None
+    with raw_dealer(cell.data_url) as thief:
+        refused = link(thief, b"site-1", unused["token"])
+        assert refused == [wire.KIND_LINK_ERR, b"a link for this name is up"]
+        reply = ask(thief, msg_frames(b"server", MessageType.REQUEST, 3, "thief"))
+        assert reply == [wire.KIND_LINK_ERR, b"not linked"]
+    assert honest_request(site).payload == {"origin": "site-1"}
+    assert site.link_state("server") == "up" and site.link_stats["links_lost"] == 0
+    assert [who for who, _ in rec.ran] == ["site-1"]
+
+
 def test_malformed_links_are_refused_and_the_owner_keeps_working(
     owner: tuple[Cell, Recorder], plain: Callable[..., Cell]
 ) -> None:
@@ -323,6 +351,9 @@ def test_malformed_links_are_refused_and_the_owner_keeps_working(
         # After all that, the same connection may still link honestly.
         assert link(sock, b"site-1", token) == [wire.KIND_LINK_OK]
         barrier(sock)
+        assert cell.link_offer("site-1") is None  # site-1 has a live link: no offer
+        sock.send_multipart([wire.KIND_BYE])
+        assert ask(sock, [wire.KIND_HB]) == [wire.KIND_LINK_ERR, b"not linked"]
     assert rec.ran == []
     assert cell.link_stats["links_refused"] == len(bad)
     site = plain("site-1")
@@ -528,9 +559,9 @@ def test_curve_key_bound_to_another_name_cannot_use_a_token(
     cell, rec = curve_owner
     assert cell.data_url is not None
     site = curve("site-1")
-    bring_up(cell, site)  # the real site-1, whose link site-2 would like to take over
     one, two = cell.link_offer("site-1"), cell.link_offer("site-2")
     assert one is not None and two is not None
+    bring_up(cell, site)  # the real site-1, whose link site-2 would like to take over
     server_key = one["key"].encode()
     with raw_dealer(cell.data_url, keys=keys.pair("site-2"), server_key=server_key) as sock:
         # site-1's token (leaked to site-2, say), site-1's name: site-2's key may not.
@@ -713,12 +744,6 @@ def test_allowed_sites_hold_over_a_link(
     tx = new_transaction(cell, allowed_sites=["site-1"])
     data = os.urandom(2 * CHUNK + 3)
     ref = offer_bytes(cell, data, transaction_id=tx, chunk_size=CHUNK)
-    bring_up(cell, two)  # a link site-2 got honestly (another transaction's offer, say)
-    routed = broker.stats()["routed"]
-    with pytest.raises(DownloadError, match="not allowed") as err:
-        download_bytes(two, "server", ref, chunk_size=CHUNK, tries=1)
-    assert ReturnCode.UNAUTHENTICATED in err.value.reason
-    assert broker.stats()["routed"] == routed  # refused over the link, not the broker
     # A raw link bound as site-2 that says it is site-1: refused as site-2.
     offer = cell.link_offer("site-2")
     assert offer is not None
@@ -728,6 +753,14 @@ def test_allowed_sites_hold_over_a_link(
         msg = wire.decode(reply[2:])
         assert msg.get_header(RC) == ReturnCode.UNAUTHENTICATED
         assert "site-2 is not allowed" in msg.get_header(_H.ERROR)
+        sock.send_multipart([wire.KIND_BYE])
+        assert ask(sock, [wire.KIND_HB]) == [wire.KIND_LINK_ERR, b"not linked"]
+    bring_up(cell, two)  # a link site-2 got honestly (another transaction's offer, say)
+    routed = broker.stats()["routed"]
+    with pytest.raises(DownloadError, match="not allowed") as err:
+        download_bytes(two, "server", ref, chunk_size=CHUNK, tries=1)
+    assert ReturnCode.UNAUTHENTICATED in err.value.reason
+    assert broker.stats()["routed"] == routed  # refused over the link, not the broker
     outcome = ObjDownloader.get_outcome(tx)
     assert outcome is not None and set(outcome.refs[ref].refused) == {"site-2"}
     assert bytes(download_bytes(one, "server", ref, chunk_size=CHUNK)) == data
