@@ -142,7 +142,7 @@ def test_download_goes_over_the_link(
     assert owner.data_url is not None and owner.data_url.startswith("tcp://127.0.0.1:")
     assert site.link_state("server") == "none"
     # The first reply comes through the broker, and so may the replies to what was
-    # asked before the link was up (up to a window: 8 x 2 MiB): a small share of this.
+    # asked before the link was up (the window waits for it: the first reply, 2 MiB).
     size = 96 * MiB
     raw = os.urandom(size)
     before = routed(broker)
@@ -256,7 +256,7 @@ def test_link_cut_mid_download_completes_through_the_broker(
     d.start()
     got = d.finish(30)
     assert cut_at and cut_at[0] < blob.size // 2, cut_at
-    # The requests lost with the link are retried at once (after the backoff); none
+    # The requests lost with the link are asked again at once, spending no try; none
     # waits for its per_request_timeout (10 s), the rest is a transfer by the broker.
     after_cut = time.monotonic() - cut_when[0]
     assert after_cut < 6.0, f"{after_cut:.1f}s from the cut to the end"

@@ -154,7 +154,8 @@ class DirectLinks:
 
     @property
     def link_stats(self) -> dict[str, int]:
-        """Counts of links opened, failed and lost (site) and bound, refused, dropped (owner)."""
+        """Counts of links opened, failed and lost (site); connections bound, LINKs
+        refused, connections dropped and CURVE keys turned away (owner)."""
         out: dict[str, int] = {}
         if self._core.link_table is not None:
             out.update(self._core.link_table.stats)

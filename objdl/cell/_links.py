@@ -10,25 +10,30 @@ How it works, with no sockets here (the cell's I/O thread owns them):
 - An owner cell made with ``data_bind`` has a :class:`LinkServer`. It hands a peer
   an *offer* (:meth:`LinkServer.offer`: the address, its public key under CURVE, and
   a token) inside a reply that travels through the broker, to the name the broker
-  authenticated. The token is an HMAC over (owner, site, expiry) under a secret only
-  this cell knows, so it holds no table and proves the holder received that reply.
+  authenticated. The token is an HMAC over (owner, site, expiry, nonce) under a
+  secret only this cell knows: it proves the holder received that reply. Each token
+  opens one connection (the used ones are kept until they expire), no offer goes to
+  a site whose link is live, and a live name is not bound to a second connection.
 - The site's cell opens a :class:`LinkClient` to the address and says
   ``LINK name token``. The server binds the connection to ``name`` only if the token
   is valid for it and, under CURVE, the connection's key (its ZAP User-Id) may use
   that name (:class:`~objdl.security.KeyPolicy`): the same allow-list and name
   bindings as the broker. Every message on a bound connection gets that name as
   its origin, whatever it claims.
-- While a link is up, every message between the two cells goes over it (both
-  ways), so replies to requests sent either way resolve in the one table of
-  waiters; messages too big for the link go through the broker. Heartbeats keep
-  it alive; silence, a refused send or a closed connection takes it down, and then
-  what was queued for it goes to the broker and the requests sent over it fail
-  with ``comm_error`` at once (callers retry, through the broker).
+- While a link is up, the site sends its requests and fires to the owner over it;
+  the owner answers each request the way it came (the connection it arrived on, if
+  still bound to that site, else the broker), and replies resolve in the one table
+  of waiters whichever way they come. Messages too big for the link go through the
+  broker. Heartbeats keep it alive; silence, a refused send or a closed connection
+  takes it down, and then what was queued for it goes to the broker and the
+  requests already sent over it fail with ``comm_error`` at once, marked
+  ``link_lost`` (a download asks them again through the broker, spending no try).
 - A link that could not be made is not tried again for :data:`RETRY_AFTER` seconds.
 
 Wire (the data socket is a ROUTER on the owner, a DEALER per link on the site):
 ``[LINK, name, token]`` -> ``[LINK_OK]`` or ``[LINK_ERR, reason]``; ``[HB]`` both ways;
-``[BYE]``; ``[MSG, owner-name, headers, body, *buffers]`` both ways.
+``[BYE]``; ``[MSG, owner-name, headers, body, *buffers]`` (requests and fires from
+the site, replies from the owner).
 """
 
 from __future__ import annotations

@@ -332,7 +332,8 @@ class DownloadWindow:
     def on_rerouted(self, key: int, now: float) -> Step:
         """Request `key` was lost with the direct link it went on (the cell says so, not
         the owner): ask again at once, through the broker, without spending a try. A
-        download opens its link once, so this happens at most once per request."""
+        download takes one offer (its first reply's), so a link dies under it at most
+        once."""
         step = Step()
         req = self._inflight.pop(key, None) if self.state in _ASKING else None
         if req is None:
