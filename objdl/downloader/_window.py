@@ -323,10 +323,7 @@ class DownloadWindow:
         if self._hold_until is None:
             return step
         self._hold_until = None
-        try:
-            self._after(step, now)
-        except _Stop as stop:
-            self._end(step, stop.failure)
+        self._refill(step, now)
         return step
 
     def on_rerouted(self, key: int, now: float) -> Step:
@@ -339,10 +336,7 @@ class DownloadWindow:
         if req is None:
             return step
         self._later(now, req, req.attempt)
-        try:
-            self._after(step, now)
-        except _Stop as stop:
-            self._end(step, stop.failure)
+        self._refill(step, now)
         return step
 
     def on_tick(self, now: float) -> Step:
@@ -374,10 +368,7 @@ class DownloadWindow:
                 f"hashed went from {self.hashed} to {hashed} with {self.received} received"
             )
         self.hashed = hashed
-        try:
-            self._after(step, now)
-        except _Stop as stop:
-            self._end(step, stop.failure)
+        self._refill(step, now)
         return step
 
     def on_digest(self, hexdigest: str, now: float) -> Step:
@@ -550,6 +541,13 @@ class DownloadWindow:
         self.state = DONE
         step.done, step.note = True, note
         self._drop(step)
+
+    def _refill(self, step: Step, now: float) -> None:
+        """:meth:`_after`, ending the download in `step` if that says stop."""
+        try:
+            self._after(step, now)
+        except _Stop as stop:
+            self._end(step, stop.failure)
 
     def _later(self, when: float, req: ChunkRequest, attempt: int) -> None:
         heapq.heappush(self._retry_at, (when, req.key, req, attempt))

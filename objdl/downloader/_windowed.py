@@ -342,7 +342,12 @@ class _Window:
 
     def on_link_ready(self, up: bool) -> None:
         """The link is up, or will not be (often on the cell's I/O thread): fill the window."""
-        step = self.feed(self.win.release)
+        if not self.send_from_hook(self.feed(self.win.release)):
+            self.events.put(None)  # the window's next wake moved: let the download's thread look
+
+    def send_from_hook(self, step: Step) -> bool:
+        """Send what `step` asks for now (on the cell's I/O thread); pass the rest of
+        it to the download's thread. True if anything was passed on."""
         try:
             self.send(step.send)
         except Exception as exc:  # the cell stopped under us: end, on the download's thread
@@ -353,8 +358,8 @@ class _Window:
         step.cancel, step.send = [], []
         if step.write or step.described is not None or step.verify or step.ended:
             self.events.put(step)
-        else:
-            self.events.put(None)  # the window's next wake moved: let the download's thread look
+            return True
+        return False
 
     def send(self, reqs: list[ChunkRequest]) -> None:
         """Send `reqs`; on a thread already sending (a reply came back inside
@@ -434,13 +439,4 @@ class _Window:
             s.cancel()
         if nudge:
             self.events.put(None)
-        try:
-            self.send(step.send)
-        except Exception as exc:  # the cell stopped under us: end, on the download's thread
-            step = self.feed(
-                self.win.fail, f"could not send a request: {type(exc).__name__}: {exc}"
-            )
-            self.stop_waiting(step.cancel)
-        step.cancel, step.send = [], []
-        if step.write or step.described is not None or step.verify or step.ended:
-            self.events.put(step)
+        self.send_from_hook(step)
