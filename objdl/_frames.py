@@ -11,11 +11,12 @@ frames arrive as zero-copy Frames.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import zmq
 
-__all__ = ["POLLIN", "POLLOUT", "recv_frames", "send_frames", "zmq_events"]
+__all__ = ["POLLIN", "POLLOUT", "ready_messages", "recv_frames", "send_frames", "zmq_events"]
 
 _EVENTS = int(zmq.EVENTS)
 POLLIN = int(zmq.POLLIN)
@@ -43,6 +44,22 @@ def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
         frame = recv(_NOBLOCK, copy=False)
         frames.append(frame)
     return frames
+
+
+def ready_messages(sock: zmq.Socket, limit: int) -> Iterator[list[zmq.Frame]]:
+    """The messages waiting on `sock`, at most `limit` (so timers and sends get a turn).
+
+    ZeroMQ's file descriptor is edge-triggered: a reader must take messages until
+    ``EVENTS`` says none is left, and asking for ``EVENTS`` is cheaper than letting
+    ``recv`` raise ``zmq.Again`` at the end.
+    """
+    for _ in range(limit):
+        if not zmq_events(sock) & POLLIN:
+            return
+        try:
+            yield recv_frames(sock)
+        except zmq.Again:
+            return
 
 
 def zmq_events(sock: zmq.Socket) -> int:

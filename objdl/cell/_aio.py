@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from objdl._frames import POLLIN, POLLOUT, recv_frames, send_frames, zmq_events
+from objdl._frames import POLLIN, POLLOUT, ready_messages, send_frames, zmq_events
 from objdl._session import Action
 from objdl.cell._aioview import ThreadView
 from objdl.cell._core import CellCore
@@ -100,14 +100,7 @@ class AsyncCell(DirectLinks):
         conf = settings(
             fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
         )
-        data = data_config(
-            data_bind,
-            data_advertise,
-            data_allowed_keys,
-            peer_keys,
-            curve=conf.broker_key is not None,
-            has_keys=conf.keys is not None,
-        )
+        data = data_config(conf, data_bind, data_advertise, data_allowed_keys, peer_keys)
         self._conf = conf
         self._keys, self._broker_key, self._e2e = conf.keys, conf.broker_key, conf.e2e
         self._fqcn = conf.fqcn
@@ -569,13 +562,7 @@ class AsyncCell(DirectLinks):
         core = self._core
         self._busy = True
         try:
-            for _ in range(_DRAIN):
-                if not zmq_events(sock) & POLLIN:
-                    break
-                try:
-                    frames = recv_frames(sock)
-                except zmq.Again:
-                    break
+            for frames in ready_messages(sock, _DRAIN):
                 act = core.on_frames(frames, time.monotonic())
                 if act is not None:
                     self._apply(act)

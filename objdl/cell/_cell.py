@@ -134,14 +134,7 @@ class Cell(DirectLinks):
         conf = settings(
             fqcn, broker_url, max_workers, max_pending, curve_keys, broker_public_key, peer_keys
         )
-        data = data_config(
-            data_bind,
-            data_advertise,
-            data_allowed_keys,
-            peer_keys,
-            curve=conf.broker_key is not None,
-            has_keys=conf.keys is not None,
-        )
+        data = data_config(conf, data_bind, data_advertise, data_allowed_keys, peer_keys)
         self._fqcn = conf.fqcn
         self.broker_urls = conf.broker_urls
         self._start_timeout = start_timeout

@@ -18,7 +18,7 @@ from typing import Any
 
 import zmq
 
-from objdl._frames import POLLIN, recv_frames, send_frames, zmq_events
+from objdl._frames import ready_messages, send_frames
 from objdl._logutil import RateLimitedLog
 from objdl._session import Action, SessionState
 from objdl._wake import Waker
@@ -192,14 +192,7 @@ class IOThread:
 
     def _drain_socket(self, sock: zmq.Socket) -> None:
         core = self._core
-        for _ in range(_DRAIN):
-            # Asking for EVENTS is cheaper than letting recv raise zmq.Again at the end.
-            if not zmq_events(sock) & POLLIN:
-                return
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
+        for frames in ready_messages(sock, _DRAIN):
             act = core.on_frames(frames, time.monotonic())
             if act is not None:
                 self._apply(act, sock)

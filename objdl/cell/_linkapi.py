@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from objdl.cell._dealer import Settings
 from objdl.cell._linkio import DataConfig
 from objdl.cell._links import check_offer, offer_url_ok
 from objdl.security import KeyPair, KeyPolicy, PeerKeySource
@@ -32,15 +33,15 @@ _HOST = re.compile(r"\[?[0-9A-Fa-f:.]+\]?|[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
 
 
 def data_config(
+    conf: Settings,
     bind: str | None,
     advertise: str | None,
     allowed: PeerKeySource | None,
     peer_keys: PeerKeySource | None,
-    *,
-    curve: bool,
-    has_keys: bool,
 ) -> DataConfig | None:
-    """Check a cell's data-socket arguments (see :class:`objdl.cell.Cell`); raise ValueError."""
+    """Check a cell's data-socket arguments (see :class:`objdl.cell.Cell`) against its
+    other settings (`conf`: CURVE to the broker or not, keys or not); raise ValueError."""
+    curve, has_keys = conf.broker_key is not None, conf.keys is not None
     if bind is None:
         if advertise is not None or allowed is not None:
             raise ValueError("data_advertise and data_allowed_keys need data_bind")

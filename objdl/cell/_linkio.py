@@ -30,7 +30,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from objdl import wire
-from objdl._frames import POLLIN, POLLOUT, recv_frames, send_frames, zmq_events
+from objdl._frames import POLLIN, POLLOUT, ready_messages, send_frames, zmq_events
 from objdl.cell._core import CellCore
 from objdl.cell._links import LINK_MAX_TO_OWNER, LINK_MAX_TO_SITE, LinkClient, LinkServer
 from objdl.errors import CellError
@@ -254,13 +254,7 @@ class LinkSockets:
         assert sock is not None
         core = self._core
         curve = self._data is not None and self._data.policy is not None
-        for _ in range(_DRAIN):
-            if not zmq_events(sock) & POLLIN:
-                return
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
+        for frames in ready_messages(sock, _DRAIN):
             if len(frames) < 2:
                 continue
             identity: str | None = None
@@ -272,14 +266,12 @@ class LinkSockets:
 
     def _drain_link(self, sock: zmq.Socket, link: LinkClient, now: float) -> None:
         core = self._core
-        for _ in range(_DRAIN):
-            if link.state in ("closed", "failed") or not zmq_events(sock) & POLLIN:
-                return
-            try:
-                frames = recv_frames(sock)
-            except zmq.Again:
-                return
+        if link.state in ("closed", "failed"):
+            return
+        for frames in ready_messages(sock, _DRAIN):
             core.on_link_frames(link, frames, now)
+            if link.state in ("closed", "failed"):
+                return
 
     def _on_monitor(self, monitor: zmq.Socket, link: LinkClient, now: float) -> None:
         table = self._core.link_table
