@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -271,3 +272,34 @@ def direct_owner_main(url: str, path: str, results: Any, stop: Any) -> None:
         results.put(("ref", ref, cell.data_url))
         stop.wait(60)
         results.put(("stats", cell.link_stats))
+
+
+class PeakRss:
+    """The highest RSS of this process while in use (``with PeakRss() as mem``), sampled
+    on a thread every `every` seconds; `base` is the RSS at the start, `growth` the
+    peak above it."""
+
+    def __init__(self, every: float = 0.002) -> None:
+        import psutil  # (a test dependency; only the memory tests need it)
+
+        self._proc = psutil.Process()
+        self.base = self.peak = int(self._proc.memory_info().rss)
+        self._every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self.peak = max(self.peak, int(self._proc.memory_info().rss))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base

@@ -39,6 +39,7 @@ from objdl.keys import main as keys_main
 from objdl.message import Message, MessageHeaderKey, MessageType, ReturnCode
 from objdl.objects import DownloadError, download_bytes, new_transaction, offer_bytes
 from objdl.security import load_keypair
+from tests._procs import PeakRss
 from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(30)
@@ -811,32 +812,6 @@ def test_secure_downloads_over_a_curve_link_and_the_secure_checks_hold(
 # ------------------------------------------------------------------ 6. memory and floods
 
 
-class PeakRss:
-    """The highest RSS of this process seen while in use, sampled every 5 ms."""
-
-    def __init__(self) -> None:
-        self.base = rss()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss())
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.base
-
-
 class Background:
     """`fn()` on a thread; `result()` re-raises what it raised."""
 
@@ -881,7 +856,7 @@ def test_a_stranger_sending_a_gib_does_not_grow_the_owner(
     big = b"z" * (LINK_MAX_TO_OWNER - 64)  # the largest frame the data socket takes
     sent = messages = 0
     dropped = cell.stats["dropped_malformed"]
-    with PeakRss() as mem, raw_dealer(cell.data_url) as sock:
+    with PeakRss(every=0.005) as mem, raw_dealer(cell.data_url) as sock:
         sock.sndhwm, sock.sndtimeo = 4, 10_000  # no running ahead of what the owner read
         honest = Background(download)
         deadline = time.monotonic() + 25.0
@@ -962,7 +937,7 @@ def test_many_connections_sending_garbage_links(
         [wire.KIND_LINK, *([b"x"] * 50)],
     ]
     n = 150
-    with contextlib.ExitStack() as stack, PeakRss() as mem:
+    with contextlib.ExitStack() as stack, PeakRss(every=0.005) as mem:
         socks = [stack.enter_context(raw_dealer(cell.data_url)) for _ in range(n)]
         honest = Background(download)
         for sock in socks:
@@ -991,7 +966,7 @@ def test_an_unfinished_multipart_message_is_bounded(owner: tuple[Cell, Recorder]
     cell, _ = owner
     assert cell.data_url is not None
     frame = memoryview(b"u" * (LINK_MAX_TO_OWNER - 64))
-    with PeakRss() as mem, _zmtp_null(cell.data_url) as conn:
+    with PeakRss(every=0.005) as mem, _zmtp_null(cell.data_url) as conn:
         _zmtp_frame(conn, wire.KIND_MSG, more=True)
         for _ in range(24):  # 96 MiB, never finished
             _zmtp_frame(conn, frame, more=True)
@@ -1007,7 +982,11 @@ def test_an_unfinished_multipart_message_cannot_reach_a_curve_data_socket(
     frame = memoryview(b"u" * (LINK_MAX_TO_OWNER - 64))
     written = 0
     # The owner hangs up after the greeting (the mechanisms differ): writes then fail.
-    with PeakRss() as mem, contextlib.suppress(OSError), _zmtp_null(cell.data_url) as conn:
+    with (
+        PeakRss(every=0.005) as mem,
+        contextlib.suppress(OSError),
+        _zmtp_null(cell.data_url) as conn,
+    ):
         for _ in range(24):
             _zmtp_frame(conn, frame, more=True)
             written += len(frame)

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -48,6 +47,7 @@ from objdl.objects import (
     offer_bytes,
     offer_dict,
 )
+from tests._procs import PeakRss
 from tests.conftest import reference_digest, wait_for
 
 CHUNK = 4096
@@ -453,32 +453,6 @@ def claim(size: int, pause: float = 0.0) -> Answer:
         return make_reply(ReturnCode.INVALID_REQUEST, "that is all there is")
 
     return answer
-
-
-class PeakRss:
-    """Samples this process's RSS on a thread every few ms, keeping the peak."""
-
-    def __init__(self) -> None:
-        self.proc = psutil.Process()
-        self.start = self.peak = self.proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5.0)
-
-    @property
-    def growth(self) -> int:
-        return self.peak - self.start
 
 
 @pytest.mark.parametrize("kind", ["bytes", "dict"])
